@@ -1,0 +1,21 @@
+"""Project exceptions: each carries a message a user can act on."""
+
+
+class EdgevisionError(Exception):
+    """A lasting failure with a message a user can act on (printed or spoken, never a traceback)."""
+
+
+class ConfigError(EdgevisionError):
+    """The configuration file is malformed, has unknown keys or values out of range."""
+
+
+class ModelError(EdgevisionError):
+    """A model file is missing, corrupt, or of the wrong kind."""
+
+
+class InputError(EdgevisionError):
+    """An input (image, audio) cannot be read."""
+
+
+class MissingDependencyError(EdgevisionError):
+    """A native library needed by the chosen back-end is not installed."""
