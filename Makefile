@@ -1,0 +1,60 @@
+# edgevision: everything a newcomer runs goes through here.
+#   make demo   - set up, provision models, answer the bundled spoken question about the bundled photo
+#   make test   - set up, provision models, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODELS := models
+SYN := $(MODELS)/synthetic
+EDGEVISION := $(BIN)/edgevision
+CONFIG := config/edgevision.yaml
+GEMMA3 := $(MODELS)/gemma-3-270m-q4_k_m.gguf
+MOE_VARIANTS := f32 q8_0 q4_0
+MOE := $(foreach v,$(MOE_VARIANTS),$(SYN)/gemma4-moe-$(v).gguf)
+
+.PHONY: demo test venv models lint clean help
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+demo: models
+	mkdir -p out
+	$(EDGEVISION) ask --config $(CONFIG) --image assets/photo.jpg --audio assets/question.wav --out out/answer.wav
+
+test: models
+	$(BIN)/python -m pytest
+
+venv: $(STAMP)
+
+# llama-cpp-python compiles llama.cpp from source (about 5 minutes on 2 cores; pip caches the wheel).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx
+
+$(MODELS)/.bundled: $(STAMP)
+	$(EDGEVISION) models --dir $(MODELS) provision
+	touch $@
+
+$(SYN)/gemma4-moe-%.gguf: tools/make_synthetic.py $(STAMP)
+	$(BIN)/python tools/make_synthetic.py decoder --out $(SYN) --ftype $*
+	$(EDGEVISION) models --dir $(MODELS) register $@ --kind decoder --source "synthetic (tools/make_synthetic.py)"
+
+$(SYN)/tower-gemma3-270m.onnx: tools/make_tower.py $(MODELS)/.bundled
+	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(GEMMA3)
+	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
+
+$(SYN)/tower-gemma4-moe.onnx: tools/make_tower.py $(SYN)/gemma4-moe-f32.gguf
+	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(SYN)/gemma4-moe-f32.gguf
+	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
+
+lint: $(STAMP)
+	$(BIN)/ruff check edgevision tools tests
+
+clean:
+	rm -rf $(VENV) $(MODELS) out .pytest_cache
