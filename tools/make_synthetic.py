@@ -1,0 +1,499 @@
+"""Make tiny synthetic models that the real native back-ends load and run.
+
+``decoder`` writes a Gemma-4 mixture-of-experts decoder as GGUF (architecture ``gemma4``), laid out like
+the real Gemma 4 26B-A4B but a few megabytes in size: every layer has a dense shared MLP beside a router
+(``ffn_gate_inp``) and fused experts (``ffn_gate_up_exps``, ``ffn_down_exps``), sliding-window and full
+attention layers alternate, and a small Gemma-4 style tokenizer (BPE over ``▁``-escaped text with
+``<0xXX>`` byte fallback and the Gemma 4 chat and image markers) is embedded. llama.cpp loads, tokenizes
+and runs it like the real model, so tests and benchmarks exercise the real native path in seconds.
+
+The weights are random (seeded, so the same settings give a byte-identical file) and scaled so activations
+stay finite; the text it generates is printable nonsense (it never emits special or byte tokens, so it runs
+to max_tokens). ``router_skew`` biases each layer's router towards a
+seeded ranking of its experts, so a few experts take most tokens (see ``MoeDecoderSpec.router_skew``).
+
+    python tools/make_synthetic.py decoder --out models/ --ftype f32 q8_0 q4_0 --router-skew 1.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import re
+import sys
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType, TokenType
+
+ARCH = "gemma4"
+PREFERENCE_KEY = "edgevision.synthetic.expert_preference"
+SKEW_KEY = "edgevision.synthetic.router_skew"
+SEED_KEY = "edgevision.synthetic.seed"
+
+# Gemma 4's special tokens. Ids 0-3 match the real tokenizer; the rest sit together here, where the real
+# one has them far apart (<|turn> 105, <turn|> 106, <|image> 255999, <|image|> 258880, <image|> 258882).
+# Types follow convert_hf_to_gguf.py: the markers a chat parser must see are USER_DEFINED.
+SPECIAL_TOKENS: tuple[tuple[str, TokenType], ...] = (
+    ("<pad>", TokenType.CONTROL),
+    ("<eos>", TokenType.CONTROL),
+    ("<bos>", TokenType.CONTROL),
+    ("<unk>", TokenType.UNKNOWN),
+    ("<mask>", TokenType.CONTROL),
+    ("<|turn>", TokenType.CONTROL),  # start of turn: "<|turn>user\n"
+    ("<turn|>", TokenType.CONTROL),  # end of turn; llama.cpp treats it as end of generation
+    ("<|image>", TokenType.CONTROL),  # begins an image's embeddings (mtmd's img_beg for Gemma 4)
+    ("<image|>", TokenType.CONTROL),  # ends them (mtmd's img_end)
+    ("<|image|>", TokenType.CONTROL),  # one placeholder per image soft token
+    ("<|audio>", TokenType.CONTROL),
+    ("<audio|>", TokenType.CONTROL),
+    ("<|audio|>", TokenType.CONTROL),
+    ("<|video|>", TokenType.CONTROL),
+    ("<|think|>", TokenType.CONTROL),
+    ("<|channel>", TokenType.USER_DEFINED),
+    ("<channel|>", TokenType.USER_DEFINED),
+    ("<|tool>", TokenType.CONTROL),
+    ("<tool|>", TokenType.CONTROL),
+    ("<|tool_call>", TokenType.USER_DEFINED),
+    ("<tool_call|>", TokenType.USER_DEFINED),
+    ("<|tool_response>", TokenType.USER_DEFINED),
+    ("<tool_response|>", TokenType.USER_DEFINED),
+    ('<|"|>', TokenType.USER_DEFINED),
+)
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+# After the specials come the 256 byte-fallback tokens "<0x00>".."<0xFF>", then text tokens.
+FIRST_TEXT_ID = len(SPECIAL_TOKENS) + 256
+
+# The real template is 16 kB (tools, thinking); this keeps only its turn layout.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "<|turn>{{ role }}\n{{ message['content'] | trim }}<turn|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+
+SPACE = "\u2581"  # "▁", which stands for a space inside tokens
+ALPHABET = SPACE + "".join(chr(c) for c in range(33, 127))
+NEWLINES = ("\n", "\n\n")
+
+# English the merges are learned from, so common words become single tokens.
+CORPUS = """\
+The camera sees a person standing next to a table. On the table there is a red cup, a green bottle and
+two books. The person is holding a phone in the left hand. Behind them is a window with white curtains,
+and the light from the window is bright. What do you see in the picture? I can see a kitchen with a
+sink, a stove and a small plant on the shelf. There is a dog on the floor near the door. The dog is brown
+and it is looking at the camera. Read the label on the bottle for me. The label says water, five hundred
+millilitres. Is the street in front of me clear? There is a car parked on the right side of the street
+and a bicycle on the left. A man is walking with a bag. The traffic light is green. Please describe the
+room. It is a living room with a sofa, a lamp and a television. The walls are blue and the floor is made
+of wood. There are three pictures on the wall. How many people are there? I can see four people sitting
+at a table outside. They are eating and talking. One of them is wearing a hat. What colour is the shirt?
+The shirt is yellow with black stripes. Where are my keys? Your keys are on the desk, next to the laptop
+and the glasses. The screen shows the time: it is ten past nine in the morning.
+"""
+
+# Every token embedding carries this value (after Gemma's sqrt(n_embd) input scaling) in channel 0, and no
+# layer reads or writes channel 0, so it is a constant "bias channel" only the routers read (for router_skew).
+BIAS_CHANNEL_VALUE = 4.0
+OUTPUT_LOGIT_STD = 3.0
+# Special and byte-fallback tokens get this much taken off their logits (through the bias channel), so
+# generation never emits them: it runs to max_tokens and stays printable text.
+SUPPRESSED_LOGIT_OFFSET = 40.0
+# Gemma 4 26B-A4B rotates a quarter of each full-attention head ("proportional" rope via rope_freqs).
+FULL_ROPE_FRACTION = 0.25
+
+FTYPES: dict[str, tuple[GGMLQuantizationType, LlamaFileType]] = {
+    "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+}
+QUANT_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class MoeDecoderSpec:
+    """Shape and content of a synthetic Gemma-4 MoE decoder; every field is also a CLI option."""
+
+    seed: int = field(default=0, metadata={"help": "seed for all weights; same seed, same bytes"})
+    ftype: str = field(default="f32", metadata={"help": "weight type: " + ", ".join(FTYPES)})
+    n_layer: int = field(default=4, metadata={"help": "decoder layers (at least 2)"})
+    n_embd: int = field(default=128, metadata={"help": "hidden size (a multiple of 32)"})
+    n_head: int = field(default=4, metadata={"help": "query heads per layer"})
+    n_ff: int = field(default=256, metadata={"help": "width of each layer's dense shared MLP"})
+    n_ff_exp: int = field(default=64, metadata={"help": "width of each expert's MLP (a multiple of 32)"})
+    n_expert: int = field(default=8, metadata={"help": "experts per layer (Gemma 4 26B-A4B: 128)"})
+    n_expert_used: int = field(default=2, metadata={"help": "experts each token is routed to (26B-A4B: 8)"})
+    router_skew: float = field(
+        default=0.0,
+        metadata={
+            "help": "Zipf exponent of each layer's expert preference; 0 = none, "
+            "1-2 = a few experts take most tokens, 4 = nearly always the same top-k"
+        },
+    )
+    full_attention_every: int = field(
+        default=2, metadata={"help": "every N-th layer uses full attention, the rest a sliding window"}
+    )
+    sliding_window: int = field(default=64, metadata={"help": "tokens a sliding-window layer attends to"})
+    context_length: int = field(default=4096, metadata={"help": "trained context length in the metadata"})
+    n_vocab: int = field(default=512, metadata={"help": "vocabulary size, special and byte tokens included"})
+
+    # router_skew, in detail: each layer gets a seeded ranking of its experts (stored in the GGUF under
+    # edgevision.synthetic.expert_preference, most preferred first), and the expert of rank r gets
+    # -router_skew * ln(1 + r) added to its router logit through the bias channel. Without the
+    # token-dependent part (about unit variance in logits) the router's softmax would be Zipf:
+    # p(r) ~ (1 + r) ** -router_skew. Measured on CORPUS (about 500 tokens) with the defaults, 8 experts
+    # and top-2, the share of routing slots taken by each layer's 2 preferred experts is: 0 -> 0.22-0.35
+    # (a random router is uneven by itself), 1 -> 0.52-0.67, 2 -> 0.71-0.89, 4 -> 0.94-0.96.
+
+    def __post_init__(self) -> None:
+        if self.ftype not in FTYPES:
+            raise ValueError(f"ftype {self.ftype!r} is not one of {', '.join(FTYPES)}")
+        if self.n_layer < 2:
+            raise ValueError("n_layer must be at least 2: llama.cpp's gemma4 KV cache needs two layers")
+        if not 2 <= self.full_attention_every <= self.n_layer:
+            raise ValueError("full_attention_every must be between 2 and n_layer so both layer kinds exist")
+        if not 0 < self.n_expert_used <= self.n_expert:
+            raise ValueError("n_expert_used must be between 1 and n_expert")
+        if self.n_embd % self.n_head:
+            raise ValueError("n_embd must be a multiple of n_head")
+        for name in ("n_embd", "n_ff", "n_ff_exp"):
+            if getattr(self, name) % QUANT_BLOCK:
+                raise ValueError(f"{name} must be a multiple of {QUANT_BLOCK}, the quantization block size")
+        if self.router_skew < 0:
+            raise ValueError("router_skew must be 0 or more")
+        if self.n_vocab < _fixed_vocab_size() + 1:
+            raise ValueError(f"n_vocab must be more than {_fixed_vocab_size()} to leave room for merges")
+
+    @property
+    def head_dim_swa(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def head_dim_full(self) -> int:
+        """Gemma 4 gives full-attention layers twice the head size (26B-A4B: 512 against 256)."""
+        return 2 * self.head_dim_swa
+
+    def is_swa(self, layer: int) -> bool:
+        return (layer + 1) % self.full_attention_every != 0
+
+    def head_dim(self, layer: int) -> int:
+        return self.head_dim_swa if self.is_swa(layer) else self.head_dim_full
+
+    def n_head_kv(self, layer: int) -> int:
+        """Grouped-query attention as in 26B-A4B: more KV heads on sliding layers than on full ones."""
+        return max(1, self.n_head // 2) if self.is_swa(layer) else 1
+
+
+@dataclass(frozen=True)
+class Vocab:
+    tokens: list[str]
+    types: list[TokenType]
+    merges: list[str]
+
+    def id(self, text: str) -> int:
+        return self.tokens.index(text)
+
+
+def _fixed_vocab_size() -> int:
+    return FIRST_TEXT_ID + len(NEWLINES) + len(ALPHABET)
+
+
+def build_vocab(n_vocab: int = 512) -> Vocab:
+    """Specials, 256 byte-fallback tokens, the printable alphabet, then BPE merges learned on CORPUS."""
+    tokens = [text for text, _ in SPECIAL_TOKENS]
+    types = [kind for _, kind in SPECIAL_TOKENS]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [TokenType.BYTE] * 256
+    tokens += [*NEWLINES, *ALPHABET]
+    types += [TokenType.NORMAL] * (len(NEWLINES) + len(ALPHABET))
+
+    text = " ".join(CORPUS.split()).replace(" ", SPACE)
+    words = Counter(tuple(word) for word in re.findall(f"{SPACE}?[^{SPACE}]+", text))
+    known = set(tokens)
+    merges = []
+    while len(tokens) < n_vocab:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in itertools.pairwise(word):
+                pairs[pair] += count
+        if not pairs:
+            raise ValueError(f"the corpus supports only {len(tokens)} tokens; ask for a smaller n_vocab")
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(f"{best[0]} {best[1]}")
+        words = Counter({_merge(word, best): count for word, count in words.items()})
+        merged = best[0] + best[1]
+        if merged not in known:
+            known.add(merged)
+            tokens.append(merged)
+            types.append(TokenType.NORMAL)
+    return Vocab(tokens, types, merges)
+
+
+def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    i = 0
+    while i < len(word):
+        if word[i : i + 2] == pair:
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+class _Weights:
+    """Seeded random tensors; each tensor draws from its own stream, keyed by the seed and its name.
+
+    Channel 0 of the residual stream is the bias channel (see BIAS_CHANNEL_VALUE): matrices that read the
+    stream ignore it and matrices that write to it leave it alone, so only the routers see it.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def rng(self, name: str) -> np.random.Generator:
+        return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+
+    def normal(self, name: str, shape: Sequence[int], std: float) -> np.ndarray:
+        return (self.rng(name).standard_normal(shape) * std).astype(np.float32)
+
+    def reader(self, name: str, shape: Sequence[int]) -> np.ndarray:
+        """A matrix over the residual stream (last axis n_embd), giving unit-variance outputs."""
+        matrix = self.normal(name, shape, shape[-1] ** -0.5)
+        matrix[..., 0] = 0.0
+        return matrix
+
+    def writer(self, name: str, shape: Sequence[int]) -> np.ndarray:
+        """A matrix into the residual stream (second-last axis n_embd), giving unit-variance outputs."""
+        matrix = self.normal(name, shape, shape[-1] ** -0.5)
+        matrix[..., 0, :] = 0.0
+        return matrix
+
+
+def _ones(n: int, value: float = 1.0) -> np.ndarray:
+    return np.full(n, value, dtype=np.float32)
+
+
+def expert_preference(spec: MoeDecoderSpec) -> np.ndarray:
+    """[n_layer, n_expert]: each layer's experts, most preferred first (what router_skew favours)."""
+    weights = _Weights(spec.seed)
+    return np.stack(
+        [weights.rng(f"blk.{il}.preference").permutation(spec.n_expert) for il in range(spec.n_layer)]
+    ).astype(np.int32)
+
+
+def _router(spec: MoeDecoderSpec, weights: _Weights, il: int, preference: np.ndarray) -> np.ndarray:
+    """Router rows: a unit-variance token-dependent part plus the skew, read from the bias channel.
+
+    llama.cpp feeds the router rms_norm(x) / sqrt(n_embd), a unit vector whose channel 0 is about
+    BIAS / |x|; |x| grows with depth as each block adds a unit-RMS output, so the bias weight is divided by
+    the expected channel-0 share to give every layer the same skew.
+    """
+    router = weights.normal(f"blk.{il}.ffn_gate_inp.weight", (spec.n_expert, spec.n_embd), 1.0)
+    # attention and FFN of earlier layers, and this layer's attention
+    share = _bias_share(spec.n_embd, blocks_before=2 * il + 1)
+    rank = np.empty(spec.n_expert, dtype=np.float32)
+    rank[preference[il]] = np.arange(spec.n_expert)
+    router[:, 0] = -spec.router_skew * np.log1p(rank) / share
+    return router
+
+
+def _bias_share(n_embd: int, blocks_before: int) -> float:
+    """Expected channel 0 of the normalized residual stream after the embedding and this many blocks."""
+    return BIAS_CHANNEL_VALUE / np.sqrt(BIAS_CHANNEL_VALUE**2 + (n_embd - 1) * (1 + blocks_before))
+
+
+def _decoder_tensors(spec: MoeDecoderSpec, n_vocab: int) -> Iterator[tuple[str, np.ndarray, bool]]:
+    """(GGUF name, float32 array in numpy order, whether it is a matrix that takes the file's ftype)."""
+    weights = _Weights(spec.seed)
+    n = spec.n_embd
+    preference = expert_preference(spec)
+
+    embd = weights.normal("token_embd.weight", (n_vocab, n), 1 / np.sqrt(n))
+    embd[:, 0] = BIAS_CHANNEL_VALUE / np.sqrt(n)  # llama.cpp scales embeddings by sqrt(n_embd)
+    yield "token_embd.weight", embd, True
+    n_rot = int(spec.head_dim_full // 2 * FULL_ROPE_FRACTION)
+    rope_freqs = np.array([1.0] * n_rot + [1e30] * (spec.head_dim_full // 2 - n_rot), dtype=np.float32)
+    yield "rope_freqs.weight", rope_freqs, False
+
+    for il in range(spec.n_layer):
+        p = f"blk.{il}"
+        hd = spec.head_dim(il)
+        q_dim, kv_dim = spec.n_head * hd, spec.n_head_kv(il) * hd
+        yield f"{p}.attn_norm.weight", _ones(n), False
+        yield f"{p}.attn_q.weight", weights.reader(f"{p}.attn_q.weight", (q_dim, n)), True
+        yield f"{p}.attn_k.weight", weights.reader(f"{p}.attn_k.weight", (kv_dim, n)), True
+        yield f"{p}.attn_v.weight", weights.reader(f"{p}.attn_v.weight", (kv_dim, n)), True
+        # Gemma 4 does not scale q.k; norm weights of hd ** -0.25 keep the scores near unit variance.
+        yield f"{p}.attn_q_norm.weight", _ones(hd, hd**-0.25), False
+        yield f"{p}.attn_k_norm.weight", _ones(hd, hd**-0.25), False
+        yield f"{p}.attn_output.weight", weights.writer(f"{p}.attn_output.weight", (n, q_dim)), True
+        yield f"{p}.post_attention_norm.weight", _ones(n), False
+
+        yield f"{p}.ffn_norm.weight", _ones(n), False
+        yield f"{p}.ffn_gate.weight", weights.reader(f"{p}.ffn_gate.weight", (spec.n_ff, n)), True
+        yield f"{p}.ffn_up.weight", weights.reader(f"{p}.ffn_up.weight", (spec.n_ff, n)), True
+        yield f"{p}.ffn_down.weight", weights.writer(f"{p}.ffn_down.weight", (n, spec.n_ff)), True
+        yield f"{p}.post_ffw_norm_1.weight", _ones(n), False
+
+        yield f"{p}.ffn_gate_inp.weight", _router(spec, weights, il, preference), False
+        yield f"{p}.ffn_gate_inp.scale", _ones(n), False
+        yield f"{p}.pre_ffw_norm_2.weight", _ones(n), False
+        # ggml shape {n_embd, 2 * n_ff_exp, n_expert}: per expert, the gate rows then the up rows
+        gate_up = weights.reader(f"{p}.ffn_gate_up_exps.weight", (spec.n_expert, 2 * spec.n_ff_exp, n))
+        yield f"{p}.ffn_gate_up_exps.weight", gate_up, True
+        down_exps = weights.writer(f"{p}.ffn_down_exps.weight", (spec.n_expert, n, spec.n_ff_exp))
+        yield f"{p}.ffn_down_exps.weight", down_exps, True
+        # Gemma 4's per-expert output scale (router.per_expert_scale in the checkpoint)
+        expert_scale = weights.rng(f"{p}.ffn_down_exps.scale").uniform(0.75, 1.25, spec.n_expert)
+        yield f"{p}.ffn_down_exps.scale", expert_scale.astype(np.float32), False
+        yield f"{p}.post_ffw_norm_2.weight", _ones(n), False
+        yield f"{p}.post_ffw_norm.weight", _ones(n), False
+        yield f"{p}.layer_output_scale.weight", _ones(1), False
+
+    yield "output_norm.weight", _ones(n), False
+    output = weights.reader("output.weight", (n_vocab, n)) * OUTPUT_LOGIT_STD
+    # the final norm leaves channel 0 at about its share times sqrt(n_embd)
+    final_bias = _bias_share(n, blocks_before=2 * spec.n_layer) * np.sqrt(n)
+    output[:FIRST_TEXT_ID, 0] = -SUPPRESSED_LOGIT_OFFSET / final_bias
+    yield "output.weight", output, True
+
+
+def _encode(array: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    if qtype == GGMLQuantizationType.F32:
+        return array
+    if qtype == GGMLQuantizationType.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array, qtype)
+
+
+def _add_metadata(writer: gguf.GGUFWriter, spec: MoeDecoderSpec, vocab: Vocab) -> None:
+    writer.add_name(f"edgevision synthetic gemma4 moe {spec.ftype}")
+    writer.add_file_type(FTYPES[spec.ftype][1])
+    writer.add_context_length(spec.context_length)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_expert_feed_forward_length(spec.n_ff_exp)
+    writer.add_expert_count(spec.n_expert)
+    writer.add_expert_used_count(spec.n_expert_used)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv([spec.n_head_kv(il) for il in range(spec.n_layer)])
+    writer.add_key_length(spec.head_dim_full)
+    writer.add_value_length(spec.head_dim_full)
+    writer.add_key_length_swa(spec.head_dim_swa)
+    writer.add_value_length_swa(spec.head_dim_swa)
+    writer.add_rope_dimension_count(spec.head_dim_full)
+    writer.add_rope_dimension_count_swa(spec.head_dim_swa)
+    writer.add_rope_freq_base(1_000_000.0)
+    writer.add_rope_freq_base_swa(10_000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_sliding_window(spec.sliding_window)
+    writer.add_sliding_window_pattern([spec.is_swa(il) for il in range(spec.n_layer)])
+    writer.add_shared_kv_layers(0)
+    writer.add_embedding_length_per_layer_input(0)
+    writer.add_final_logit_softcapping(30.0)
+
+    writer.add_tokenizer_model("gemma4")
+    writer.add_tokenizer_pre("gemma4")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_scores([0.0] * len(vocab.tokens))
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    writer.add_uint32(SEED_KEY, spec.seed)
+    writer.add_float32(SKEW_KEY, spec.router_skew)
+    writer.add_array(PREFERENCE_KEY, expert_preference(spec).reshape(-1).tolist())
+
+
+def write_moe_decoder(path: str | Path, spec: MoeDecoderSpec | None = None, **fields: object) -> Path:
+    """Write a synthetic Gemma-4 MoE decoder GGUF to ``path`` and return it.
+
+    ``fields`` override ``spec`` (or the defaults): ``write_moe_decoder(p, ftype="q4_0", router_skew=1.5)``.
+    """
+    spec = dataclasses.replace(spec or MoeDecoderSpec(), **fields)
+    vocab = build_vocab(spec.n_vocab)
+    qtype = FTYPES[spec.ftype][0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    writer = gguf.GGUFWriter(path, ARCH)
+    try:
+        _add_metadata(writer, spec, vocab)
+        for name, array, is_matrix in _decoder_tensors(spec, len(vocab.tokens)):
+            if is_matrix:
+                writer.add_tensor(name, _encode(array, qtype), raw_dtype=qtype)
+            else:
+                writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return path
+
+
+def default_filename(spec: MoeDecoderSpec) -> str:
+    skew = f"-skew{spec.router_skew:g}" if spec.router_skew else ""
+    return f"gemma4-moe-synthetic-l{spec.n_layer}-e{spec.n_expert}k{spec.n_expert_used}{skew}-{spec.ftype}.gguf"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="make_synthetic.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    decoder = commands.add_parser("decoder", help="a Gemma-4 MoE decoder GGUF for llama.cpp")
+    decoder.add_argument("--out", type=Path, required=True, help="folder to write into")
+    for spec_field in dataclasses.fields(MoeDecoderSpec):
+        flag = "--" + spec_field.name.replace("_", "-")
+        if spec_field.name == "ftype":
+            decoder.add_argument(
+                flag,
+                nargs="+",
+                choices=list(FTYPES),
+                default=[spec_field.default],
+                help="one file per type: " + ", ".join(FTYPES),
+            )
+        else:
+            kind = type(spec_field.default)
+            decoder.add_argument(flag, type=kind, default=spec_field.default, help=spec_field.metadata["help"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(MoeDecoderSpec) if f.name != "ftype"}
+    try:
+        specs = [MoeDecoderSpec(ftype=ftype, **options) for ftype in args.ftype]
+    except ValueError as error:
+        print(f"make_synthetic.py: {error}", file=sys.stderr)
+        return 2
+    for spec in specs:
+        path = write_moe_decoder(args.out / default_filename(spec), spec)
+        print(
+            f"{path}\t{path.stat().st_size} bytes\t{ARCH} {spec.ftype}, {spec.n_layer} layers, "
+            f"{spec.n_expert} experts (top {spec.n_expert_used}), router_skew {spec.router_skew:g}, "
+            f"seed {spec.seed}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
