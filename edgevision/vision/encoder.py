@@ -1,0 +1,47 @@
+"""The vision tower interface, and the back-ends chosen by `vision.backend`."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgevision.errors import ConfigError
+from edgevision.vision.preprocess import TowerSpec, preprocess
+
+
+class VisionEncoder(Protocol):
+    """Turns one preprocessed image into image-token embeddings at the decoder's width."""
+
+    spec: TowerSpec
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(1, 3, S, S) float32 → (n_tokens, n_embd) float32."""
+
+    def close(self) -> None: ...
+
+
+# Back-end name → "module:class"; modules are imported only when chosen, so a machine without
+# TensorRT never imports it.
+BACKENDS = {
+    "onnxruntime": "edgevision.vision.onnxruntime:OrtEncoder",
+}
+
+
+def open_encoder(backend: str, tower: Path, *, threads: int = 0) -> VisionEncoder:
+    """Open the configured back-end on a tower file."""
+    try:
+        module_name, class_name = BACKENDS[backend].split(":")
+    except KeyError:
+        raise ConfigError(
+            f"vision.backend: {backend!r} is not available on this build; choose one of {sorted(BACKENDS)}"
+        ) from None
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(tower, threads=threads)
+
+
+def encode_image(encoder: VisionEncoder, image) -> np.ndarray:
+    """PIL RGB image → (n_tokens, n_embd) float32 embeddings."""
+    return encoder.encode_pixels(preprocess(image, encoder.spec))
