@@ -1,0 +1,283 @@
+"""Router observation: which experts a MoE decoder's router picks, read live from llama.cpp's graph.
+
+`RouterObserver` is an eval callback (``LlamaDecoder(cb_eval=observer)``). For every MoE layer llama.cpp's
+``build_moe_ffn`` names two small nodes that together say where each token went:
+
+- ``ffn_moe_topk-<il>``: I32, ggml ``ne = [n_expert_used, T]``, the selected expert ids. It is a *view*
+  into the ``[n_expert, T]`` argsort result (``nb = [4, 4 * n_expert]``), so it is read with its strides.
+- ``ffn_moe_weights_norm-<il>``: F32 ``[n_expert_used, T]``, the gate weight of each selected expert after
+  the softmax over all experts and renormalisation over the selected ones (what multiplies the expert's
+  output in Gemma 4; for a model that does not renormalise, pass ``gates="ffn_moe_weights-"``).
+
+Both are a few hundred bytes per token, and the observer asks for nothing else, so it is cheap enough to
+leave on (``edgevision bench router`` measures it). Per phase (image rows, prompt text, generated tokens:
+set `RouterObserver.phase` before each prefill or generate), layer and expert it accumulates how often the
+expert was selected (`counts`) and the gate weight it received (`mass`); `profile` freezes them into a
+`RouterProfile`. `listeners` get every node's ids and weights as they come, for online adaptation.
+
+The callback runs on the decoding thread; `profile` and `reset` may be called from another thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevision.errors import ModelError
+from edgevision.moe.profile import PHASES, RouterProfile
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PHASES", "RouterObserver", "observe_turn", "read_moe_shape", "strided_array"]
+
+Listener = Callable[[int, np.ndarray, np.ndarray], None]
+"""``listener(layer, expert_ids (T, k) int32, weights (T, k) float32)``, called once per MoE node."""
+
+TOPK = "ffn_moe_topk-"
+GATES = "ffn_moe_weights_norm-"
+
+_GGML_I32, _GGML_F32 = 26, 0
+
+
+class _Ggml:
+    """The few ggml entry points the observer needs, bound once per process."""
+
+    def __init__(self) -> None:
+        from edgevision.decoder.llama import _llama_cpp
+
+        lib = _llama_cpp().llama_cpp._lib
+        get_name = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("ggml_get_name", lib))
+        probe = (ctypes.c_byte * 512)()
+        # ggml_get_name returns tensor->name: its offset in struct ggml_tensor, read without a ctypes call
+        self.name_offset = get_name(ctypes.addressof(probe)) - ctypes.addressof(probe)
+        self.nbytes = lib.ggml_nbytes
+        self.get = lib.ggml_backend_tensor_get
+
+
+_ggml: _Ggml | None = None
+_ggml_lock = threading.Lock()
+
+
+def _lib() -> _Ggml:
+    global _ggml
+    with _ggml_lock:
+        if _ggml is None:
+            _ggml = _Ggml()
+        return _ggml
+
+
+class _Head(ctypes.Structure):
+    """The leading fields of ``struct ggml_tensor`` (ggml.h)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+    ]
+
+
+_DTYPES = {_GGML_F32: np.float32, 1: np.float16, _GGML_I32: np.int32}
+
+
+def strided_array(tensor: int) -> np.ndarray:
+    """A copy of a computed 2-D graph node (contiguous or a strided view) as a ``(ne[1], ne[0])`` array.
+
+    ggml's ``nbytes`` of a view spans from its first to its last element, so one backend read fetches the
+    span and the rows are picked out with the view's row stride.
+    """
+    lib = _lib()
+    head = _Head.from_address(tensor)
+    dtype = _DTYPES.get(head.type)
+    if dtype is None:
+        raise ValueError(f"graph node of ggml type {head.type} is not f32/f16/i32")
+    item = np.dtype(dtype).itemsize
+    ne0, ne1 = int(head.ne[0]), int(head.ne[1]) * int(head.ne[2]) * int(head.ne[3])
+    nb0, nb1 = int(head.nb[0]), int(head.nb[1])
+    if nb0 != item or (ne1 > 1 and (nb1 % item or (head.ne[2] > 1 and head.nb[2] != nb1 * head.ne[1]))):
+        raise ValueError("graph node's layout is not rows of contiguous elements")
+    nbytes = int(lib.nbytes(tensor))
+    row = nb1 // item if ne1 > 1 else ne0
+    flat = np.empty(row * ne1, dtype=dtype)
+    if nbytes > flat.nbytes:
+        raise ValueError("graph node is larger than its shape says; ggml's layout changed")
+    lib.get(tensor, flat.ctypes.data, 0, nbytes)
+    return flat.reshape(ne1, row)[:, :ne0]
+
+
+def read_moe_shape(gguf_path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
+    """(architecture, n_layer, n_expert, n_expert_used) from a GGUF file's metadata."""
+    import gguf
+
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise ModelError(
+            f"decoder model {path} does not exist; check the path (run 'make models' for the synthetic one)"
+        )
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise ModelError(f"{path} is not a readable GGUF file ({exc}); download or convert it again") from exc
+
+    def value(key: str) -> Any:
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+
+    arch = value("general.architecture")
+    shape = [value(f"{arch}.{key}") for key in ("block_count", "expert_count", "expert_used_count")]
+    if arch is None or any(v is None for v in shape) or not shape[1]:
+        raise ModelError(
+            f"{path} is not a mixture-of-experts model ({arch or 'no architecture'} without "
+            f"{arch}.expert_count); router observation needs a MoE decoder such as Gemma 4 26B-A4B"
+        )
+    return str(arch), int(shape[0]), int(shape[1]), int(shape[2])
+
+
+class RouterObserver:
+    """Counts the experts each MoE layer's router selects, per phase; an eval callback for `LlamaDecoder`."""
+
+    def __init__(self, n_layer: int, n_expert: int, n_expert_used: int, *, gates: str = GATES) -> None:
+        if n_layer < 1 or not 0 < n_expert_used <= n_expert:
+            raise ValueError(f"bad MoE shape: {n_layer} layers, {n_expert} experts, top {n_expert_used}")
+        self.n_layer, self.n_expert, self.n_expert_used = n_layer, n_expert, n_expert_used
+        self.listeners: list[Listener] = []
+        self._lock = threading.Lock()
+        self._phase = 0
+        self._name_offset = _lib().name_offset
+        self._wanted = (TOPK.encode(), gates.encode())
+        self._pending: dict[int, np.ndarray] = {}  # layer -> ids waiting for their weights
+        self.reset()
+
+    @classmethod
+    def for_model(cls, gguf_path: str | os.PathLike[str]) -> RouterObserver:
+        """An observer sized from the model's metadata (``<arch>.block_count``, ``expert_count``, ...)."""
+        _, n_layer, n_expert, n_used = read_moe_shape(gguf_path)
+        return cls(n_layer, n_expert, n_used)
+
+    # -- phase ------------------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> str:
+        """Where the next decoded rows belong: ``"image"``, ``"prompt"`` or ``"generated"``."""
+        return PHASES[self._phase]
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        try:
+            self._phase = PHASES.index(value)
+        except ValueError:
+            raise ValueError(f"phase must be one of {PHASES}, got {value!r}") from None
+
+    # -- statistics -------------------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """(len(PHASES),) rows observed per phase (the most any layer saw)."""
+        return self.layer_tokens.max(axis=1)
+
+    def reset(self) -> None:
+        """Forget everything observed."""
+        with self._lock:
+            shape = (len(PHASES), self.n_layer, self.n_expert)
+            self.counts = np.zeros(shape, dtype=np.int64)
+            self.mass = np.zeros(shape, dtype=np.float64)
+            self.layer_tokens = np.zeros((len(PHASES), self.n_layer), dtype=np.int64)
+            self._pending.clear()
+
+    def profile(self, model: str) -> RouterProfile:
+        """A frozen copy of the statistics so far."""
+        with self._lock:
+            return RouterProfile(
+                model=model,
+                n_layer=self.n_layer,
+                n_expert=self.n_expert,
+                n_expert_used=self.n_expert_used,
+                counts=self.counts.copy(),
+                mass=self.mass.copy(),
+                tokens=self.tokens.copy(),
+            )
+
+    # -- the callback -----------------------------------------------------------------------------
+
+    def __call__(self, tensor: int, ask: bool) -> bool:
+        name = ctypes.string_at(tensor + self._name_offset)
+        if ask:
+            return name.startswith(self._wanted) and b" " not in name  # not "... (reshaped)" views
+        kind, _, layer = name.decode().rpartition("-")
+        self._observe(kind + "-", int(layer), tensor)
+        return True
+
+    def _observe(self, kind: str, layer: int, tensor: int) -> None:
+        if not 0 <= layer < self.n_layer:
+            raise ModelError(f"graph node {kind}{layer} is outside the {self.n_layer} layers the observer was made for")
+        if kind == TOPK:
+            ids = strided_array(tensor)
+            if ids.shape[1] != self.n_expert_used:
+                raise ModelError(
+                    f"layer {layer} selects {ids.shape[1]} experts per token, the observer expects "
+                    f"{self.n_expert_used}; make it with RouterObserver.for_model(the decoder's GGUF)"
+                )
+            self._pending[layer] = ids
+            return
+        ids = self._pending.pop(layer, None)
+        if ids is None:
+            raise ModelError(
+                f"graph node {kind}{layer} came before the layer's {TOPK}{layer}; llama.cpp's MoE graph changed"
+            )
+        self._accumulate(layer, ids, strided_array(tensor).reshape(ids.shape))
+
+    def _accumulate(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> None:
+        flat = ids.ravel()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.n_expert):
+            raise ModelError(f"layer {layer} selected expert ids outside 0..{self.n_expert - 1}")
+        counts = np.bincount(flat, minlength=self.n_expert)
+        mass = np.bincount(flat, weights=weights.ravel().astype(np.float64), minlength=self.n_expert)
+        with self._lock:
+            p = self._phase
+            self.counts[p, layer] += counts
+            self.mass[p, layer] += mass
+            self.layer_tokens[p, layer] += ids.shape[0]
+        for listener in self.listeners:
+            listener(layer, ids, weights)
+
+
+class _Phased:
+    """A decoder whose prefills set the observer's phase: token ids are prompt text, rows are an image."""
+
+    def __init__(self, decoder: Any, observer: RouterObserver) -> None:
+        self._decoder, self._observer = decoder, observer
+
+    @property
+    def n_past(self) -> int:
+        return self._decoder.n_past
+
+    def tokenize(self, text: str, **options: bool) -> list[int]:
+        return self._decoder.tokenize(text, **options)
+
+    def prefill_tokens(self, tokens: Sequence[int]) -> None:
+        self._observer.phase = "prompt"
+        self._decoder.prefill_tokens(tokens)
+
+    def prefill_embeddings(self, embeddings: np.ndarray, *, causal: bool = True) -> None:
+        self._observer.phase = "image"
+        self._decoder.prefill_embeddings(embeddings, causal=causal)
+
+
+def observe_turn(
+    decoder: Any,
+    observer: RouterObserver,
+    segments: Sequence[Any],
+    image_embeddings: np.ndarray | None = None,
+) -> int:
+    """`run_prompt` with the observer's phase following the segments (text: ``"prompt"``, image rows:
+    ``"image"``); returns the decoder's ``n_past``. Set ``observer.phase = "generated"`` before generating."""
+    from edgevision.decoder.prompt import run_prompt
+
+    return run_prompt(_Phased(decoder, observer), segments, image_embeddings)
