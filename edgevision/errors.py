@@ -19,3 +19,7 @@ class InputError(EdgevisionError):
 
 class MissingDependencyError(EdgevisionError):
     """A native library needed by the chosen back-end is not installed."""
+
+
+class DeviceError(EdgevisionError):
+    """A camera, microphone, speaker or button failed or is missing."""

