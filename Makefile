@@ -12,7 +12,9 @@ EDGEVISION := $(BIN)/edgevision
 CONFIG := config/edgevision.yaml
 GEMMA3 := $(MODELS)/gemma-3-270m-q4_k_m.gguf
 MOE_VARIANTS := f32 q8_0 q4_0
-MOE := $(foreach v,$(MOE_VARIANTS),$(SYN)/gemma4-moe-$(v).gguf)
+# file names as tools/make_synthetic.py writes them (its default_filename)
+MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
+MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
 .PHONY: demo test venv models lint clean help
 
@@ -41,7 +43,7 @@ $(MODELS)/.bundled: $(STAMP)
 	$(EDGEVISION) models --dir $(MODELS) provision
 	touch $@
 
-$(SYN)/gemma4-moe-%.gguf: tools/make_synthetic.py $(STAMP)
+$(MOE_STEM)-%.gguf: tools/make_synthetic.py $(STAMP)
 	$(BIN)/python tools/make_synthetic.py decoder --out $(SYN) --ftype $*
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind decoder --source "synthetic (tools/make_synthetic.py)"
 
@@ -49,8 +51,8 @@ $(SYN)/tower-gemma3-270m.onnx: tools/make_tower.py $(MODELS)/.bundled
 	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(GEMMA3)
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
 
-$(SYN)/tower-gemma4-moe.onnx: tools/make_tower.py $(SYN)/gemma4-moe-f32.gguf
-	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(SYN)/gemma4-moe-f32.gguf
+$(SYN)/tower-gemma4-moe.onnx: tools/make_tower.py $(MOE_STEM)-f32.gguf
+	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(MOE_STEM)-f32.gguf
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
 
 lint: $(STAMP)
