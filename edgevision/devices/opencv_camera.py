@@ -1,0 +1,164 @@
+"""OpenCV cameras: a V4L2/USB device or a GStreamer pipeline (CSI), and a video file played at its frame rate.
+
+cv2 is imported here only, when one of these kinds is chosen. The pip wheels (opencv-python-headless) have
+no GStreamer; JetPack's OpenCV (the python3-opencv that comes with the board image) has it, which a CSI
+camera (nvarguscamerasrc) needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from edgevision.devices.camera import CaptureLoop
+from edgevision.errors import DeviceError, MissingDependencyError
+
+logger = logging.getLogger(__name__)
+
+
+def import_cv2() -> Any:
+    """cv2, or MissingDependencyError saying how to get it."""
+    if importlib.util.find_spec("cv2") is None:
+        raise MissingDependencyError(
+            "OpenCV (cv2) is not installed: `pip install opencv-python-headless`, or on a Jetson use JetPack's "
+            "python3-opencv (it has GStreamer, needed for CSI cameras)"
+        )
+    import cv2
+
+    return cv2
+
+
+def has_gstreamer(cv2: Any) -> bool:
+    """Whether this OpenCV build can open GStreamer pipelines."""
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line.split(":", 1)[1]
+    return False
+
+
+def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, fps: int = 30) -> str:
+    """The GStreamer pipeline for a Jetson CSI camera (nvarguscamerasrc), ending in BGR frames for OpenCV."""
+    return (
+        f"nvarguscamerasrc sensor-id={sensor_id} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
+        f"framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR ! "
+        "appsink drop=true max-buffers=1 sync=false"
+    )
+
+
+class OpenCvCamera(CaptureLoop):
+    """A live camera through cv2.VideoCapture: "0" (index), "/dev/video0" (V4L2) or a GStreamer pipeline."""
+
+    def __init__(self, source: str, *, width: int = 0, height: int = 0, fps: int = 0, **loop: Any) -> None:
+        self._cv2 = import_cv2()
+        self.source = source.strip()
+        if not self.source:
+            raise DeviceError("camera: no source given — set devices.camera_source (e.g. 0 or /dev/video0)")
+        self._gstreamer = "!" in self.source
+        if self._gstreamer and not has_gstreamer(self._cv2):
+            raise DeviceError(
+                "camera: the source is a GStreamer pipeline but this OpenCV build has no GStreamer "
+                f"(cv2 {self._cv2.__version__}; pip wheels never have it) — on a Jetson use JetPack's python3-opencv "
+                "in a venv made with --system-site-packages, or use a USB camera (devices.camera_source: 0)"
+            )
+        self.width, self.height, self.fps = width, height, fps
+        self._capture: Any = None
+        name = "gstreamer" if self._gstreamer else self.source
+        super().__init__(name, **loop)
+
+    def _open(self) -> None:
+        cv2 = self._cv2
+        if self._gstreamer:
+            capture = cv2.VideoCapture(self.source, cv2.CAP_GSTREAMER)
+        elif self.source.isdigit():
+            capture = cv2.VideoCapture(int(self.source), cv2.CAP_V4L2)
+        else:
+            if not Path(self.source).exists():
+                raise DeviceError(
+                    f"camera {self.name}: {self.source} does not exist — is the camera plugged in? "
+                    "(`ls /dev/video*` lists the cameras)"
+                )
+            capture = cv2.VideoCapture(self.source, cv2.CAP_V4L2)
+        if not capture.isOpened():
+            capture.release()
+            raise DeviceError(
+                f"camera {self.name}: cannot open {self.source} — check that it is plugged in, that this user is "
+                "in the 'video' group and that no other program holds it"
+            )
+        for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.width), (cv2.CAP_PROP_FRAME_HEIGHT, self.height),
+                            (cv2.CAP_PROP_FPS, self.fps)):
+            if value:
+                capture.set(prop, value)
+        if not self._gstreamer:
+            capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # keep the driver from queueing old frames
+        self._capture = capture
+
+    def _grab(self) -> Any:
+        ok, frame = self._capture.read()  # blocks until the next frame: the device paces the loop
+        return frame if ok and frame is not None else None
+
+    def _release(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None
+
+
+class VideoFileCamera(CaptureLoop):
+    """A video file as a camera, played at its own frame rate and looping at the end.
+
+    A file that is removed makes the camera "gone" (latest() raises DeviceError); it works again when the
+    file is back.
+    """
+
+    def __init__(self, source: str, *, fps: float = 0.0, **loop: Any) -> None:
+        self._cv2 = import_cv2()
+        self.path = Path(source).expanduser()
+        self.fps_override = fps
+        self._capture: Any = None
+        self._period = 1 / 30
+        self._next_at = 0.0
+        self._frames_since_open = 0
+        super().__init__(self.path.name, **loop)
+
+    def _open(self) -> None:
+        if not self.path.is_file():
+            raise DeviceError(f"camera {self.name}: video file not found: {self.path} — check devices.camera_source")
+        capture = self._cv2.VideoCapture(str(self.path))
+        if not capture.isOpened():
+            capture.release()
+            raise DeviceError(
+                f"camera {self.name}: OpenCV cannot read {self.path} — use a common format (MP4/H.264, AVI/MJPG)"
+            )
+        fps = self.fps_override or capture.get(self._cv2.CAP_PROP_FPS) or 30.0
+        self._period = 1.0 / fps if fps > 0 else 1 / 30
+        self._capture = capture
+        self._frames_since_open = 0
+        self._next_at = time.monotonic()
+
+    def _grab(self) -> Any:
+        if not self.path.is_file():  # an open file can still be read after it is removed: treat it as gone
+            return None
+        ok, frame = self._capture.read()
+        if not ok:
+            if self._frames_since_open == 0:
+                return None  # opens but holds no frames: a fault, retried with backoff
+            self._capture.set(self._cv2.CAP_PROP_POS_FRAMES, 0)  # the end: loop
+            ok, frame = self._capture.read()
+            if not ok:
+                return None
+        self._frames_since_open += 1
+        return frame
+
+    def _pace(self) -> float:
+        self._next_at += self._period
+        now = time.monotonic()
+        if self._next_at < now - self._period:  # fell behind (slow machine): do not try to catch up
+            self._next_at = now
+        return self._next_at - now
+
+    def _release(self) -> None:
+        if self._capture is not None:
+            self._capture.release()
+            self._capture = None

@@ -1,0 +1,75 @@
+"""The microphone and speaker interfaces, and the back-ends chosen by `devices.microphone` / `devices.speaker`.
+
+A microphone records between `start()` (button pressed) and `stop()` (released) and hands back 16 kHz mono
+audio for Whisper. A speaker plays queued audio in order on its own; `stop()` silences it at once and drops
+the queue (barge-in: the user pressed while it spoke).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+from edgevision.errors import ConfigError
+from edgevision.speech.audio import Audio
+
+
+class Microphone(Protocol):
+    """Push-to-talk capture."""
+
+    def start(self) -> None:
+        """Begin capturing (the button was pressed)."""
+
+    def stop(self) -> Audio:
+        """End capturing (the button was released): everything since `start()`, as 16 kHz mono."""
+
+    def close(self) -> None: ...
+
+
+class Speaker(Protocol):
+    """Plays audio in the order it was queued, without blocking the caller."""
+
+    def play(self, audio: Audio) -> None:
+        """Queue `audio`; returns at once."""
+
+    def stop(self) -> None:
+        """Stop now and drop everything queued."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until everything queued has played; False if `timeout` passed first."""
+
+    @property
+    def playing(self) -> bool:
+        """Whether anything is playing or queued."""
+
+    def close(self) -> None: ...
+
+
+# Kind → "module:class"; sounddevice (PortAudio) is imported only when its kind is chosen.
+MICROPHONES: dict[str, str] = {
+    "sounddevice": "edgevision.devices.portaudio:SounddeviceMicrophone",
+    "wav": "edgevision.devices.wav_devices:WavMicrophone",
+}
+
+SPEAKERS: dict[str, str] = {
+    "sounddevice": "edgevision.devices.portaudio:SounddeviceSpeaker",
+    "wav": "edgevision.devices.wav_devices:WavSpeaker",
+}
+
+
+def open_microphone(kind: str, **options: Any) -> Microphone:
+    """sounddevice: options device (name or index; None = default), max_seconds; wav: files, loop, max_seconds."""
+    return _load(MICROPHONES, "devices.microphone", kind)(**options)
+
+
+def open_speaker(kind: str, **options: Any) -> Speaker:
+    """sounddevice: options device (name or index; None = default); wav: folder, realtime."""
+    return _load(SPEAKERS, "devices.speaker", kind)(**options)
+
+
+def _load(table: dict[str, str], key: str, kind: str) -> Any:
+    try:
+        module_name, class_name = table[kind].split(":")
+    except KeyError:
+        raise ConfigError(f"{key}: {kind!r} is not available; choose one of {sorted(table)}") from None
+    return getattr(importlib.import_module(module_name), class_name)

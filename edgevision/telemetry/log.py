@@ -1,0 +1,117 @@
+"""The per-interaction log: JSON lines, one record per answer, size-rotated, each record fsync'd.
+
+A record is written with one `write()` of a whole line and flushed to disk before `write()` returns, so
+a SIGTERM or a power cut after an answer never loses or half-writes its record. When the file would pass
+`max_bytes` it is rotated like logrotate: interactions.jsonl → .1 → .2 ... up to `backups`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgevision.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "to_record"):
+        return value.to_record()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _clean(value: Any) -> Any:
+    """NaN and infinity are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+class InteractionLog:
+    """Appends one JSON object per line to `path`; thread-safe; rotates at `max_bytes` keeping `backups`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 10 * 1024 * 1024, backups: int = 5) -> None:
+        self.path = Path(path)
+        self.max_bytes, self.backups = max_bytes, backups
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - owned by this object, closed by close()
+        except OSError as error:
+            raise ConfigError(f"cannot write the interaction log {self.path}: {error.strerror} — set "
+                              "telemetry.log_path to a writable file (systemd: LogsDirectory=edgevision)") from error
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append `record` as one line and flush it to disk before returning."""
+        line = (json.dumps(_clean(record), default=_default, ensure_ascii=False, allow_nan=False) + "\n").encode()
+        with self._lock:
+            if self._file.closed:
+                raise ValueError(f"interaction log {self.path} is closed")
+            size = self._file.tell()
+            if size > 0 and size + len(line) > self.max_bytes:
+                self._rotate()
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self.backups <= 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            for n in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{n}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._file = open(self.path, "ab")  # noqa: SIM115
+        logger.debug("interaction log rotated: %s", self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+    def __enter__(self) -> InteractionLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read(path: str | os.PathLike[str], *, rotated: bool = False) -> list[dict[str, Any]]:
+    """The records in `path` (with `rotated`, also its backups, oldest first); a torn last line is skipped."""
+    return list(iter_records(path, rotated=rotated))
+
+
+def iter_records(path: str | os.PathLike[str], *, rotated: bool = False) -> Iterator[dict[str, Any]]:
+    path = Path(path)
+    files = [path]
+    if rotated:
+        backups = [p for p in path.parent.glob(path.name + ".*") if p.suffix.lstrip(".").isdigit()]
+        files = sorted(backups, key=lambda p: -int(p.suffix[1:])) + files
+    for file in files:
+        if not file.exists():
+            continue
+        with open(file, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    logger.warning("%s:%d: not a complete JSON record; skipped", file, number)
