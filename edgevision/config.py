@@ -136,6 +136,101 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class DaemonSettings:
+    """The appliance daemon (`edgevision run`): how a press, a release and the answer play together."""
+
+    mode: Literal["overlapped", "sequential"] = setting(
+        "overlapped",
+        "overlapped: encode the image while the button is held, so only the question is left after release; "
+        "sequential: everything after release (for comparison).",
+    )
+    max_recording_s: float = setting(15.0, "Longest question: recording stops after this many seconds.", min=1, max=120)
+    follow_up_s: float = setting(
+        8.0, "A press this soon after an answer asks about the same scene, reusing its image; 0 turns it off.",
+        min=0, max=120,
+    )
+    tap_s: float = setting(0.3, "A press released sooner than this is a tap, not a question.", min=0.05, max=2)
+    double_press_s: float = setting(0.6, "A tap then a press within this many seconds repeats the last answer.",
+                                    min=0.1, max=3)
+    earcons: bool = setting(True, "Play short tones for listening, thinking and error.")
+    didnt_catch: str = setting("Sorry, I didn't catch that.", "Said when no speech was recognised.")
+    worker_timeout_s: float = setting(
+        300.0, "If one model step runs longer than this, the systemd watchdog is no longer fed and restarts us.",
+        min=10, max=3600,
+    )
+
+
+@dataclass(frozen=True)
+class DevicesSettings:
+    """The camera, the push-to-talk button, the microphone and the speaker."""
+
+    camera: Literal["opencv", "video", "image"] = setting(
+        "opencv", "opencv: a live camera (USB/V4L2, or CSI through GStreamer); video: a video file; image: a photo."
+    )
+    camera_source: str = setting(
+        "0",
+        "opencv: a camera index (0), a device (/dev/video0) or a GStreamer pipeline; video/image: the file's path.",
+    )
+    camera_width: int = setting(1280, "Requested frame width for a live camera; 0 keeps the driver's.", min=0, max=8192)
+    camera_height: int = setting(720, "Requested frame height for a live camera; 0 keeps the driver's.", min=0, max=8192)
+    button: Literal["socket", "evdev", "gpio"] = setting(
+        "socket",
+        "socket: only the control socket (edgevision press/release); evdev: a USB button or keyboard key; "
+        "gpio: a button on the 40-pin header.",
+    )
+    control_socket: Path = setting(
+        "/run/edgevision/control.sock",
+        "Local control socket: press/release and status (mode 0660, the service's group).",
+        path="file", must_exist=False,
+    )
+    button_device: str = setting("", "evdev: the input device's path or part of its name; empty takes the first "
+                                     "device with the key.")
+    button_key: str = setting("KEY_SPACE", "evdev: the key code the button sends (`evtest` shows it).")
+    button_pin: int = setting(7, "gpio: the BOARD pin number (Jetson.GPIO), or the line offset with button_chip.",
+                              min=0, max=1023)
+    button_chip: str = setting("", "gpio: a gpiochip (/dev/gpiochip0) to use libgpiod; empty uses Jetson.GPIO.")
+    button_active_low: bool = setting(True, "gpio: the button connects the pin to ground (pull-up on).")
+    debounce_ms: int = setting(30, "Edges this soon after a reported press or release are contact bounce.",
+                               min=0, max=500)
+    microphone: Literal["sounddevice", "wav"] = setting(
+        "sounddevice", "sounddevice: a real microphone (PortAudio); wav: WAV files played in (tests, scripts)."
+    )
+    microphone_device: str = setting(
+        "", "sounddevice: the input device's name or index, empty for the default; wav: a WAV file or a folder."
+    )
+    speaker: Literal["sounddevice", "wav"] = setting(
+        "sounddevice", "sounddevice: a real speaker (PortAudio); wav: write what is played into WAV files."
+    )
+    speaker_device: str = setting(
+        "", "sounddevice: the output device's name or index, empty for the default; wav: the folder to write into."
+    )
+    speaker_realtime: bool = setting(True, "wav: take as long as the audio lasts (false: write at once).")
+
+
+@dataclass(frozen=True)
+class TelemetrySettings:
+    """The per-answer log of latency, memory, power and energy."""
+
+    log_path: Path = setting(
+        "/var/log/edgevision/interactions.jsonl", "Per-interaction log (JSON lines, one record per answer).",
+        path="file", must_exist=False,
+    )
+    log_max_mb: float = setting(10.0, "Rotate the log when it would pass this size, in MiB.", min=0.01, max=10000)
+    log_backups: int = setting(5, "Rotated logs kept (interactions.jsonl.1, .2, ...).", min=0, max=1000)
+    power_reader: Literal["auto", "ina3221", "tegrastats", "rapl", "none"] = setting(
+        "auto", "Power monitor: auto picks INA3221 (Jetson), then tegrastats, then Intel RAPL, else none."
+    )
+    sample_interval_ms: int = setting(100, "How often power and memory are sampled during an answer.",
+                                      min=10, max=10000)
+    store_audio: bool = setting(False, "Keep each question's recording (WAV) in capture_dir.")
+    store_images: bool = setting(False, "Keep each question's camera frame (JPEG) in capture_dir.")
+    capture_dir: Path = setting(
+        "/var/lib/edgevision/captures", "Where stored recordings and frames go, when kept.",
+        path="dir", must_exist=False,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration. `Config()` holds the declared defaults, with paths not yet resolved."""
 
@@ -143,6 +238,9 @@ class Config:
     vision: VisionSettings = section(VisionSettings)
     decoder: DecoderSettings = section(DecoderSettings)
     logging: LoggingSettings = section(LoggingSettings)
+    daemon: DaemonSettings = section(DaemonSettings)
+    devices: DevicesSettings = section(DevicesSettings)
+    telemetry: TelemetrySettings = section(TelemetrySettings)
 
 
 # --- the schema, read from the declarations -----------------------------------------------------------------
