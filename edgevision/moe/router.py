@@ -151,7 +151,11 @@ class RouterObserver:
         self._lock = threading.Lock()
         self._phase = 0
         self._name_offset = _lib().name_offset
-        self._wanted = (TOPK.encode(), gates.encode())
+        # struct ggml_tensor: ... src[GGML_MAX_SRC = 10], view_src, view_offs, data, name[64] ...
+        self._src_offset = self._name_offset - 8 * 10 - 24
+        self._gate_names = {f"{gates}{il}".encode(): il for il in range(n_layer)}
+        self._topk_names = {f"{TOPK}{il}".encode(): il for il in range(n_layer)}
+        self._wanted = dict(self._gate_names)  # names of the nodes the callback asks to see
         self._pending: dict[int, np.ndarray] = {}  # layer -> ids waiting for their weights
         self.reset()
 
@@ -209,36 +213,61 @@ class RouterObserver:
     def __call__(self, tensor: int, ask: bool) -> bool:
         name = ctypes.string_at(tensor + self._name_offset)
         if ask:
-            return name.startswith(self._wanted) and b" " not in name  # not "... (reshaped)" views
-        kind, _, layer = name.decode().rpartition("-")
-        self._observe(kind + "-", int(layer), tensor)
-        return True
-
-    def _observe(self, kind: str, layer: int, tensor: int) -> None:
-        if not 0 <= layer < self.n_layer:
-            raise ModelError(f"graph node {kind}{layer} is outside the {self.n_layer} layers the observer was made for")
-        if kind == TOPK:
-            ids = strided_array(tensor)
-            if ids.shape[1] != self.n_expert_used:
-                raise ModelError(
-                    f"layer {layer} selects {ids.shape[1]} experts per token, the observer expects "
-                    f"{self.n_expert_used}; make it with RouterObserver.for_model(the decoder's GGUF)"
-                )
-            self._pending[layer] = ids
-            return
+            return name in self._wanted
+        layer = self._gate_names.get(name)
+        if layer is None:  # a topk node: asked for only when the graph walk below failed
+            self._pending[self._topk_names[name]] = self._read_ids(tensor, self._topk_names[name])
+            return True
         ids = self._pending.pop(layer, None)
         if ids is None:
-            raise ModelError(
-                f"graph node {kind}{layer} came before the layer's {TOPK}{layer}; llama.cpp's MoE graph changed"
-            )
+            ids = self._walk_to_topk(tensor, layer)
+            if ids is None:
+                return True
         self._accumulate(layer, ids, strided_array(tensor).reshape(ids.shape))
+        return True
+
+    def _walk_to_topk(self, gates: int, layer: int) -> np.ndarray | None:
+        """The selected ids, found from the gate node: ``div(reshape(get_rows(probs, topk)), sum)``.
+
+        The topk node is still intact when the gates are computed (the expert matmuls after them read it),
+        so reading it from here saves a second graph split per layer. If llama.cpp's graph ever differs,
+        the observer asks for the topk nodes too from the next graph on.
+        """
+        node = gates
+        for index in (0, 0, 1):  # div.src[0] = reshape, its src[0] = get_rows, its src[1] = topk
+            node = ctypes.c_void_p.from_address(node + self._src_offset + 8 * index).value or 0
+            if not node:
+                break
+        if node and ctypes.string_at(node + self._name_offset) == f"{TOPK}{layer}".encode():
+            return self._read_ids(node, layer)
+        logger.warning(
+            "layer %d: the gate node's inputs are not %s%d as expected; asking for the topk nodes from the "
+            "next decode on (this decode's layer is not counted)",
+            layer,
+            TOPK,
+            layer,
+        )
+        self._wanted.update(self._topk_names)
+        return None
+
+    def _read_ids(self, tensor: int, layer: int) -> np.ndarray:
+        ids = strided_array(tensor)
+        if ids.shape[1] != self.n_expert_used:
+            raise ModelError(
+                f"layer {layer} selects {ids.shape[1]} experts per token, the observer expects "
+                f"{self.n_expert_used}; make it with RouterObserver.for_model(the decoder's GGUF)"
+            )
+        return ids
 
     def _accumulate(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> None:
         flat = ids.ravel()
-        if flat.size and (flat.min() < 0 or flat.max() >= self.n_expert):
+        try:
+            counts = np.bincount(flat, minlength=self.n_expert)
+            mass = np.bincount(flat, weights=weights.ravel(), minlength=self.n_expert)
+        except ValueError:  # a negative id
+            counts = mass = np.zeros(0)
+        if counts.size != self.n_expert:
             raise ModelError(f"layer {layer} selected expert ids outside 0..{self.n_expert - 1}")
-        counts = np.bincount(flat, minlength=self.n_expert)
-        mass = np.bincount(flat, weights=weights.ravel().astype(np.float64), minlength=self.n_expert)
         with self._lock:
             p = self._phase
             self.counts[p, layer] += counts
