@@ -236,6 +236,9 @@ class LlamaDecoder:
             long turn may then force a full re-prefill, and results depend on how the cache wrapped (up to
             about 2 in the logits of Gemma 3 270M after a truncation), so cache reuse is no longer exact.
         n_gpu_layers: layers to offload; None keeps llama.cpp's default (all, where a GPU back-end exists).
+        tensor_overrides: ``(regex, buffer type)`` pairs placing matching weights in that buffer type (llama.cpp's
+            ``tensor_buft_overrides``, e.g. ``[("^blk[.](0|1)[.].*_exps", "CPU")]`` keeps two layers' experts
+            in system RAM on a CUDA build); see `edgevision.moe.buft`.
 
     Raises:
         ModelError: the file is missing, not GGUF, corrupt or of an unsupported architecture.
@@ -255,6 +258,7 @@ class LlamaDecoder:
         use_mlock: bool = False,
         swa_full: bool = True,
         n_gpu_layers: int | None = None,
+        tensor_overrides: Sequence[tuple[str, str]] = (),
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx and n_batch must be positive, got n_ctx={n_ctx} n_batch={n_batch}")
@@ -269,7 +273,7 @@ class LlamaDecoder:
         self._has_logits = False
         self._stack = ExitStack()
         try:
-            self._model = self._load_model(use_mmap, use_mlock, n_gpu_layers)
+            self._model = self._load_model(use_mmap, use_mlock, n_gpu_layers, tensor_overrides)
             self._stack.callback(ll.llama_model_free, self._model)
             self._vocab = ll.llama_model_get_vocab(self._model)
             if not self._vocab:
@@ -296,7 +300,9 @@ class LlamaDecoder:
 
     # -- construction -----------------------------------------------------------------------------
 
-    def _load_model(self, use_mmap: bool, use_mlock: bool, n_gpu_layers: int | None) -> int:
+    def _load_model(
+        self, use_mmap: bool, use_mlock: bool, n_gpu_layers: int | None, tensor_overrides: Sequence[tuple[str, str]]
+    ) -> int:
         ll = self._ll
         params = ll.llama_model_default_params()
         params.load_mode = {
@@ -307,6 +313,11 @@ class LlamaDecoder:
         }[(use_mmap, use_mlock)]
         if n_gpu_layers is not None:
             params.n_gpu_layers = n_gpu_layers
+        if tensor_overrides:
+            from edgevision.moe.buft import TensorOverrides
+
+            self._overrides = TensorOverrides(tensor_overrides)  # must outlive the model
+            params.tensor_buft_overrides = self._overrides.address
         with _native_log.capture() as problems:
             model = ll.llama_model_load_from_file(os.fsencode(self.path), params)
         if not model:
