@@ -5,6 +5,9 @@ A turn is a tuple of `Text` and `Image` segments. Text is tokenized with special
 output, injected as embeddings where it sits. The chat layout of a model family is a `ChatFormat`:
 
     Gemma 3:  <bos><start_of_turn>user\\n{system}\\n\\n{image}{question}<end_of_turn>\\n<start_of_turn>model\\n
+    Gemma 4:  <bos><|turn>system\\n{system}<turn|>\\n<|turn>user\\n<|image>{image}<image|>{question}<turn|>\\n
+              <|turn>model\\n<|channel>thought\\n<channel|>
+    LLaVA:    <s>USER: {system}\\n\\n{image}\\n{question} ASSISTANT:
 
 Gemma has no system role, so the system prompt is folded into the first user turn as its chat template does.
 The image goes before the question. A `Turn` keeps the reusable prefix (BOS, system prompt, image) apart from
@@ -13,6 +16,7 @@ the question, so a follow-up question can roll the decoder back to the prefix an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +66,8 @@ class ChatFormat:
     turn_end: str
     user_role: str = "user"
     model_role: str = "model"
+    role_end: str = "\n"  # after the user (and system) role name
+    model_role_end: str = "\n"  # after the model's role name
     system_role: str | None = None  # None: the system prompt opens the first user turn
     image_start: str = ""
     image_end: str = ""
@@ -82,9 +88,11 @@ GEMMA3 = ChatFormat(
 )
 
 # Gemma 4: a real system role, <|turn>/<turn|> markers and an empty thought channel when thinking is off
-# (models/templates/google-gemma-4-31B-it.jinja). Image markers as mtmd uses them (<|image> ... <image|>); the
-# whitespace around them and the causal flag (mtmd: causal for E2B/E4B, non-causal for the larger models)
-# are to be checked against the real processor by the vision-markers issue.
+# (models/templates/google-gemma-4-31B-it.jinja). The image is <|image> + soft tokens + <image|> with nothing
+# in between, exactly as llama.cpp's mtmd inserts them for projector gemma4v (mtmd.cpp: img_beg/img_end), at
+# consecutive positions after the text. mtmd decodes the image non-causally for every Gemma 4 except E2B and
+# E4B (n_embd 1536 / 2560, causal: use `image_causal_for`); tests/test_vision_fidelity.py checks the whole
+# prompt against mtmd's own path token for token.
 GEMMA4 = ChatFormat(
     name="gemma4",
     bos="<bos>",
@@ -97,7 +105,30 @@ GEMMA4 = ChatFormat(
     answer_prefix="<|channel>thought\n<channel|>",
 )
 
-FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4)}
+# LLaVA-1.5 (vicuna_v1 layout) and the MoE-LLaVA / LLaVA-GM models built on it: the image's rows replace
+# the <image> placeholder at the start of the user's message, followed by a newline; no markers around it
+# (mtmd adds none for projector mlp) and causal attention. The system prompt opens the user's message.
+LLAVA = ChatFormat(
+    name="llava",
+    bos="<s>",
+    turn_start="",
+    turn_end=" ",
+    user_role="USER:",
+    model_role="ASSISTANT:",
+    role_end=" ",
+    model_role_end="",
+    image_end="\n",
+    image_causal=True,
+)
+
+FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4, LLAVA)}
+
+
+def image_causal_for(fmt: ChatFormat, n_embd: int) -> ChatFormat:
+    """`fmt` with the image attention mtmd uses for a decoder of width `n_embd` (Gemma 4 E2B/E4B: causal)."""
+    if fmt.name == "gemma4" and n_embd in (1536, 2560):
+        return dataclasses.replace(fmt, image_causal=True)
+    return fmt
 
 
 @dataclass(frozen=True)
@@ -122,15 +153,15 @@ def build_turn(question: str, *, image_tokens: int = 0, system: str = "", fmt: C
     system, question = system.strip(), question.strip()
     head = fmt.bos
     if system and fmt.system_role is not None:
-        head += f"{fmt.turn_start}{fmt.system_role}\n{system}{fmt.turn_end}"
+        head += f"{fmt.turn_start}{fmt.system_role}{fmt.role_end}{system}{fmt.turn_end}"
         system = ""
-    head += f"{fmt.turn_start}{fmt.user_role}\n"
+    head += f"{fmt.turn_start}{fmt.user_role}{fmt.role_end}"
     if system:
         head += f"{system}\n\n"
     prefix: list[Segment] = [Text(head)]
     if image_tokens:
         prefix += [Text(fmt.image_start), Image(image_tokens, causal=fmt.image_causal), Text(fmt.image_end)]
-    tail = f"{question}{fmt.turn_end}{fmt.turn_start}{fmt.model_role}\n{fmt.answer_prefix}"
+    tail = f"{question}{fmt.turn_end}{fmt.turn_start}{fmt.model_role}{fmt.model_role_end}{fmt.answer_prefix}"
     return Turn(prefix=merge_text(prefix), question=merge_text([Text(tail)]))
 
 

@@ -22,6 +22,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RESIZE_MODES = ("crop", "pad", "squash")
+PAD_ROUNDINGS = ("round", "ceil")
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,17 @@ class TowerSpec:
     std: tuple[float, float, float] = CLIP_STD
     pad_value: tuple[int, int, int] = (122, 116, 104)
     """Padding colour for resize=pad (CLIP's mean as 8-bit RGB, as LLaVA pads)."""
+    pad_rounding: str = "round"
+    """resize=pad: how the scaled image's sides are rounded to pixels; "ceil" (in float32) is llama.cpp's
+    mtmd letterbox, which towers exported from an mmproj GGUF use so both paths see the same pixels."""
+    source: str = ""
+    """Where the tower came from (e.g. "mmproj:mlp", "hf:clip+llava"), for people and manifests."""
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ModelError(f"tower preprocessing: unknown resize mode {self.resize!r} (one of {RESIZE_MODES})")
+        if self.pad_rounding not in PAD_ROUNDINGS:
+            raise ModelError(f"tower preprocessing: unknown pad rounding {self.pad_rounding!r} (one of {PAD_ROUNDINGS})")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -60,6 +68,8 @@ class TowerSpec:
                 mean=tuple(float(v) for v in raw.get("mean", CLIP_MEAN)),
                 std=tuple(float(v) for v in raw.get("std", CLIP_STD)),
                 pad_value=tuple(int(v) for v in raw.get("pad_value", (122, 116, 104))),
+                pad_rounding=str(raw.get("pad_rounding", "round")),
+                source=str(raw.get("source", "")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{source}: preprocessing metadata is malformed ({exc}); re-export the tower") from exc
@@ -95,8 +105,13 @@ def preprocess(image, spec: TowerSpec) -> np.ndarray:
         left, top = (nw - size) // 2, (nh - size) // 2
         image = image.crop((left, top, left + size, top + size))
     else:  # pad
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        if spec.pad_rounding == "ceil":  # as llama.cpp's img_tool::resize (PAD_CEIL) computes it
+            scale32 = min(np.float32(size) / np.float32(w), np.float32(size) / np.float32(h))
+            nw = max(1, min(size, int(np.ceil(np.float32(w) * scale32))))
+            nh = max(1, min(size, int(np.ceil(np.float32(h) * scale32))))
+        else:
+            scale = size / max(w, h)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
         canvas = Image.new("RGB", (size, size), spec.pad_value)
         canvas.paste(image.resize((nw, nh), Image.BICUBIC), ((size - nw) // 2, (size - nh) // 2))
         image = canvas
