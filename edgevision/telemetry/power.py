@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -182,7 +183,8 @@ class RaplReader:
 
     name = "rapl"
 
-    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+    def __init__(self, root: str | os.PathLike[str] = "/", *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         base = Path(root) / "sys/class/powercap"
         self.zones: list[_Zone] = []
         names: dict[str, str] = {}  # "intel-rapl:0" → "package-0"
@@ -206,7 +208,7 @@ class RaplReader:
         self._last_t: float | None = None
 
     def read(self) -> PowerSample | None:
-        t = time.monotonic()
+        t = self._clock()
         values = {}
         for zone in self.zones:
             try:
