@@ -65,11 +65,120 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from edgevision.moe.calibrate import ImageSource, load_calibration, read_questions, run_calibration
+    from edgevision.moe.prune import (
+        SaliencyObserver,
+        compare_models,
+        keep_for_budget,
+        parse_size,
+        prune_file,
+        saliency_table,
+    )
+    from edgevision.moe.slicing import inspect_moe
+
+    decoder = Path(args.decoder)
+    info = inspect_moe(decoder)
+    keep = args.keep if args.keep is not None else keep_for_budget(info, parse_size(args.budget))
+    out = Path(args.out) if args.out else Path("out") / f"{decoder.stem}-keep{keep}.gguf"
+    calibration = load_calibration(args.calibration)
+    heldout = read_questions(args.heldout) if not args.no_report else ()
+    tower = _tower(args)
+    observer = SaliencyObserver.for_model(decoder)
+    print(f"measuring expert saliency of {decoder.name} on {len(calibration.questions)} questions", file=sys.stderr)
+    run_calibration(
+        decoder,
+        calibration,
+        observer,
+        tower=tower,
+        max_tokens=args.max_tokens,
+        n_threads=args.threads,
+        progress=_progress,
+    )
+    kept = prune_file(decoder, out, observer.saliency, keep, observer.mass.sum(axis=0))
+    print(saliency_table(observer.saliency, kept))
+    size = out.stat().st_size
+    print(
+        f"pruned model: {out}: {keep} of {info.n_expert} experts per layer (top {info.n_expert_used} per token), "
+        f"{size / 2**20:.2f} MiB, {size / info.size:.1%} of {info.size / 2**20:.2f} MiB"
+    )
+    if heldout:
+        rows = None
+        if tower is not None and calibration.images:
+            images = ImageSource(tower, observer_width(decoder))
+            try:
+                rows = [images.embeddings(image) for image in calibration.images]
+            finally:
+                images.close()
+        print(f"comparing with {decoder.name} on {len(heldout)} held-out questions ...", file=sys.stderr)
+        quality = compare_models(
+            decoder, out, heldout, max_tokens=args.report_tokens, n_threads=args.threads, image_rows=rows
+        )
+        print(f"quality vs unpruned: {quality}")
+    return 0
+
+
+def observer_width(decoder: Path) -> int:
+    """The decoder's embedding width, from its metadata."""
+    import gguf
+
+    reader = gguf.GGUFReader(decoder)
+    arch = reader.get_field("general.architecture").contents()
+    return int(reader.get_field(f"{arch}.embedding_length").contents())
+
+
 def _cmd_bench_router(args: argparse.Namespace) -> int:
     from edgevision.moe.overhead import bench_router
 
     print(bench_router(Path(args.decoder), tokens=args.tokens, repeats=args.repeats, n_threads=args.threads))
     return 0
+
+
+def _cmd_bench_moe(args: argparse.Namespace) -> int:
+    from edgevision.moe.bench import bench_moe
+
+    print(
+        bench_moe(
+            args.model,
+            cap_fraction=args.cap_fraction,
+            cap_mib=args.cap_mib,
+            tokens=args.tokens,
+            calibration=args.calibration,
+            profile=args.profile,
+            n_threads=args.threads,
+            headroom_mib=args.headroom_mib,
+        )
+    )
+    return 0
+
+
+def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
+    from edgevision.moe.bench import DEFAULT_MODEL  # a light module: the heavy imports are inside its functions
+
+    moe = bench.add_parser(
+        "moe",
+        help="decode speed and page faults of a MoE model under a memory cap (cgroup, about 60%% of the file): "
+        "plain mmap vs router-aware residency vs pruned-to-fit, plus the unconstrained speed",
+    )
+    moe.add_argument(
+        "--model", default=DEFAULT_MODEL, help="MoE decoder GGUF (default: %(default)s, 'make bench-model')"
+    )
+    moe.add_argument(
+        "--cap-fraction", type=float, default=0.6, help="cap as a share of the file (default: %(default)s)"
+    )
+    moe.add_argument("--cap-mib", type=int, help="cap in MiB instead of --cap-fraction")
+    moe.add_argument("--tokens", type=int, default=16, help="decoded tokens per held-out prompt (default: %(default)s)")
+    moe.add_argument(
+        "--calibration",
+        default=DEFAULT_CALIBRATION,
+        help="folder with prompts.txt (the prior) and heldout.txt (the measured prompts) (default: %(default)s)",
+    )
+    moe.add_argument("--profile", help="router profile to plan from (default: calibrate on prompts.txt first)")
+    moe.add_argument("--threads", type=int, default=0, help="CPU threads (default: every core)")
+    moe.add_argument(
+        "--headroom-mib", type=int, default=48, help="RAM left unpinned under the cap (default: %(default)s)"
+    )
+    moe.set_defaults(func=_cmd_bench_moe)
 
 
 def _decoder_args(parser: argparse.ArgumentParser) -> None:
@@ -102,8 +211,29 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     calibrate.add_argument("--out", help="profile JSON to write (default: out/<decoder>.router.json; PNG beside it)")
     calibrate.set_defaults(func=_cmd_calibrate)
 
+    prune = sub.add_parser(
+        "prune",
+        help="write a smaller GGUF without each layer's least salient experts (REAP), with a quality report",
+    )
+    _decoder_args(prune)
+    size = prune.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=int, help="experts to keep per layer")
+    size.add_argument("--budget", help="largest file size, e.g. 9GiB or 700MiB: keep as many experts as fit")
+    prune.add_argument("--out", help="pruned GGUF to write (default: out/<decoder>-keep<N>.gguf)")
+    _calibration_args(prune)
+    prune.add_argument(
+        "--heldout",
+        default=f"{DEFAULT_CALIBRATION}/heldout.txt",
+        help="questions for the quality report (default: %(default)s)",
+    )
+    prune.add_argument("--report-tokens", type=int, default=24, help="answer tokens compared per question")
+    prune.add_argument("--no-report", action="store_true", help="skip the comparison with the unpruned model")
+    prune.set_defaults(func=_cmd_prune)
+
     router = bench.add_parser("router", help="decode speed with and without the router observer")
     _decoder_args(router)
     router.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default: %(default)s)")
     router.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved (default: %(default)s)")
     router.set_defaults(func=_cmd_bench_router)
+
+    _add_bench_moe(bench)
