@@ -178,6 +178,7 @@ class CaptureLoop:
 
     def _run(self) -> None:
         delay = self.backoff
+        failed_grabs = 0
         while not self._stop.is_set():
             if not self._open_now:
                 try:
@@ -194,10 +195,14 @@ class CaptureLoop:
                 self._open_now = False
                 self._release()
                 self._set_problem("the camera stopped delivering frames (unplugged or removed?); retrying")
-                logger.warning("camera %s: lost; retrying with backoff", self.name)
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.max_backoff)
+                if failed_grabs == 0:
+                    logger.warning("camera %s: lost; retrying with backoff", self.name)
+                failed_grabs += 1
+                if failed_grabs > 1:  # reopening at once tells why (file not found, ...); then back off
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self.max_backoff)
                 continue
+            failed_grabs = 0
             now = time.monotonic()
             with self._new_frame:
                 if self._problem is not None:

@@ -110,7 +110,8 @@ class SounddeviceMicrophone:
 
     def _open(self) -> Any:
         return self._sd.InputStream(
-            samplerate=self.sample_rate, channels=self.channels, dtype="float32", device=self.device,
+            # 16-bit integers: every value is a valid sample whatever the driver hands over (float32 can be NaN)
+            samplerate=self.sample_rate, channels=self.channels, dtype="int16", device=self.device,
             blocksize=self.blocksize, callback=self._callback,
         )
 
@@ -128,7 +129,7 @@ class SounddeviceMicrophone:
                 return
             take = min(frames, self.max_samples - self._count)
             if take > 0:
-                self._chunks.append(indata[:take].mean(axis=1, dtype=np.float32))
+                self._chunks.append(indata[:take].mean(axis=1, dtype=np.float32) / 32768.0)
                 self._count += take
 
 
@@ -150,6 +151,7 @@ class SounddeviceSpeaker:
         self._idle.set()
         self._wake = threading.Event()
         self._closed = False
+        self._stopping = False  # the callback ended the stream; it may still read as active for a moment
         self.played_samples = 0
         self.underflows = 0
         self._stream: Any = None
@@ -219,6 +221,7 @@ class SounddeviceSpeaker:
             if outdata.shape[1] > 1:
                 outdata[:, 1:] = outdata[:, :1]
             if filled == 0:  # a whole block of silence: what was queued has been heard
+                self._stopping = True
                 raise self._sd.CallbackStop
 
     def _finished(self) -> None:
@@ -231,9 +234,11 @@ class SounddeviceSpeaker:
 
     def _run(self) -> None:
         failures = 0
+        recheck: float | None = None
         while True:
-            self._wake.wait()
+            self._wake.wait(recheck)
             self._wake.clear()
+            recheck = None
             if self._closed:
                 return
             with self._lock:
@@ -250,7 +255,10 @@ class SounddeviceSpeaker:
                         )
                     if not self._stream.active:
                         self._stream.stop()
+                        self._stopping = False
                         self._stream.start()
+                    elif self._stopping:  # queued while the stream was winding down: start it once it has
+                        recheck = 0.01
                 failures = 0
             except self._sd.PortAudioError as error:
                 failures += 1
