@@ -19,7 +19,11 @@ DEFAULT_MODELS_DIR = "models"
 # Modules that add their own subcommands: each has ``add_commands(sub, bench)``, where `sub` holds the top-level
 # commands and `bench` the ``edgevision bench ...`` benchmarks. Imported when the parser is built; the heavy
 # libraries they use are imported only inside the command that runs.
-COMMAND_MODULES: tuple[str, ...] = ("edgevision.moe.commands", "edgevision.vision.commands")
+COMMAND_MODULES: tuple[str, ...] = (
+    "edgevision.moe.commands",
+    "edgevision.vision.commands",
+    "edgevision.devices.commands",
+)
 
 
 _CHATTY_LOGGERS = {"edgevision.decoder.llama.native": logging.ERROR, "faster_whisper": logging.WARNING}
