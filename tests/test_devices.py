@@ -374,3 +374,21 @@ def test_sounddevice_microphone_and_speaker_on_alsa_null_device(tmp_path: Path):
     assert out["playing_after_stop"] is False and out["kept_playing"] == 0
     assert 0 < out["long_played"] < out["long_total"]  # the queue was dropped, not played out
     assert out["after_stop_done"]
+
+
+def test_devices_command_lists_what_this_machine_has(tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".asoundrc").write_text(_NULL_ASOUNDRC)
+    env = {**os.environ, "HOME": str(home)}
+    command = [sys.executable, "-m", "edgevision", "devices"]
+    result = subprocess.run([*command, "--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    if found["sound"]["available"]:
+        default = [d for d in found["sound"]["devices"] if d["default_input"] and d["default_output"]]
+        assert default and default[0]["name"] == "default"  # the null device the asoundrc made the default
+    assert found["power"]["reader"] in ("ina3221", "tegrastats", "rapl", "none")
+    text = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "microphones:" in text and "power:" in text
