@@ -97,6 +97,9 @@ def build(mm: Mmproj, *, tokens_per_side: int | None = None) -> onnx.ModelProto:
     pos_table = mm.tensor("v.position_embd.weight")  # (2, pos_size, width)
     if pos_table.ndim != 3 or pos_table.shape[0] != 2 or pos_table.shape[1] < n_side:
         raise MmprojError(f"{mm.path}: position table {pos_table.shape} does not cover {n_side} patches a side")
+    q_norm = mm.tensor("v.blk.0.attn_q_norm.weight", False)
+    if q_norm is not None and q_norm.shape[-1] != d_head:
+        raise MmprojError(f"{mm.path}: q/k norms of width {q_norm.shape[-1]}; this exporter reads per-head norms")
     proj = _linear(mm, "mm.input_projection")
     n_embd = int(proj.w.shape[0])
 
