@@ -233,12 +233,36 @@ def test_evdev_button_through_a_virtual_input_device():
 
 
 @pytest.mark.board
+@pytest.mark.skipif(not os.environ.get("EDGEVISION_TEST_CSI"), reason="needs a CSI camera on a Jetson: set "
+                    "EDGEVISION_TEST_CSI=1 (with JetPack's OpenCV, which has GStreamer) to run it")
+def test_csi_camera_through_gstreamer_on_the_board():
+    from edgevision.devices.opencv_camera import csi_pipeline
+
+    camera = open_camera("opencv", csi_pipeline(width=1280, height=720, fps=30))
+    camera.start()
+    try:
+        frame = camera.latest()
+        assert frame.image.size == (1280, 720) and frame.image.mode == "RGB"
+    finally:
+        camera.close()
+
+
+@pytest.mark.board
 def test_gpio_button_on_the_board():
+    """Opens the configured pin and, with the button untouched, reports nothing (no floating input)."""
     pytest.importorskip("Jetson.GPIO", reason="Jetson.GPIO is board-only: run this on the Jetson")
     from edgevision.devices.button import open_button
 
-    button = open_button("gpio", pin=int(os.environ.get("EDGEVISION_TEST_PIN", "7")))
-    asyncio.run(button.close())
+    async def scenario() -> list:
+        button = open_button("gpio", pin=int(os.environ.get("EDGEVISION_TEST_PIN", "7")))
+        events: list = []
+        reader = asyncio.create_task(_collect(button, events))
+        await asyncio.sleep(0.5)
+        await button.close()
+        await asyncio.wait_for(reader, 5)
+        return events
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == []
 
 
 # --- WAV microphone and speaker -----------------------------------------------------------------------------

@@ -253,3 +253,27 @@ def test_log_in_an_unwritable_place_says_which_setting(tmp_path: Path):
     blocker.write_text("")
     with pytest.raises(ConfigError, match="telemetry.log_path"):
         InteractionLog(blocker / "interactions.jsonl")
+
+
+# --- on the board -------------------------------------------------------------------------------------------
+
+ON_JETSON = Path("/etc/nv_tegra_release").exists()
+
+
+@pytest.mark.board
+@pytest.mark.skipif(not ON_JETSON, reason="needs a Jetson (no /etc/nv_tegra_release): live INA3221 rails and NvMap")
+def test_board_power_and_gpu_memory_are_measured():
+    reader = detect_power_reader()
+    try:
+        assert reader.name in ("ina3221", "tegrastats")
+        meter = EnergyMeter(reader, interval=0.05)
+        meter.start()
+        time.sleep(0.5)
+        energy = meter.stop()
+    finally:
+        reader.close()
+    assert energy.available and 0.5 < energy.mean_watts < 60  # an Orin NX draws roughly 4 to 25 W
+    assert "VDD_IN" in energy.rails
+    memory = MemoryMeter(interval=0.05)
+    memory.start()
+    assert memory.stop().gpu_source != "unavailable"
