@@ -2,6 +2,7 @@
 #   make demo   - set up, provision models, answer the bundled spoken question about the bundled photo
 #   make test   - set up, provision models, run the test suite
 #   make bench-model - the 876 MiB MoE model that 'edgevision bench moe' decodes under a memory cap
+#   make engines - on the board: build TensorRT plans from the ONNX towers in engines/ (PRECISION=int8 for INT8)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -17,7 +18,7 @@ MOE_VARIANTS := f32 q8_0 q4_0
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
 MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
-.PHONY: demo test venv models lint clean help bench-model
+.PHONY: demo test venv models engines lint clean help bench-model
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -55,6 +56,15 @@ $(SYN)/tower-gemma3-270m.onnx: tools/make_tower.py $(MODELS)/.bundled
 $(SYN)/tower-gemma4-moe.onnx: tools/make_tower.py $(MOE_STEM)-f32.gguf
 	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(MOE_STEM)-f32.gguf
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
+
+# TensorRT plans (+ manifests) from engines/*.onnx; the towers listed here are linked into engines/ first.
+# Without TensorRT it says so and exits non-zero, leaving engines/ as it was.
+ENGINES ?= engines
+PRECISION ?= fp16
+ENGINE_TOWERS ?= $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx
+
+engines: $(STAMP)
+	$(BIN)/python tools/build_engines.py --engines $(ENGINES) --precision $(PRECISION) $(foreach t,$(ENGINE_TOWERS),--tower $(t))
 
 # The model of 'edgevision bench moe': Q8_0, 8 layers x 32 experts of 3.2 MiB (top 2), routing skewed so each
 # layer's hottest quarter of experts takes 80-99% of the gate mass. Q8_0 because llama.cpp repacks Q4_0 into

@@ -27,6 +27,7 @@ class VisionEncoder(Protocol):
 # TensorRT never imports it.
 BACKENDS = {
     "onnxruntime": "edgevision.vision.onnxruntime:OrtEncoder",
+    "tensorrt": "edgevision.vision.tensorrt:TensorRTEncoder",
 }
 
 
