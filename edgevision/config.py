@@ -107,7 +107,13 @@ class VisionSettings:
     """The vision tower that turns a photo into image embeddings."""
 
     backend: Literal["onnxruntime", "tensorrt"] = setting("onnxruntime", "Inference back-end for the vision tower.")
-    tower: Path = setting("../models/synthetic/tower-gemma3-270m.onnx", "Vision tower model (ONNX).", path="file")
+    tower: Path = setting(
+        "../models/synthetic/tower-gemma3-270m.onnx",
+        "Vision tower model (ONNX); for backend tensorrt, the plan 'make engines' built from it "
+        "(../engines/NAME.plan).",
+        path="file",
+        fix="run 'make models' (and 'make engines' on the board for backend tensorrt)",
+    )
     threads: int = setting(0, "CPU threads for the vision tower; 0 picks automatically.", min=0, max=64)
 
 
