@@ -112,7 +112,6 @@ class VisionSettings:
         "Vision tower model (ONNX); for backend tensorrt, the plan 'make engines' built from it "
         "(../engines/NAME.plan).",
         path="file",
-        fix="run 'make models' (and 'make engines' on the board for backend tensorrt)",
     )
     threads: int = setting(0, "CPU threads for the vision tower; 0 picks automatically.", min=0, max=64)
 
