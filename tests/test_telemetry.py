@@ -248,6 +248,15 @@ def test_log_records_survive_sigterm(tmp_path: Path):
     assert [json.loads(line)["i"] for line in lines] == list(range(len(lines)))
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to stand for a full disk")
+def test_log_on_a_full_disk_drops_the_record_with_an_error(caplog):
+    log = InteractionLog("/dev/full")
+    with caplog.at_level("ERROR", logger="edgevision.telemetry.log"):
+        assert log.write({"question": "what is this?"}) is False  # the assistant goes on answering
+    assert "record dropped" in caplog.text
+    log.close()
+
+
 def test_log_in_an_unwritable_place_says_which_setting(tmp_path: Path):
     blocker = tmp_path / "file"
     blocker.write_text("")

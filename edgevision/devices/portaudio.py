@@ -96,7 +96,11 @@ class SounddeviceMicrophone:
 
     def stop(self) -> Audio:
         if self._stream is not None:
-            self._stream.stop()  # waits for the callback to finish
+            try:
+                self._stream.stop()  # waits for the callback to finish
+            except self._sd.PortAudioError as error:  # unplugged mid-question: keep what was heard, reopen next time
+                logger.warning("microphone %s: %s; it is reopened at the next press", self.name, error)
+                self._close_stream()
         with self._lock:
             self._recording = False
             chunks, self._chunks = self._chunks, []
@@ -118,8 +122,8 @@ class SounddeviceMicrophone:
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
-            stream.abort()
-            stream.close()
+            stream.abort(ignore_errors=True)
+            stream.close(ignore_errors=True)
 
     def _callback(self, indata: np.ndarray, frames: int, _time: Any, status: Any) -> None:
         if status.input_overflow:

@@ -49,25 +49,38 @@ class InteractionLog:
         self.path = Path(path)
         self.max_bytes, self.backups = max_bytes, backups
         self._lock = threading.Lock()
+        self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")  # noqa: SIM115 - owned by this object, closed by close()
+            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned by this object, closed by close()
         except OSError as error:
             raise ConfigError(f"cannot write the interaction log {self.path}: {error.strerror} — set "
                               "telemetry.log_path to a writable file (systemd: LogsDirectory=edgevision)") from error
 
-    def write(self, record: dict[str, Any]) -> None:
-        """Append `record` as one line and flush it to disk before returning."""
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append `record` as one line and flush it to disk before returning.
+
+        A full or failing disk is logged as an error and the record dropped (False): the assistant goes on
+        answering. A record that is not JSON-serialisable is a bug and raises TypeError.
+        """
         line = (json.dumps(_clean(record), default=_default, ensure_ascii=False, allow_nan=False) + "\n").encode()
         with self._lock:
-            if self._file.closed:
+            if self._closed:
                 raise ValueError(f"interaction log {self.path} is closed")
-            size = self._file.tell()
-            if size > 0 and size + len(line) > self.max_bytes:
-                self._rotate()
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            try:
+                if self._file.closed:  # a rotation failed half-way before: append to whatever is there now
+                    self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+                size = self._file.tell()
+                if size > 0 and size + len(line) > self.max_bytes:
+                    self._rotate()
+                view = memoryview(line)
+                while view:  # unbuffered: one write() call normally takes the whole line
+                    view = view[self._file.write(view):]
+                os.fsync(self._file.fileno())
+            except OSError as error:
+                logger.error("interaction log %s: record dropped: %s", self.path, error)
+                return False
+        return True
 
     def _rotate(self) -> None:
         self._file.close()
@@ -79,11 +92,12 @@ class InteractionLog:
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "ab")  # noqa: SIM115
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
         logger.debug("interaction log rotated: %s", self.path)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._file.close()
 
     def __enter__(self) -> InteractionLog:
