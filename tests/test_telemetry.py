@@ -286,3 +286,12 @@ def test_board_power_and_gpu_memory_are_measured():
     memory = MemoryMeter(interval=0.05)
     memory.start()
     assert memory.stop().gpu_source != "unavailable"
+
+
+def test_bench_telemetry_prints_the_costs_side_by_side():
+    result = subprocess.run(
+        [sys.executable, "-m", "edgevision", "bench", "telemetry", "--seconds", "0.2", "--power", "none"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "log record (fsync'd)" in result.stdout and "on / off" in result.stdout
