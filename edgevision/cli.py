@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgevision.moe.commands",
     "edgevision.vision.commands",
     "edgevision.devices.commands",
+    "edgevision.telemetry.commands",
 )
 
 
