@@ -21,12 +21,13 @@ from edgevision.errors import EdgevisionError, MissingDependencyError
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
-# Bench-sized synthetic towers: CLIP ViT-L/14-336's token grid at a quarter of its width and depth, and a
-# Gemma 4 tower with a 12 x 12 token grid (576 px).
+# Bench-sized synthetic towers with f16 matrices, as real mmproj files have: CLIP ViT-L/14-336's token grid
+# at a quarter of its width and depth, and a Gemma 4 tower with a 12 x 12 token grid (576 px).
 SYNTHETIC = {
-    "mlp": ["--width", "256", "--n-head", "8", "--n-ff", "1024", "--n-layer", "7", "--patch", "14", "--grid", "24"],
+    "mlp": ["--width", "256", "--n-head", "8", "--n-ff", "1024", "--n-layer", "7", "--patch", "14", "--grid", "24",
+            "--ftype", "f16"],
     "gemma4v": ["--width", "256", "--n-head", "4", "--n-ff", "1024", "--n-layer", "6", "--patch", "16",
-                "--grid", "12", "--pos-size", "40"],
+                "--grid", "12", "--pos-size", "40", "--ftype", "f16"],
 }  # fmt: skip
 
 
@@ -80,7 +81,7 @@ def bench_vision(decoder: Path, towers: list[tuple[str, Path, Path]], *, runs: i
     notes = []
     with LlamaDecoder(decoder, n_ctx=256, n_batch=256, n_threads=threads) as dec:
         for name, mmproj, tower in towers:
-            with MtmdReference(mmproj, dec, n_threads=threads) as ref:
+            with MtmdReference(mmproj, dec, n_threads=threads, flash_attn=None) as ref:  # llama.cpp's defaults
                 encoders = {}
                 for backend in BACKENDS:
                     try:

@@ -99,8 +99,9 @@ class MtmdReference:
         mmproj: the llama.cpp mmproj GGUF (vision tower + projector).
         decoder: the text model it feeds; its width must equal the projector's output width.
         n_threads: CPU threads for the vision graph; 0 uses every core this process may run on.
-        flash_attn: llama.cpp's flash attention in the vision graph. Off by default: on the CPU it casts
-            K and V to f16, which is llama.cpp's speed path but not its most exact one.
+        flash_attn: llama.cpp's flash attention in the vision graph: True, False, or None for llama.cpp's
+            own choice (auto). Off by default: it casts K and V to f16, llama.cpp's speed path but not its
+            most exact one.
         use_gpu: run the vision graph on a GPU back-end where llama.cpp has one.
     """
 
@@ -110,7 +111,7 @@ class MtmdReference:
         decoder: LlamaDecoder,
         *,
         n_threads: int = 0,
-        flash_attn: bool = False,
+        flash_attn: bool | None = False,
         use_gpu: bool = False,
     ) -> None:
         self.path = Path(mmproj)
@@ -124,7 +125,7 @@ class MtmdReference:
         params.use_gpu = use_gpu
         params.print_timings = False
         params.n_threads = n_threads or len(os.sched_getaffinity(0))
-        params.flash_attn_type = 1 if flash_attn else 0  # LLAMA_FLASH_ATTN_TYPE_ENABLED / _DISABLED
+        params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]  # LLAMA_FLASH_ATTN_TYPE_*
         params.warmup = False
         ctx = m.mtmd_init_from_file(os.fsencode(self.path), decoder._model, params)
         if not ctx:
