@@ -18,7 +18,6 @@ A plan whose manifest still matches this machine and its ONNX is left alone (use
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import os
 import sys
@@ -72,63 +71,6 @@ def onnx_towers(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.onnx") if not p.name.endswith(".qdq.onnx"))
 
 
-def up_to_date(plan: Path, running) -> bool:
-    if not plan.is_file():
-        return False
-    try:
-        engines.check_manifest(plan, engines.read_manifest(plan), running)
-    except EdgevisionError as exc:
-        say(f"rebuilding: {exc}")
-        return False
-    return True
-
-
-def quantize(onnx: Path, images: list[Path]) -> tuple[Path, float]:
-    qdq = onnx.with_name(onnx.stem + ".int8.qdq.onnx")
-    say(f"quantizing {onnx.name} to INT8 (Q/DQ) on {len(images)} calibration images")
-    engines.quantize_qdq(onnx, qdq, images)
-    fidelity = engines.qdq_fidelity(onnx, qdq, images[:8])
-    say(f"wrote {qdq.name}: lowest per-token cosine to FP32 on {min(8, len(images))} images {fidelity:.4f}")
-    return qdq, fidelity
-
-
-def build_one(onnx: Path, args, running, images: list[Path]) -> Path:
-    from edgevision.vision.tensorrt import build_plan
-
-    plan = engines.plan_path(onnx, args.precision)
-    if not args.force and up_to_date(plan, running):
-        say(f"{plan.name} is up to date")
-        return plan
-    spec = engines.onnx_tower_spec(onnx)
-    onnx_sha = engines.sha256_file(onnx)
-    source, extra, qdq_sha = onnx, {}, ""
-    if args.precision == "int8":
-        source, fidelity = quantize(onnx, images)
-        extra["qdq_min_cosine_vs_fp32"] = round(fidelity, 6)
-        qdq_sha = engines.sha256_file(source)
-    built = build_plan(
-        source, plan, precision=args.precision, image_size=spec.image_size, workspace_mib=args.workspace_mib, say=say
-    )
-    manifest = engines.Manifest(
-        platform=built.platform,
-        onnx=os.path.relpath(onnx, plan.parent),
-        onnx_sha256=onnx_sha,
-        precision=args.precision,
-        inputs=built.inputs,
-        outputs=built.outputs,
-        build_flags=built.build_flags,
-        spec=spec,
-        built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        build_seconds=round(built.seconds, 1),
-        quantized_onnx_sha256=qdq_sha,
-        calibration_images=len(images) if args.precision == "int8" else 0,
-        extra=extra,
-    )
-    engines.write_manifest(plan, manifest)
-    say(f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB, {built.seconds:.0f} s) and {engines.manifest_path(plan).name}")
-    return plan
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", type=Path, default=ROOT / "engines", help="folder of ONNX towers and plans")
@@ -158,14 +100,17 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"INT8 needs calibration images: put JPEG/PNG photos in {args.calibration}")
         if args.qdq_only:
             for onnx in towers:
-                quantize(onnx, images)
+                engines.quantize_with_report(onnx, images, say=say)
             return 0
-        from edgevision.vision.tensorrt import running_platform
+        from edgevision.vision.tensorrt import build_engine, running_platform
 
         running = running_platform()
         say(f"TensorRT {running.tensorrt_version} on {running.gpu_name} (sm {running.compute_capability})")
         for onnx in towers:
-            build_one(onnx, args, running, images)
+            build_engine(
+                onnx, precision=args.precision, calibration=images, workspace_mib=args.workspace_mib,
+                force=args.force, say=say,
+            )
     except EdgevisionError as exc:
         print(f"make engines: error: {exc}", file=sys.stderr)
         return 1

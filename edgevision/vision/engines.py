@@ -309,6 +309,16 @@ def qdq_fidelity(onnx_fp32: str | Path, onnx_qdq: str | Path, images: Sequence[P
     return worst
 
 
+def quantize_with_report(onnx: Path, images: Sequence[Path], *, say=print) -> tuple[Path, float]:
+    """NAME.onnx → NAME.int8.qdq.onnx, and its lowest per-token cosine to FP32 on (up to 8 of) the images."""
+    qdq = onnx.with_name(onnx.stem + ".int8.qdq.onnx")
+    say(f"quantizing {onnx.name} to INT8 (Q/DQ) on {len(images)} calibration images")
+    quantize_qdq(onnx, qdq, images)
+    fidelity = qdq_fidelity(onnx, qdq, images[:8])
+    say(f"wrote {qdq.name}: lowest per-token cosine to FP32 on {min(8, len(images))} images {fidelity:.4f}")
+    return qdq, fidelity
+
+
 def manifest_summary(plan: str | Path, manifest: Manifest) -> dict:
     """A short, flat view of a manifest for printing."""
     p = manifest.platform

@@ -18,17 +18,20 @@ the builder flag (TensorRT 8.6 and 10), INT8 from a Q/DQ ONNX through a strongly
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgevision.errors import MissingDependencyError, ModelError
+from edgevision.errors import EdgevisionError, InputError, MissingDependencyError, ModelError
+from edgevision.vision import engines
 from edgevision.vision.engines import Platform, TensorInfo, check_manifest, read_manifest, resolve_plan
 
 logger = logging.getLogger(__name__)
@@ -421,3 +424,58 @@ def build_plan(
         cuda.Context.pop()
         ctx.detach()
     return BuiltPlan(platform, inputs, outputs, tuple(build_flags), time.perf_counter() - started)
+
+
+def build_engine(
+    onnx: str | Path,
+    *,
+    precision: str = "fp16",
+    calibration: Sequence[Path] = (),
+    workspace_mib: int = 1024,
+    force: bool = False,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """What `make engines` does for one ONNX tower: its plan and manifest beside it, unless both are current.
+
+    For INT8 the tower is first quantized to a Q/DQ ONNX on the calibration images. Returns the plan's path.
+    """
+    onnx = Path(onnx)
+    plan = engines.plan_path(onnx, precision)
+    running = running_platform()
+    if plan.is_file() and not force:
+        try:
+            check_manifest(plan, read_manifest(plan), running)
+            say(f"{plan.name} is up to date")
+            return plan
+        except EdgevisionError as exc:
+            say(f"rebuilding: {exc}")
+    spec = engines.onnx_tower_spec(onnx)
+    onnx_sha = engines.sha256_file(onnx)
+    source, extra, qdq_sha = onnx, {}, ""
+    if precision == "int8":
+        if not calibration:
+            raise InputError("INT8 needs calibration images: put JPEG/PNG photos in calibration/")
+        source, fidelity = engines.quantize_with_report(onnx, calibration, say=say)
+        extra["qdq_min_cosine_vs_fp32"] = round(fidelity, 6)
+        qdq_sha = engines.sha256_file(source)
+    built = build_plan(
+        source, plan, precision=precision, image_size=spec.image_size, workspace_mib=workspace_mib, say=say
+    )
+    manifest = engines.Manifest(
+        platform=built.platform,
+        onnx=os.path.relpath(onnx, plan.parent),
+        onnx_sha256=onnx_sha,
+        precision=precision,
+        inputs=built.inputs,
+        outputs=built.outputs,
+        build_flags=built.build_flags,
+        spec=spec,
+        built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(built.seconds, 1),
+        quantized_onnx_sha256=qdq_sha,
+        calibration_images=len(calibration) if precision == "int8" else 0,
+        extra=extra,
+    )
+    engines.write_manifest(plan, manifest)
+    say(f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB, {built.seconds:.0f} s) and {engines.manifest_path(plan).name}")
+    return plan
