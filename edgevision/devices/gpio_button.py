@@ -88,10 +88,8 @@ class GpioButton:
         logger.info("button: %s line %d (libgpiod)", self.chip, offset)
 
     def _read_gpiod(self) -> None:
-        from gpiod.edge_event import EdgeEvent
-
         for event in self._request.read_edge_events():
-            self._edge(1 if event.event_type == EdgeEvent.Type.RISING_EDGE else 0)
+            self._edge(1 if event.event_type is event.Type.RISING_EDGE else 0)
 
     async def close(self) -> None:
         if self._request is not None:
