@@ -106,3 +106,25 @@ def test_towers_exported_before_these_fields_still_load() -> None:
     spec = TowerSpec.from_json(old)
     assert (spec.pad_rounding, spec.source) == ("round", "")
     assert TowerSpec.from_json(spec.to_json()) == spec
+
+
+def test_bench_vision_prints_our_time_next_to_mtmd(tools, tmp_path) -> None:
+    pytest.importorskip("llama_cpp")
+    export_tower, make_mmproj, _ = tools
+    sys.path[:0] = [str(ROOT / "tools")]
+    try:
+        from make_synthetic import write_moe_decoder
+    finally:
+        del sys.path[0]
+    decoder = write_moe_decoder(tmp_path / "moe.gguf", seed=1, ftype="f32", n_layer=2)
+    mmproj = make_mmproj.write_mmproj(tmp_path / "mmproj.gguf", projector="mlp", n_embd=128, grid=4)
+    export_tower.export_mmproj(mmproj, tmp_path / "tower.onnx", cls_last=True)
+    args = ["--mmproj", str(mmproj), "--tower", str(tmp_path / "tower.onnx"), "--decoder", str(decoder)]
+    done = subprocess.run(
+        [sys.executable, "-m", "edgevision", "bench", "vision", *args, "--runs", "2", "--warmup", "1", "--threads", "1"],
+        check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = next(line.split() for line in done.stdout.splitlines() if "onnxruntime" in line)
+    ours, theirs, ratio = (float(v) for v in row[-3:])
+    assert ours > 0 and theirs > 0 and abs(ratio - ours / theirs) <= 0.02 + 0.05 * ratio

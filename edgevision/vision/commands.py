@@ -64,6 +64,10 @@ def _median_ms(fn, image, runs: int, warmup: int) -> float:
     return statistics.median(times) * 1000
 
 
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
+
+
 def _test_image(size: int):
     import numpy as np
     from PIL import Image
@@ -99,7 +103,7 @@ def bench_vision(decoder: Path, towers: list[tuple[str, Path, Path]], *, runs: i
                     finally:
                         enc.close()
                     label = f"{name} {spec.image_size}px"
-                    rows.append((label, str(spec.n_tokens), backend, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}"))
+                    rows.append((label, str(spec.n_tokens), backend, _ms(ours), _ms(theirs), f"{ours / theirs:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     header = f"vision encode, median of {runs} after {warmup} warm-up, one image, preprocessing included"
