@@ -65,7 +65,7 @@ def draw_heatmap(profile: RouterProfile, path: str | os.PathLike[str]) -> Path:
         f"top-25% {top25.mean():.2f})",
         fontsize=9,
     )
-    colorbar = fig.colorbar(image, ax=[ax, right], location="left", pad=0.08, fraction=0.03)
+    colorbar = fig.colorbar(image, ax=[ax, right], location="left", pad=0.06, fraction=0.02)
     colorbar.set_label("share of layer's gate mass", fontsize=8)
 
     for i, phase in enumerate(phases):
