@@ -231,9 +231,10 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     prune.set_defaults(func=_cmd_prune)
 
     router = bench.add_parser("router", help="decode speed with and without the router observer")
-    _decoder_args(router)
+    router.add_argument("--decoder", default=DEFAULT_DECODER, help="MoE decoder GGUF (default: %(default)s)")
+    router.add_argument("--threads", type=int, default=1, help="CPU threads, 0 for every core (default: %(default)s)")
     router.add_argument("--tokens", type=int, default=64, help="tokens generated per run (default: %(default)s)")
-    router.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved (default: %(default)s)")
+    router.add_argument("--repeats", type=int, default=5, help="runs of each, interleaved (default: %(default)s)")
     router.set_defaults(func=_cmd_bench_router)
 
     _add_bench_moe(bench)

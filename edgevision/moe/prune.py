@@ -17,7 +17,6 @@ compared and the KL divergence KL(unpruned || pruned) of the next-token distribu
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ class SaliencyObserver(RouterObserver):
     def __init__(self, n_layer: int, n_expert: int, n_expert_used: int) -> None:
         super().__init__(n_layer, n_expert, n_expert_used)
         self._outputs = {f"{prefix}{il}".encode(): il for prefix in _OUTPUT_NODES for il in range(n_layer)}
+        self._wanted.update(self._outputs)
         self._last: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.reap_sum = np.zeros((n_layer, n_expert))
         self.routed = np.zeros((n_layer, n_expert), dtype=np.int64)
@@ -55,13 +55,8 @@ class SaliencyObserver(RouterObserver):
     def _remember(self, layer: int, ids: np.ndarray, weights: np.ndarray) -> None:
         self._last[layer] = (ids, weights)
 
-    def __call__(self, tensor: int, ask: bool) -> bool:
-        layer = self._outputs.get(ctypes.string_at(tensor + self._name_offset))
-        if layer is None:
-            return super().__call__(tensor, ask)
-        if not ask:
-            self._expert_outputs(layer, tensor)
-        return True
+    def _other_node(self, name: bytes, tensor: int) -> None:
+        self._expert_outputs(self._outputs[name], tensor)
 
     def _expert_outputs(self, layer: int, tensor: int) -> None:
         ids, weights = self._last.pop(layer, (None, None))

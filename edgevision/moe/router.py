@@ -84,32 +84,44 @@ class _Head(ctypes.Structure):
     ]
 
 
-_DTYPES = {_GGML_F32: np.float32, 1: np.float16, _GGML_I32: np.int32}
+_DTYPES = {_GGML_F32: np.dtype(np.float32), 1: np.dtype(np.float16), _GGML_I32: np.dtype(np.int32)}
+# A node's name is read straight from struct ggml_tensor: first its leading 8 bytes as one integer (most nodes
+# are not MoE nodes and stop there), then the whole name. Both cost a fraction of ctypes.string_at.
+_PREFIX = int.from_bytes(b"ffn_moe_", "little")
+_U64 = ctypes.c_uint64.from_address
+_NAME = (ctypes.c_char * 64).from_address
 
 
 def strided_array(tensor: int) -> np.ndarray:
-    """A copy of a computed 2-D graph node (contiguous or a strided view) as a ``(ne[1], ne[0])`` array.
+    """A copy of a computed graph node (contiguous, or a view with strided rows) as a ``(rows, ne[0])`` array,
+    where rows is ``ne[1] * ne[2] * ne[3]``.
 
     ggml's ``nbytes`` of a view spans from its first to its last element, so one backend read fetches the
-    span and the rows are picked out with the view's row stride.
+    span and the rows are picked out with the view's row stride. Called for every MoE layer of every decode,
+    so it avoids ctypes calls beyond the one read.
     """
-    lib = _lib()
+    lib = _ggml or _lib()
     head = _Head.from_address(tensor)
     dtype = _DTYPES.get(head.type)
     if dtype is None:
         raise ValueError(f"graph node of ggml type {head.type} is not f32/f16/i32")
-    item = np.dtype(dtype).itemsize
-    ne0, ne1 = int(head.ne[0]), int(head.ne[1]) * int(head.ne[2]) * int(head.ne[3])
-    nb0, nb1 = int(head.nb[0]), int(head.nb[1])
-    if nb0 != item or (ne1 > 1 and (nb1 % item or (head.ne[2] > 1 and head.nb[2] != nb1 * head.ne[1]))):
+    item = dtype.itemsize
+    ne0, ne1, ne2, ne3 = head.ne[:]
+    nb0, nb1, nb2, nb3 = head.nb[:]
+    rows = ne1 * ne2 * ne3
+    row = nb1 // item if rows > 1 else ne0
+    if (
+        nb0 != item
+        or row < ne0
+        or (rows > 1 and nb1 % item)
+        or (ne2 > 1 and nb2 != nb1 * ne1)
+        or (ne3 > 1 and nb3 != nb2 * ne2)
+    ):
         raise ValueError("graph node's layout is not rows of contiguous elements")
-    nbytes = int(lib.nbytes(tensor))
-    row = nb1 // item if ne1 > 1 else ne0
-    flat = np.empty(row * ne1, dtype=dtype)
-    if nbytes > flat.nbytes:
-        raise ValueError("graph node is larger than its shape says; ggml's layout changed")
+    nbytes = item + (ne0 - 1) * nb0 + (ne1 - 1) * nb1 + (ne2 - 1) * nb2 + (ne3 - 1) * nb3  # ggml_nbytes
+    flat = np.empty(row * rows, dtype=dtype)
     lib.get(tensor, flat.ctypes.data, 0, nbytes)
-    return flat.reshape(ne1, row)[:, :ne0]
+    return flat.reshape(rows, row)[:, :ne0]
 
 
 def read_moe_shape(gguf_path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
@@ -155,6 +167,7 @@ class RouterObserver:
         self._src_offset = self._name_offset - 8 * 10 - 24
         self._gate_names = {f"{gates}{il}".encode(): il for il in range(n_layer)}
         self._topk_names = {f"{TOPK}{il}".encode(): il for il in range(n_layer)}
+        self._topk_by_layer = list(self._topk_names)
         self._wanted = dict(self._gate_names)  # names of the nodes the callback asks to see
         self._pending: dict[int, np.ndarray] = {}  # layer -> ids waiting for their weights
         self.reset()
@@ -211,20 +224,27 @@ class RouterObserver:
     # -- the callback -----------------------------------------------------------------------------
 
     def __call__(self, tensor: int, ask: bool) -> bool:
-        name = ctypes.string_at(tensor + self._name_offset)
+        address = tensor + self._name_offset
+        if _U64(address).value != _PREFIX:
+            return False
+        name = _NAME(address).value
         if ask:
             return name in self._wanted
         layer = self._gate_names.get(name)
-        if layer is None:  # a topk node: asked for only when the graph walk below failed
-            self._pending[self._topk_names[name]] = self._read_ids(tensor, self._topk_names[name])
-            return True
-        ids = self._pending.pop(layer, None)
-        if ids is None:
-            ids = self._walk_to_topk(tensor, layer)
+        if layer is not None:
+            ids = self._pending.pop(layer, None)
             if ids is None:
-                return True
-        self._accumulate(layer, ids, strided_array(tensor).reshape(ids.shape))
+                ids = self._walk_to_topk(tensor, layer)
+            if ids is not None:
+                self._accumulate(layer, ids, strided_array(tensor).reshape(ids.shape))
+        elif name in self._topk_names:  # asked for only when the graph walk below failed
+            self._pending[self._topk_names[name]] = self._read_ids(tensor, self._topk_names[name])
+        else:
+            self._other_node(name, tensor)
         return True
+
+    def _other_node(self, name: bytes, tensor: int) -> None:
+        """A node a subclass added to ``_wanted``."""
 
     def _walk_to_topk(self, gates: int, layer: int) -> np.ndarray | None:
         """The selected ids, found from the gate node: ``div(reshape(get_rows(probs, topk)), sum)``.
@@ -238,7 +258,7 @@ class RouterObserver:
             node = ctypes.c_void_p.from_address(node + self._src_offset + 8 * index).value or 0
             if not node:
                 break
-        if node and ctypes.string_at(node + self._name_offset) == f"{TOPK}{layer}".encode():
+        if node and _NAME(node + self._name_offset).value == self._topk_by_layer[layer]:
             return self._read_ids(node, layer)
         logger.warning(
             "layer %d: the gate node's inputs are not %s%d as expected; asking for the topk nodes from the "
