@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from edgevision.errors import EdgevisionError, MissingDependencyError
@@ -53,15 +54,19 @@ def _synthetic(folder: Path) -> tuple[Path, list[tuple[str, Path, Path]]]:
     return decoder, towers
 
 
-def _median_ms(fn, image, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn(image)
-    times = []
+def _median_ms(fns: dict[str, Callable], image, runs: int, warmup: int) -> dict[str, float]:
+    """Median wall time of each function on `image`, in ms. The paths take turns within each round, so a
+    busy machine slows them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(image)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn(image)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn(image)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1000 for name, t in times.items()}
 
 
 def _ms(value: float) -> str:
@@ -96,17 +101,23 @@ def bench_vision(decoder: Path, towers: list[tuple[str, Path, Path]], *, runs: i
                     continue
                 spec = next(iter(encoders.values())).spec
                 image = _test_image(spec.image_size)
-                theirs = _median_ms(ref.encode, image, runs, warmup)
-                for backend, enc in encoders.items():
-                    try:
-                        ours = _median_ms(lambda im, e=enc: encode_image(e, im), image, runs, warmup)
-                    finally:
+                fns = {backend: (lambda im, e=enc: encode_image(e, im)) for backend, enc in encoders.items()}
+                try:
+                    ms = _median_ms({**fns, "mtmd": ref.encode}, image, runs, warmup)
+                finally:
+                    for enc in encoders.values():
                         enc.close()
+                theirs = ms["mtmd"]
+                for backend in encoders:
+                    ours = ms[backend]
                     label = f"{name} {spec.image_size}px"
                     rows.append((label, str(spec.n_tokens), backend, _ms(ours), _ms(theirs), f"{ours / theirs:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
-    header = f"vision encode, median of {runs} after {warmup} warm-up, one image, preprocessing included"
+    header = (
+        f"vision encode: median of {runs} rounds (paths take turns) after {warmup} warm-up, one image, "
+        "preprocessing included"
+    )
     return "\n".join([header, *lines, *dict.fromkeys(notes)])
 
 

@@ -112,7 +112,7 @@ def build(t: ClipTower) -> onnx.ModelProto:
         x = g.layer_norm(x, *t.pre_ln, t.eps)
     for layer in t.layers:
         h = g.layer_norm(x, *layer.ln1, t.eps)
-        q, k, v = (g.heads(g.linear(h, *w), n_pos, t.n_head, d_head) for w in (layer.q, layer.k, layer.v))
+        q, k, v = (g.heads(y, n_pos, t.n_head, d_head) for y in g.linears(h, [layer.q, layer.k, layer.v], "qkv"))
         x = g.add(x, g.linear(g.attention(q, k, v, 1.0 / np.sqrt(d_head), n_pos, t.width), *layer.o))
         h = g.layer_norm(x, *layer.ln2, t.eps)
         x = g.add(x, g.linear(g.act(g.linear(h, *layer.up), t.act), *layer.down))

@@ -124,7 +124,12 @@ def build(mm: Mmproj, *, tokens_per_side: int | None = None) -> onnx.ModelProto:
             return g.rms_norm(h, eps, w) if w is not None else h
 
         h = norm(x, "ln1")
-        q, kk, v = (g.reshape(_apply(g, h, _linear(mm, f"{p}.attn_{n}")), [-1, T, n_head, d_head]) for n in "qkv")
+        qkv = [_linear(mm, f"{p}.attn_{n}") for n in "qkv"]
+        if any(lin.clamp for lin in qkv):
+            parts = [_apply(g, h, lin) for lin in qkv]
+        else:
+            parts = g.linears(h, [(lin.w, None) for lin in qkv], "qkv")
+        q, kk, v = (g.reshape(part, [-1, T, n_head, d_head]) for part in parts)
         q, kk = rope(norm(q, "attn_q_norm")), rope(norm(kk, "attn_k_norm"))
         v = g.rms_norm(v, eps)
         heads = [g.transpose(a, [0, 2, 1, 3]) for a in (q, kk, v)]

@@ -60,6 +60,17 @@ class Graph:
         y = self.op("MatMul", x, self.const(np.asarray(weight, np.float32).T, hint))
         return self.add(y, self.const(bias, hint + "_b")) if bias is not None else y
 
+    def linears(self, x: str, pairs: list[tuple[np.ndarray, np.ndarray | None]], hint: str = "w") -> list[str]:
+        """Several linears of the same input as one MatMul and a Split (q, k, v in one GEMM)."""
+        weight = np.concatenate([w for w, _ in pairs])
+        biases = [b if b is not None else np.zeros(w.shape[0], np.float32) for w, b in pairs]
+        has_bias = any(b is not None for _, b in pairs)
+        y = self.linear(x, weight, np.concatenate(biases) if has_bias else None, hint)
+        sizes = self.const([w.shape[0] for w, _ in pairs], "split", np.int64)
+        outs = [self._name("part") for _ in pairs]
+        self.nodes.append(helper.make_node("Split", [y, sizes], outs, axis=-1))
+        return outs
+
     def clip(self, x: str, lo: float, hi: float) -> str:
         return self.op("Clip", x, self.const(lo), self.const(hi))
 
@@ -69,21 +80,28 @@ class Graph:
         bias = np.zeros_like(weight) if bias is None else bias
         return self.op("LayerNormalization", x, self.const(weight), self.const(bias), axis=-1, epsilon=eps)
 
-    def rms_norm(self, x: str, eps: float, weight: np.ndarray | None = None) -> str:
-        """x / sqrt(mean(x²) + eps) over the last axis (ggml_rms_norm), times `weight` if given."""
-        ms = self.op("ReduceMean", self.mul(x, x), axes=[-1], keepdims=1)
+    def rms_norm(self, x: str, eps: float, weight: np.ndarray | None = None, width: int | None = None) -> str:
+        """x / sqrt(mean(x²) + eps) over the last axis (ggml_rms_norm), times `weight` if given.
+
+        Written as ONNX Runtime's SimplifiedLayerNormalization pattern (Pow, ReduceMean, Add, Sqrt, Div,
+        Mul by a scale), which it fuses into one kernel; a weightless norm of known `width` gets a scale of ones.
+        """
+        ms = self.op("ReduceMean", self.op("Pow", x, self.const(2.0)), axes=[-1], keepdims=1)
         y = self.op("Div", x, self.op("Sqrt", self.add(ms, self.const(eps))))
-        return self.mul(y, self.const(weight)) if weight is not None else y
+        if weight is None and width is not None:
+            weight = np.ones(width, np.float32)
+        return self.mul(y, self.const(weight, "norm_w")) if weight is not None else y
 
     def gelu_erf(self, x: str) -> str:
         e = self.op("Erf", self.op("Div", x, self.const(np.sqrt(2.0))))
         return self.mul(self.mul(x, self.add(e, self.const(1.0))), self.const(0.5))
 
     def gelu_tanh(self, x: str) -> str:
-        """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), ggml_gelu and PyTorch's approximate='tanh'."""
+        """x·0.5·(1 + tanh(√(2/π)·(x + 0.044715·x·x·x))), ggml_gelu and PyTorch's approximate='tanh', in the
+        node order ONNX Runtime's FastGelu fusion recognises."""
         cube = self.mul(self.mul(x, x), x)
-        inner = self.mul(self.add(x, self.mul(cube, self.const(0.044715))), self.const(np.sqrt(2.0 / np.pi)))
-        return self.mul(self.mul(x, self.add(self.op("Tanh", inner), self.const(1.0))), self.const(0.5))
+        inner = self.mul(self.add(x, self.mul(cube, self.const(0.044715))), self.const(0.7978845608028654))
+        return self.mul(self.mul(x, self.const(0.5)), self.add(self.op("Tanh", inner), self.const(1.0)))
 
     def gelu_quick(self, x: str) -> str:
         """x·sigmoid(1.702·x): OpenAI CLIP's quick_gelu."""
