@@ -3,6 +3,9 @@
 #   make test   - set up, provision models, run the test suite
 #   make bench-model - the 876 MiB MoE model that 'edgevision bench moe' decodes under a memory cap
 #   make engines - on the board: build TensorRT plans from the ONNX towers in engines/ (PRECISION=int8 for INT8)
+#   make bench-e2e - spoken questions through the daemon: overlapped vs sequential, release → first audio
+#   sudo make install   - the daemon as a systemd service (user edgevision, /opt/edgevision, /etc/edgevision)
+#   sudo make uninstall - remove the service and /opt/edgevision (keeps config, models, logs and the user)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +21,7 @@ MOE_VARIANTS := f32 q8_0 q4_0
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
 MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
-.PHONY: demo test venv models engines lint clean help bench-model
+.PHONY: demo test venv models engines lint clean help bench-model bench-e2e install uninstall
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -79,6 +82,48 @@ $(BENCH_MOE): tools/make_synthetic.py | $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgevision tools tests
+
+bench-e2e: models
+	$(EDGEVISION) bench e2e --config $(CONFIG)
+
+# --- the service (see systemd/edgevision.service) ---
+# On the board: sudo make install INSTALL_EXTRAS=jetson CMAKE_ARGS=-DGGML_CUDA=on
+OPT := /opt/edgevision
+STATE := /var/lib/edgevision
+ETC := /etc/edgevision
+UNIT := /etc/systemd/system/edgevision.service
+INSTALL_EXTRAS ?=
+CMAKE_ARGS ?=
+
+install:
+	@test "$$(id -u)" = 0 || { echo "make install: run it as root: sudo make install"; exit 1; }
+	getent group gpio >/dev/null || groupadd --system gpio
+	id -u edgevision >/dev/null 2>&1 || useradd --system --user-group --home-dir $(STATE) --no-create-home \
+		--shell /usr/sbin/nologin edgevision
+	usermod --append --groups video,audio,gpio edgevision
+	test -x $(OPT)/venv/bin/python || $(PYTHON) -m venv --system-site-packages $(OPT)/venv
+	$(OPT)/venv/bin/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(CMAKE_ARGS)" $(OPT)/venv/bin/python -m pip install --quiet '.$(if $(INSTALL_EXTRAS),[$(INSTALL_EXTRAS)])'
+	install -m 0644 README.md $(OPT)/README.md
+	install -d -m 0755 $(ETC)
+	# the example config, its models in $(STATE)/models; an existing config is kept
+	test -e $(ETC)/config.yaml || sed 's|\.\./models/|$(STATE)/models/|' $(CONFIG) > $(ETC)/config.yaml
+	install -d -o edgevision -g edgevision -m 0750 $(STATE) $(STATE)/models /var/log/edgevision
+	if [ -d $(MODELS) ]; then cp -rnL $(MODELS)/. $(STATE)/models/ && chown -R edgevision:edgevision $(STATE)/models; fi
+	install -m 0644 systemd/edgevision.service $(UNIT)
+	systemctl daemon-reload
+	systemctl enable edgevision.service
+	@echo "installed. Start: sudo systemctl start edgevision; logs: journalctl -u edgevision -f;" \
+		"config: $(ETC)/config.yaml; status: sudo -u edgevision $(OPT)/venv/bin/edgevision status"
+
+uninstall:
+	@test "$$(id -u)" = 0 || { echo "make uninstall: run it as root: sudo make uninstall"; exit 1; }
+	-systemctl disable --now edgevision.service
+	rm -f $(UNIT)
+	systemctl daemon-reload
+	rm -rf $(OPT)
+	@echo "removed the service and $(OPT); kept $(ETC), $(STATE), /var/log/edgevision and the edgevision user" \
+		"(remove them with: sudo rm -rf $(ETC) $(STATE) /var/log/edgevision; sudo userdel edgevision)"
 
 clean:
 	rm -rf $(VENV) $(MODELS) out .pytest_cache

@@ -154,7 +154,7 @@ class Assistant:
 
     def transcribe(self, audio: Audio) -> str:
         transcript = self.recognizer.transcribe(audio)
-        if not transcript.text.strip():
+        if transcript.no_speech or not transcript.text.strip():  # nothing said, or Whisper doubts it was speech
             raise InputError("no speech was recognised in the recording; ask again, closer to the microphone")
         return transcript.text.strip()
 

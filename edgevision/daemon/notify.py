@@ -28,14 +28,15 @@ class Notifier:
         self._socket: socket.socket | None = None
         if self.address is not None:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.setblocking(False)  # never stall the loop on a supervisor that reads slowly
 
     @property
     def enabled(self) -> bool:
         return self._socket is not None
 
     def send(self, **fields: str | int) -> None:
-        """Send fields as KEY=VALUE lines: `send(READY=1, STATUS="answering")`. Failures are logged, not raised:
-        a missing supervisor must not stop the device from answering."""
+        """Send fields as KEY=VALUE lines: `send(READY=1, STATUS="answering")`. Failures (including a full
+        socket queue) are logged, not raised: a missing or slow supervisor must not stop the device answering."""
         if self._socket is None:
             return
         message = "\n".join(f"{key}={value}" for key, value in fields.items())

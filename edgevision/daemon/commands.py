@@ -1,0 +1,126 @@
+"""`edgevision run`, `status`, `press`, `release` and `edgevision bench e2e`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_HELP = "config file (default: $EDGEVISION_CONFIG, then /etc/edgevision/config.yaml)"
+
+
+def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the appliance daemon in the foreground (as the systemd unit does)")
+    run.add_argument("--config", help=_CONFIG_HELP)
+    run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="ask the running daemon its state, models and last answer's timings")
+    _socket_arguments(status)
+    status.add_argument("--json", action="store_true", help="print the daemon's reply as JSON")
+    status.set_defaults(func=_cmd_status)
+    for name, what in (("press", "press the push-to-talk button"), ("release", "release the push-to-talk button")):
+        parser = sub.add_parser(name, help=f"{what} through the control socket (development, tests)")
+        _socket_arguments(parser)
+        parser.set_defaults(func=_cmd_button, command_line=name)
+
+    e2e = bench.add_parser(
+        "e2e",
+        help="spoken questions through the daemon, overlapped vs sequential: per-stage medians, release → first audio",
+    )
+    e2e.add_argument("--config", help=_CONFIG_HELP)
+    e2e.add_argument("-n", "--interactions", type=int, default=3, help="questions per mode (default: %(default)s)")
+    e2e.add_argument("--image", action="append", type=Path,
+                     help="photo to ask about (repeatable; default: the bundled photo and two generated scenes)")
+    e2e.add_argument("--json", type=Path, help="also write every interaction record to this JSON file")
+    e2e.set_defaults(func=_cmd_bench_e2e)
+
+
+def _socket_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", help="control socket (default: devices.control_socket of the config)")
+    parser.add_argument("--config", help=_CONFIG_HELP)
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    from edgevision.config import Config, find_config, load_config
+    from edgevision.errors import ConfigError
+
+    if args.socket:
+        return Path(args.socket)
+    try:
+        return Path(load_config(find_config(args.config)).devices.control_socket)
+    except ConfigError:
+        if args.config:
+            raise
+        return Path(Config().devices.control_socket)  # no config here: the service's default place
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edgevision.cli import _configure_logging
+    from edgevision.config import find_config, load_config
+    from edgevision.daemon.build import build_daemon
+    from edgevision.daemon.notify import Notifier
+
+    config = load_config(find_config(args.config))
+    _configure_logging(config.logging.level, args.debug)
+    notifier = Notifier()
+    daemon = build_daemon(config, notifier=notifier)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop, sig.name)
+        await daemon.run()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from edgevision.devices.socket_button import send_button
+
+    reply = json.loads(send_button(_socket_path(args), "status"))
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    print(f"state:   {reply['state']} ({reply['mode']} mode{'' if reply['ready'] else ', warming up'}), "
+          f"up {reply['uptime_s']:.0f} s, {reply['interactions']} presses")
+    for role, name in reply["models"].items():
+        print(f"{role + ':':<11} {name}")
+    last = reply.get("last")
+    if not last:
+        print("no question answered yet")
+        return 0
+    print(f"last:    {last['time']} ({last['kind']})")
+    print(f"  question: {last['question']}")
+    print(f"  answer:   {last['answer'] if last['answer'] is not None else '(none: ' + str(last['error']) + ')'}")
+    for stage, seconds in last["durations_s"].items():
+        unit = "tokens/s" if stage.endswith("_per_s") else "s"
+        print(f"  {stage:<24} {seconds:9.3f} {unit}")
+    return 0
+
+
+def _cmd_button(args: argparse.Namespace) -> int:
+    from edgevision.devices.socket_button import send_button
+
+    send_button(_socket_path(args), args.command_line)
+    return 0
+
+
+def _cmd_bench_e2e(args: argparse.Namespace) -> int:
+    from edgevision.cli import _configure_logging
+    from edgevision.config import find_config, load_config
+    from edgevision.daemon.bench import run_e2e
+
+    config = load_config(find_config(args.config))
+    _configure_logging("warning", args.debug)
+    report = run_e2e(config, n=args.interactions, images=args.image)
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.records, indent=1), encoding="utf-8")
+        print(f"records: {args.json}")
+    return 0

@@ -1,0 +1,113 @@
+"""One interaction → one JSON-ready record for the per-interaction log (telemetry/log.py writes it).
+
+Durations are in seconds. The headline of the overlapped pipeline is `release_to_first_audio`: how long the
+user waits, after letting go of the button, before the answer starts to play.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgevision.daemon.daemon import Interaction
+
+# stage durations taken from the assistant's own clocks, in pipeline order
+_MODEL_STAGES = ("vision_encode", "image_prefill", "prefix_prefill", "text_prefill", "first_token", "first_audio")
+
+
+def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, Any]:
+    answer = ix.answer
+    stages: dict[str, float] = {}
+    if ix.scene is not None and ix.kind.value == "new":
+        stages.update(ix.scene.timings)  # encoded and prefilled for this press (not a follow-up's old scene)
+    if answer is not None:
+        stages.update(answer.timings)  # a scene that had left the cache is prefilled again: counted here
+    first_token_at = None
+    if answer is not None and ix.answer_started_at is not None and "first_token" in answer.timings:
+        first_token_at = ix.answer_started_at + answer.timings["first_token"]
+    end = ix.speech_done_at or ix.answered_at
+    durations = {
+        "capture": ix.capture_s,
+        "recording": _since(ix.pressed_at, ix.released_at),
+        "recognition": ix.recognition_s,
+        **{stage: stages.get(stage) for stage in _MODEL_STAGES},
+        "decode_tokens_per_s": stages.get("decode_tokens_per_s"),
+        "answer_total": stages.get("total"),
+        # overlapped mode: how long encoding the image ran on after release (0 when wholly hidden)
+        "look_after_release": max(0.0, _since(ix.released_at, ix.looked_at))
+        if ix.mode == "overlapped" and ix.looked_at is not None and ix.released_at is not None
+        else None,
+        "release_to_first_token": _since(ix.released_at, first_token_at),
+        "release_to_first_audio": _since(ix.released_at, ix.first_audio_at),
+        "release_to_answer_end": _since(ix.released_at, ix.answered_at),
+        "speaking": _since(ix.first_audio_at, ix.speech_done_at),
+        "answer_speech": answer.speech.duration if answer is not None and answer.speech is not None else None,
+        "total": _since(ix.pressed_at, end),
+    }
+    record: dict[str, Any] = {
+        "time": _iso(ix.wall_at),
+        "interaction": ix.id,
+        "mode": ix.mode,
+        "kind": ix.kind.value,
+        "follow_up": ix.kind.value == "follow_up",
+        "barge_in": ix.barge_in,
+        "interrupted": ix.interrupted,
+        "recording_capped": ix.capped,
+        "reused_image": bool(answer and answer.reused_image),
+        "question": ix.question,
+        "answer": answer.text if answer is not None else None,
+        "n_tokens": answer.n_tokens if answer is not None else 0,
+        "said": ix.said,
+        "error": ix.error,
+        "frame": None if ix.frame is None else {"index": ix.frame.index, "age_s": _round(ix.pressed_at - ix.frame.timestamp)},
+        "timestamps": {
+            name: _iso(ix.wall_at + (t - ix.pressed_at))
+            for name, t in (
+                ("press", ix.pressed_at),
+                ("release", ix.released_at),
+                ("heard", ix.heard_at),
+                ("first_audio", ix.first_audio_at),
+                ("answered", ix.answered_at),
+                ("speech_done", ix.speech_done_at),
+            )
+            if t is not None
+        },
+        "durations_s": {k: _round(v) for k, v in durations.items() if v is not None},
+    }
+    for name, reading in readings.items():
+        record[name] = plain(reading)
+    return record
+
+
+def plain(value: Any) -> Any:
+    """A reading (dataclass, enum, nested; its own `to_record()` where it has one) as JSON-ready values."""
+    if hasattr(value, "to_record"):
+        return plain(value.to_record())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, float):
+        return _round(value)
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def _since(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
+
+
+def _round(value: float) -> float:
+    return round(float(value), 4)
+
+
+def _iso(wall: float) -> str:
+    return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="milliseconds")
