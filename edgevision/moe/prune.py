@@ -62,7 +62,7 @@ class SaliencyObserver(RouterObserver):
         ids, weights = self._last.pop(layer, (None, None))
         if ids is None:
             return
-        outputs = strided_array(tensor)  # (T * k, n_embd): ggml [n_embd, k, T]
+        outputs = strided_array(tensor, self._buffers, (layer, 2))  # (T * k, n_embd): ggml [n_embd, k, T]
         norms = np.linalg.norm(outputs.astype(np.float64), axis=1).reshape(ids.shape)
         flat = ids.ravel()
         self.reap_sum[layer] += np.bincount(

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["PHASES", "RouterObserver", "observe_turn", "read_moe_shape", "strided_array"]
 
 Listener = Callable[[int, np.ndarray, np.ndarray], None]
-"""``listener(layer, expert_ids (T, k) int32, weights (T, k) float32)``, called once per MoE node."""
+"""``listener(layer, expert_ids (T, k) int32, weights (T, k) float32)``, called once per MoE layer and decode.
+The arrays are valid during the call only (the observer reuses them): copy what you keep."""
 
 TOPK = "ffn_moe_topk-"
 GATES = "ffn_moe_weights_norm-"
@@ -73,41 +74,31 @@ def _lib() -> _Ggml:
         return _ggml
 
 
-class _Head(ctypes.Structure):
-    """The leading fields of ``struct ggml_tensor`` (ggml.h)."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-    ]
-
-
 _DTYPES = {_GGML_F32: np.dtype(np.float32), 1: np.dtype(np.float16), _GGML_I32: np.dtype(np.int32)}
 # A node's name is read straight from struct ggml_tensor: first its leading 8 bytes as one integer (most nodes
 # are not MoE nodes and stop there), then the whole name. Both cost a fraction of ctypes.string_at.
 _PREFIX = int.from_bytes(b"ffn_moe_", "little")
 _U64 = ctypes.c_uint64.from_address
+_HEAD = (ctypes.c_int64 * 10).from_address  # struct ggml_tensor's leading fields: type, buffer, ne[4], nb[4]
 _NAME = (ctypes.c_char * 64).from_address
 
 
-def strided_array(tensor: int) -> np.ndarray:
-    """A copy of a computed graph node (contiguous, or a view with strided rows) as a ``(rows, ne[0])`` array,
-    where rows is ``ne[1] * ne[2] * ne[3]``.
+def strided_array(tensor: int, buffers: dict | None = None, key: object = None) -> np.ndarray:
+    """A computed graph node (contiguous, or a view with strided rows) as a ``(rows, ne[0])`` array, where
+    rows is ``ne[1] * ne[2] * ne[3]``.
 
     ggml's ``nbytes`` of a view spans from its first to its last element, so one backend read fetches the
-    span and the rows are picked out with the view's row stride. Called for every MoE layer of every decode,
-    so it avoids ctypes calls beyond the one read.
+    span and the rows are picked out with the view's row stride. Without `buffers` the result is a new
+    array; with them it is a view of ``buffers[key]``, reused (and overwritten) by the next read of that key,
+    which saves an allocation on every MoE layer of every decode.
     """
     lib = _ggml or _lib()
-    head = _Head.from_address(tensor)
-    dtype = _DTYPES.get(head.type)
+    head = _HEAD(tensor)[:]  # type (+ padding), buffer, ne[4], nb[4]
+    dtype = _DTYPES.get(head[0] & 0xFFFFFFFF)
     if dtype is None:
-        raise ValueError(f"graph node of ggml type {head.type} is not f32/f16/i32")
+        raise ValueError(f"graph node of ggml type {head[0] & 0xFFFFFFFF} is not f32/f16/i32")
     item = dtype.itemsize
-    ne0, ne1, ne2, ne3 = head.ne[:]
-    nb0, nb1, nb2, nb3 = head.nb[:]
+    ne0, ne1, ne2, ne3, nb0, nb1, nb2, nb3 = head[2:]
     rows = ne1 * ne2 * ne3
     row = nb1 // item if rows > 1 else ne0
     if (
@@ -119,8 +110,17 @@ def strided_array(tensor: int) -> np.ndarray:
     ):
         raise ValueError("graph node's layout is not rows of contiguous elements")
     nbytes = item + (ne0 - 1) * nb0 + (ne1 - 1) * nb1 + (ne2 - 1) * nb2 + (ne3 - 1) * nb3  # ggml_nbytes
-    flat = np.empty(row * rows, dtype=dtype)
-    lib.get(tensor, flat.ctypes.data, 0, nbytes)
+    size = row * rows
+    if buffers is None:
+        flat = np.empty(size, dtype=dtype)
+        address = flat.ctypes.data
+    else:
+        entry = buffers.get(key)
+        if entry is None or entry[0].size < size or entry[0].dtype != dtype:
+            array = np.empty(max(size, 2 * entry[0].size if entry else size), dtype=dtype)
+            entry = buffers[key] = (array, array.ctypes.data)
+        flat, address = entry[0][:size], entry[1]
+    lib.get(tensor, address, 0, nbytes)
     return flat.reshape(rows, row)[:, :ne0]
 
 
@@ -170,6 +170,7 @@ class RouterObserver:
         self._topk_by_layer = list(self._topk_names)
         self._wanted = dict(self._gate_names)  # names of the nodes the callback asks to see
         self._pending: dict[int, np.ndarray] = {}  # layer -> ids waiting for their weights
+        self._buffers: dict = {}  # (layer, slot) -> a reused read buffer and its address
         self.reset()
 
     @classmethod
@@ -223,9 +224,10 @@ class RouterObserver:
 
     # -- the callback -----------------------------------------------------------------------------
 
-    def __call__(self, tensor: int, ask: bool) -> bool:
+    def __call__(self, tensor: int, ask: bool, _u64: Any = _U64, _prefix: int = _PREFIX) -> bool:
+        # called for every graph node (thousands per token): the common case is kept to a few bytecodes
         address = tensor + self._name_offset
-        if _U64(address).value != _PREFIX:
+        if _u64(address).value != _prefix:
             return False
         name = _NAME(address).value
         if ask:
@@ -236,7 +238,7 @@ class RouterObserver:
             if ids is None:
                 ids = self._walk_to_topk(tensor, layer)
             if ids is not None:
-                self._accumulate(layer, ids, strided_array(tensor).reshape(ids.shape))
+                self._accumulate(layer, ids, strided_array(tensor, self._buffers, (layer, 1)).reshape(ids.shape))
         elif name in self._topk_names:  # asked for only when the graph walk below failed
             self._pending[self._topk_names[name]] = self._read_ids(tensor, self._topk_names[name])
         else:
@@ -271,7 +273,7 @@ class RouterObserver:
         return None
 
     def _read_ids(self, tensor: int, layer: int) -> np.ndarray:
-        ids = strided_array(tensor)
+        ids = strided_array(tensor, self._buffers, (layer, 0))
         if ids.shape[1] != self.n_expert_used:
             raise ModelError(
                 f"layer {layer} selects {ids.shape[1]} experts per token, the observer expects "
