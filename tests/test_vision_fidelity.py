@@ -101,6 +101,29 @@ def test_onnx_tower_matches_mtmd_on_every_image_token(case, decoder_path) -> Non
     assert cos.min() >= 0.999, f"token {int(cos.argmin())} has cosine {cos.min():.5f}"
 
 
+@pytest.mark.parametrize("kind", ["mlp", "gemma4v"])
+def test_f16_mmproj_under_llama_cpp_defaults_still_matches(kind, decoder_path, tmp_path) -> None:
+    """Real mmproj files hold f16 matrices and llama.cpp picks flash attention itself (f16 K/V on the CPU)."""
+    from edgevision.decoder.llama import LlamaDecoder
+    from edgevision.vision.mtmd import MtmdReference
+
+    export_tower, make_mmproj, _ = _tools()
+    mmproj = make_mmproj.write_mmproj(tmp_path / "mmproj.gguf", projector=kind, n_embd=128, seed=4, ftype="f16")
+    spec = export_tower.export_mmproj(mmproj, tmp_path / "tower.onnx", cls_last=kind == "mlp")
+    image = _image(spec.image_size, spec.image_size, seed=7)
+    with (
+        LlamaDecoder(decoder_path, n_ctx=256, n_batch=256, n_threads=2) as dec,
+        MtmdReference(mmproj, dec, n_threads=2, flash_attn=None) as ref,
+    ):
+        theirs = ref.encode(image)
+    with OrtEncoder(tmp_path / "tower.onnx", threads=2) as enc:
+        ours = encode_image(enc, image)
+    cos = np.sum(ours * theirs, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
+    rel = np.abs(ours - theirs).max(1) / np.abs(theirs).max(1)
+    _record(f"{kind}-f16", min_cosine=float(cos.min()), max_rel_err=float(rel.max()))
+    assert cos.min() >= 0.999
+
+
 def _segments_tokens(dec, segments) -> list[int]:
     """The prompt as token ids, with -1 for each image row."""
     out: list[int] = []
