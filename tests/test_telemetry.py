@@ -162,6 +162,22 @@ def test_memory_peak_catches_an_allocation_freed_before_stop():
     assert json.loads(json.dumps(report.to_record()))["peak_rss_source"] in ("VmHWM", "sampled")
 
 
+def test_memory_counts_child_processes_like_the_piper_voice():
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); print('ready', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        meter = MemoryMeter(interval=0.01)
+        meter.start()
+        report = meter.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert report.children_rss_mb > 60 and report.peak_children_rss_mb >= report.children_rss_mb
+
+
 def test_memory_reads_jetson_nvmap_use(tmp_path: Path):
     (tmp_path / "proc/4242").mkdir(parents=True)
     (tmp_path / "proc/4242/status").write_text("Name:\tpython3\nVmHWM:\t 2097152 kB\nVmRSS:\t 1048576 kB\n")

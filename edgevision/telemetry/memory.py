@@ -1,4 +1,5 @@
-"""Memory over one answer: the process's peak RSS, system RAM, and on a Jetson the GPU (NvMap) memory.
+"""Memory over one answer: the process's peak RSS (and its children's: Piper), system RAM, and on a Jetson the
+GPU (NvMap) memory.
 
 On a Jetson the CPU and GPU share one RAM; what the GPU holds (CUDA buffers, TensorRT engines, llama.cpp's
 offloaded layers) is allocated through NvMap and shows in `/sys/kernel/debug/nvmap/iovmm/clients` (root
@@ -64,6 +65,24 @@ def nvmap_clients(root: Path = Path("/")) -> dict[str, int] | None:
     return sizes
 
 
+def descendants(root: Path = Path("/"), pid: int | str = "self") -> list[int]:
+    """The PIDs of a process's children, grandchildren, ... (Piper runs as one), from /proc/PID/task/*/children."""
+    found: list[int] = []
+    queue = [str(pid)]
+    while queue:
+        parent = queue.pop()
+        for tasks in (root / f"proc/{parent}/task").glob("*/children"):
+            try:
+                children = [int(c) for c in tasks.read_text().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child not in found:
+                    found.append(child)
+                    queue.append(str(child))
+    return found
+
+
 @dataclass(frozen=True)
 class MemoryReport:
     """Memory over one measured span, in MiB; GPU fields are None where unavailable (`gpu_source` says)."""
@@ -76,6 +95,8 @@ class MemoryReport:
     system_available_mb: float
     peak_system_used_mb: float
     gpu_source: str  # "nvmap-clients", "NvMapMemUsed" or "unavailable"
+    children_rss_mb: float = 0.0  # child processes (the Piper voice), not in the process's own RSS
+    peak_children_rss_mb: float = 0.0
     gpu_process_mb: float | None = None
     gpu_total_mb: float | None = None
     peak_gpu_total_mb: float | None = None
@@ -104,12 +125,14 @@ class MemoryMeter:
         self._peak_used = 0
         self._peak_gpu: int | None = None
         self._gpu_source = "unavailable"
+        self._children = 0  # kB, at the last sample
+        self._peak_children = 0
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("MemoryMeter.start() while running")
         self._hwm_reset = self._reset_hwm()
-        self._peak_rss, self._peak_used, self._peak_gpu = 0, 0, None
+        self._peak_rss, self._peak_used, self._peak_gpu, self._peak_children = 0, 0, None, 0
         self._stop.clear()
         self._sample()
         self._thread = threading.Thread(target=self._run, name="memory-meter", daemon=True)
@@ -133,6 +156,7 @@ class MemoryMeter:
             system_total_mb=total / 1024, system_used_mb=(total - available) / 1024,
             system_available_mb=available / 1024, peak_system_used_mb=self._peak_used / 1024,
             gpu_source=self._gpu_source,
+            children_rss_mb=self._children / 1024, peak_children_rss_mb=self._peak_children / 1024,
             gpu_process_mb=None if gpu_process is None else gpu_process / 1024,
             gpu_total_mb=None if gpu_total is None else gpu_total / 1024,
             peak_gpu_total_mb=None if self._peak_gpu is None else self._peak_gpu / 1024,
@@ -146,6 +170,9 @@ class MemoryMeter:
         status = process_status(self.root, self._proc)
         info = meminfo(self.root)
         self._peak_rss = max(self._peak_rss, status.get("VmRSS", 0))
+        self._children = sum(process_status(self.root, child).get("VmRSS", 0)
+                             for child in descendants(self.root, self._proc))
+        self._peak_children = max(self._peak_children, self._children)
         if "MemTotal" in info:
             used = info["MemTotal"] - info.get("MemAvailable", info.get("MemFree", 0))
             self._peak_used = max(self._peak_used, used)
