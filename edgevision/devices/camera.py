@@ -72,8 +72,9 @@ class CaptureLoop:
 
     A back-end implements `_open()` (raise DeviceError if the source is not there), `_grab()` (the next
     frame as an RGB PIL image or a BGR numpy array, or None when the source failed), `_release()`, and may
-    override `_pace()` (seconds to wait before the next grab). Frames are converted to RGB PIL images only
-    when `latest()` asks, so a 30 fps camera costs no conversions between presses.
+    override `_pace()` (seconds to wait before the next grab) and `_decode()` (turn what `_grab()` kept into
+    the image, when asked). Frames are decoded and converted to RGB PIL images only when `latest()` asks,
+    so a 30 fps camera costs no decoding between presses.
     """
 
     def __init__(
@@ -115,6 +116,10 @@ class CaptureLoop:
     def _pace(self) -> float:
         return 0.0
 
+    def _decode(self, raw: Any) -> Any:
+        """The image for what `_grab()` kept; a back-end that defers decoding until a press overrides it."""
+        return raw
+
     # --- the Camera interface -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -151,7 +156,7 @@ class CaptureLoop:
                     "program holds the camera"
                 )
             if self._converted is None or self._converted.index != self._index:
-                self._converted = Frame(_to_rgb(self._raw), self._raw_time, self._index)
+                self._converted = Frame(_to_rgb(self._decode(self._raw)), self._raw_time, self._index)
             return self._converted
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,39 @@ def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, fps: 
     )
 
 
-class OpenCvCamera(CaptureLoop):
+class _Grabbed:
+    """A frame the driver holds, grabbed but not yet decoded."""
+
+
+class _DeferredDecoding(CaptureLoop):
+    """OpenCV cameras grab every frame (so the driver always holds the newest) but decode only at a press.
+
+    `grab()` dequeues a frame without decoding it (for a USB camera's MJPG, decoding is most of the cost);
+    `retrieve()` decodes the last grabbed one. Both go through one lock, as VideoCapture is not thread-safe.
+    """
+
+    _capture: Any
+
+    def _init_capture_lock(self) -> None:
+        self._capture_lock = threading.Lock()
+
+    def _grab_deferred(self) -> Any:
+        with self._capture_lock:
+            ok = self._capture.grab()
+        return _Grabbed() if ok else None
+
+    def _decode(self, raw: Any) -> Any:
+        if not isinstance(raw, _Grabbed):
+            return raw
+        with self._capture_lock:
+            capture = self._capture
+            ok, frame = capture.retrieve() if capture is not None else (False, None)
+        if not ok or frame is None:
+            raise DeviceError(f"camera {self.name}: the frame could not be decoded; try again")
+        return frame
+
+
+class OpenCvCamera(_DeferredDecoding):
     """A live camera through cv2.VideoCapture: "0" (index), "/dev/video0" (V4L2) or a GStreamer pipeline."""
 
     def __init__(self, source: str, *, width: int = 0, height: int = 0, fps: int = 0, **loop: Any) -> None:
@@ -65,6 +98,7 @@ class OpenCvCamera(CaptureLoop):
             )
         self.width, self.height, self.fps = width, height, fps
         self._capture: Any = None
+        self._init_capture_lock()
         name = "gstreamer" if self._gstreamer else self.source
         super().__init__(name, **loop)
 
@@ -96,16 +130,16 @@ class OpenCvCamera(CaptureLoop):
         self._capture = capture
 
     def _grab(self) -> Any:
-        ok, frame = self._capture.read()  # blocks until the next frame: the device paces the loop
-        return frame if ok and frame is not None else None
+        return self._grab_deferred()  # blocks until the next frame: the device paces the loop
 
     def _release(self) -> None:
-        if self._capture is not None:
-            self._capture.release()
-            self._capture = None
+        with self._capture_lock:
+            if self._capture is not None:
+                self._capture.release()
+                self._capture = None
 
 
-class VideoFileCamera(CaptureLoop):
+class VideoFileCamera(_DeferredDecoding):
     """A video file as a camera, played at its own frame rate and looping at the end.
 
     A file that is removed makes the camera "gone" (latest() raises DeviceError); it works again when the
@@ -117,6 +151,7 @@ class VideoFileCamera(CaptureLoop):
         self.path = Path(source).expanduser()
         self.fps_override = fps
         self._capture: Any = None
+        self._init_capture_lock()
         self._period = 1 / 30
         self._next_at = 0.0
         self._frames_since_open = 0
@@ -140,16 +175,17 @@ class VideoFileCamera(CaptureLoop):
     def _grab(self) -> Any:
         if not self.path.is_file():  # an open file can still be read after it is removed: treat it as gone
             return None
-        ok, frame = self._capture.read()
-        if not ok:
+        grabbed = self._grab_deferred()
+        if grabbed is None:
             if self._frames_since_open == 0:
                 return None  # opens but holds no frames: a fault, retried with backoff
-            self._capture.set(self._cv2.CAP_PROP_POS_FRAMES, 0)  # the end: loop
-            ok, frame = self._capture.read()
-            if not ok:
+            with self._capture_lock:
+                self._capture.set(self._cv2.CAP_PROP_POS_FRAMES, 0)  # the end: loop
+            grabbed = self._grab_deferred()
+            if grabbed is None:
                 return None
         self._frames_since_open += 1
-        return frame
+        return grabbed
 
     def _pace(self) -> float:
         self._next_at += self._period
@@ -159,6 +195,7 @@ class VideoFileCamera(CaptureLoop):
         return self._next_at - now
 
     def _release(self) -> None:
-        if self._capture is not None:
-            self._capture.release()
-            self._capture = None
+        with self._capture_lock:
+            if self._capture is not None:
+                self._capture.release()
+                self._capture = None
