@@ -56,8 +56,9 @@ class _Grabbed:
 class _DeferredDecoding(CaptureLoop):
     """OpenCV cameras grab every frame (so the driver always holds the newest) but decode only at a press.
 
-    `grab()` dequeues a frame without decoding it (for a USB camera's MJPG, decoding is most of the cost);
-    `retrieve()` decodes the last grabbed one. Both go through one lock, as VideoCapture is not thread-safe.
+    For a V4L2 camera `grab()` dequeues a frame without decoding it (for a USB camera's MJPG, decoding is
+    most of the cost) and `retrieve()` decodes the last grabbed one; for a video file `grab()` decodes
+    already and `retrieve()` only converts (no saving there, but the same code path). Both go through one lock, as VideoCapture is not thread-safe.
     """
 
     _capture: Any
