@@ -234,7 +234,7 @@ def test_bench_moe_command_runs_every_configuration(moe_q8: Path, tmp_path: Path
     (calibration / "prompts.txt").write_text("What is in front of me?\nDescribe the room.\n")
     (calibration / "heldout.txt").write_text("Is the path ahead safe to walk?\n")
     cmd = [sys.executable, "-m", "edgevision", "bench", "moe", "--model", str(moe_q8), "--tokens", "4"]
-    cmd += ["--calibration", str(calibration), "--cap-mib", "600", "--threads", "1"]
+    cmd += ["--calibration", str(calibration), "--cap-mib", "600", "--threads", "1", "--repeats", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout

@@ -146,11 +146,37 @@ class MemoryCgroup:
         self.close()
 
 
-def drop_page_cache(path: str | os.PathLike[str]) -> None:
-    """Evict a file's clean, unmapped pages from the page cache (``posix_fadvise(DONTNEED)``)."""
+def drop_page_cache(path: str | os.PathLike[str]) -> float:
+    """Evict a file's clean, unmapped pages from the page cache (``posix_fadvise(DONTNEED)``); returns the
+    share of its pages still cached afterwards (pages another process maps cannot be dropped)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fdatasync(fd)  # dirty pages would stay
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return cached_fraction(fd)
     finally:
         os.close(fd)
+
+
+def cached_fraction(fd: int) -> float:
+    """Share of an open file's pages in the page cache (``mincore`` on a fresh read-only mapping)."""
+    import mmap
+
+    import numpy as np
+
+    from edgevision.moe.pinning import PAGE, _libc
+
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0.0
+    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    try:
+        view = np.frombuffer(mapping, dtype=np.uint8)
+        vec = np.zeros((size + PAGE - 1) // PAGE, dtype=np.uint8)
+        rc = _libc().mincore(view.ctypes.data, size, vec.ctypes.data)
+        del view
+        if rc != 0:
+            return float("nan")
+        return float((vec & 1).mean())
+    finally:
+        mapping.close()

@@ -105,7 +105,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if heldout:
         rows = None
         if tower is not None and calibration.images:
-            images = ImageSource(tower, observer_width(decoder))
+            images = ImageSource(tower, _embedding_width(decoder))
             try:
                 rows = [images.embeddings(image) for image in calibration.images]
             finally:
@@ -118,7 +118,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def observer_width(decoder: Path) -> int:
+def _embedding_width(decoder: Path) -> int:
     """The decoder's embedding width, from its metadata."""
     import gguf
 
@@ -147,6 +147,7 @@ def _cmd_bench_moe(args: argparse.Namespace) -> int:
             profile=args.profile,
             n_threads=args.threads,
             headroom_mib=args.headroom_mib,
+            repeats=args.repeats,
         )
     )
     return 0
@@ -177,6 +178,9 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
     moe.add_argument("--threads", type=int, default=0, help="CPU threads (default: every core)")
     moe.add_argument(
         "--headroom-mib", type=int, default=48, help="RAM left unpinned under the cap (default: %(default)s)"
+    )
+    moe.add_argument(
+        "--repeats", type=int, default=2, help="runs of each configuration, interleaved; the best counts (default: 2)"
     )
     moe.set_defaults(func=_cmd_bench_moe)
 
