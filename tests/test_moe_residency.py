@@ -189,7 +189,7 @@ def test_online_replanning_follows_live_routing_and_never_changes_tokens(moe_q8:
     budget = layout.other_bytes + 8 * layout.expert_bytes(0)  # room for 8 experts
     wrong_prior = np.tile(np.arange(8, dtype=float), (4, 1))  # prefers expert 7, then 6, ...
     with ExpertPinner(layout) as pinner, OnlineResidency(
-        layout, pinner, wrong_prior, ram_budget=budget, replan_every=4, half_life=1e9, prior_tokens=1e-3
+        layout, pinner, wrong_prior, ram_budget=budget, replan_every=4, half_life=1e9, prior_tokens=1e-3, prefetch=True
     ) as online:
         observer.listeners.append(online.observe)
         online.start()
@@ -198,6 +198,7 @@ def test_online_replanning_follows_live_routing_and_never_changes_tokens(moe_q8:
         online.drain()
         stats = online.stats
         assert stats.replans >= 1 and stats.pins_moved > 0
+        assert online.prefetches > 0  # experts the router chose outside the pins were read ahead
         live = observer.profile("m").share()  # the pins are now the 8 experts with the most live mass
         ranked = sorted((-live[layer, e], layer, e) for layer in range(4) for e in range(8) if live[layer, e] > 0)
         assert pinner.pinned == {(layer, e) for _, layer, e in ranked[:8]}

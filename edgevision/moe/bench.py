@@ -54,6 +54,7 @@ class RunSpec:
     cap: int | None = None  # the cgroup's limit (for the residency budget)
     profile: str | None = None  # router profile: enables router-aware residency
     headroom: int = 48 * MIB  # left to the page cache and allocations beside the pins
+    prefetch: bool = True  # router-triggered read-ahead of unpinned experts (with a profile)
     n_threads: int = 0
     n_ctx: int = 512
 
@@ -125,6 +126,8 @@ def run_config(spec: RunSpec) -> RunResult:
         if online is not None:
             stats = online.stats
             result.notes += f", {stats.replans} re-plans moved {stats.pins_moved} pins"
+            if spec.prefetch:
+                result.notes += f", {online.prefetches} expert reads ahead"
     result.rss_anon = _rss_anon()
     result.tokens_per_s = result.decoded / elapsed if elapsed else 0.0
     result.faults_per_token = faults / max(1, result.decoded)
@@ -144,7 +147,9 @@ def _start_residency(spec: RunSpec, stack: Any, observer: Any, result: RunResult
     budget = cap - _rss_anon() - spec.headroom
     pinner = stack.enter_context(ExpertPinner(layout))
     pinner.lock_resident()
-    online = OnlineResidency(layout, pinner, prior.share(), ram_budget=budget, replan_every=16)
+    online = OnlineResidency(
+        layout, pinner, prior.share(), ram_budget=budget, replan_every=16, prefetch=spec.prefetch
+    )
     stack.callback(online.close)
     observer.listeners.append(online.observe)
     online.start()

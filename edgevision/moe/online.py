@@ -10,6 +10,11 @@ with `edgevision.moe.residency.plan_residency` and moves the pins (`ExpertPinner
 newly hot, release the newly cold). ctypes releases the GIL around ``mlock``/``madvise``, so the page reads
 happen beside decoding instead of in front of it.
 
+With ``prefetch=True`` it also reads ahead, on a second thread, the unpinned experts the router has just
+selected (``MADV_WILLNEED`` over each expert's whole byte range): the observer sees a layer's choice before
+the expert matrices are multiplied, so the read is one large request already in flight when llama.cpp
+touches the pages, instead of a chain of small synchronous faults.
+
 Pinning only decides which pages stay in RAM, never what the weights are, so the generated tokens are the
 same whatever the plan (tests check it).
 """
@@ -65,6 +70,7 @@ class OnlineResidency:
         replan_every: int = 64,
         half_life: float = 512.0,
         prior_tokens: float = 256.0,
+        prefetch: bool = False,
     ) -> None:
         if replan_every < 1 or half_life <= 0 or prior_tokens < 0:
             raise ValueError("replan_every and half_life must be positive, prior_tokens 0 or more")
@@ -87,11 +93,24 @@ class OnlineResidency:
         self._plan: ResidencyPlan | None = None
         self._error: BaseException | None = None
         self._worker: threading.Thread | None = None
+        # router-triggered prefetch: experts just selected but not pinned, read ahead by another thread
+        self._prefetch: queue.Queue[tuple[int, np.ndarray] | None] | None = queue.Queue(64) if prefetch else None
+        self._prefetcher: threading.Thread | None = None
+        self._pinned_mask = np.zeros(shape, dtype=bool)  # replaced whole by the worker, read by `observe`
+        self.prefetches = 0
 
     # -- decoding thread --------------------------------------------------------------------------
 
     def observe(self, layer: int, expert_ids: np.ndarray, weights: np.ndarray) -> None:
         """The `RouterObserver` listener: a counter update and, now and then, a non-blocking wake-up."""
+        if self._prefetch is not None:
+            chosen = np.unique(expert_ids)
+            cold = chosen[~self._pinned_mask[layer, chosen]]
+            if cold.size:
+                try:
+                    self._prefetch.put_nowait((layer, cold))
+                except queue.Full:
+                    pass  # the prefetcher is behind; the kernel will fault these in itself
         mass = np.bincount(expert_ids.ravel(), weights=weights.ravel(), minlength=self.layout.n_expert)
         with self._lock:
             self._pending[layer] += mass
@@ -116,7 +135,20 @@ class OnlineResidency:
         self._apply(self._prior)
         self._worker = threading.Thread(target=self._run, name="moe-residency", daemon=True)
         self._worker.start()
+        if self._prefetch is not None:
+            self._prefetcher = threading.Thread(target=self._run_prefetch, name="moe-prefetch", daemon=True)
+            self._prefetcher.start()
         return self
+
+    def _run_prefetch(self) -> None:
+        assert self._prefetch is not None
+        while (item := self._prefetch.get()) is not None:
+            layer, experts = item
+            try:
+                self.pinner.prefetch((layer, int(e)) for e in experts)
+                self.prefetches += len(experts)
+            except Exception:  # a failed read-ahead only costs the faults it would have saved
+                logger.exception("prefetching experts %s of layer %d failed", experts.tolist(), layer)
 
     def _run(self) -> None:
         while (request := self._wake.get()) is not False:
@@ -142,6 +174,10 @@ class OnlineResidency:
     def _apply(self, share: np.ndarray) -> None:
         plan = plan_residency(self.layout, share, ram_budget=self.ram_budget)
         change = self.pinner.pin(plan.pinned)
+        mask = np.zeros_like(self._pinned_mask)
+        for layer, expert in plan.pinned:
+            mask[layer, expert] = True
+        self._pinned_mask = mask
         if self._plan is not None:
             self._moved += change.pinned + change.unpinned
             self._replans += 1
@@ -181,6 +217,10 @@ class OnlineResidency:
                         break
             self._worker.join()
             self._worker = None
+        if self._prefetcher is not None and self._prefetch is not None:
+            self._prefetch.put(None)
+            self._prefetcher.join()
+            self._prefetcher = None
 
     def __enter__(self) -> Self:
         return self

@@ -179,12 +179,12 @@ class ExpertPinner:
         self._pinned.discard(expert)
 
     def prefetch(self, experts: Iterable[Expert]) -> None:
-        """Ask the kernel to start reading `experts` in (``MADV_WILLNEED``) without locking them."""
-        with self._lock:
-            self._live()
-            for expert in experts:
-                for start, end in self._ranges(expert):
-                    self._madvise(start // PAGE, (end - 1) // PAGE + 1, MADV_WILLNEED)
+        """Ask the kernel to start reading `experts` in (``MADV_WILLNEED``) without locking them. Does not
+        wait for a `pin` in progress; call it only while the pinner is open."""
+        self._live()
+        for expert in experts:
+            for start, end in self._ranges(expert):
+                self._madvise(start // PAGE, (end - 1) // PAGE + 1, MADV_WILLNEED)
 
     def resident_fraction(self, experts: Iterable[Expert]) -> float:
         """Share of the pages holding `experts` that are in RAM now (``mincore``)."""
