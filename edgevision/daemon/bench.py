@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import queue
 import shutil
 import statistics
@@ -148,7 +149,8 @@ def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None) -> 
         for i in range(n):
             for mode in MODES if i % 2 == 0 else MODES[::-1]:
                 scene, clip = scenes[i % len(scenes)], clips[i % len(clips)]
-                scene.save(camera_file)
+                scene.save(camera_file.with_suffix(".new.png"))
+                os.replace(camera_file.with_suffix(".new.png"), camera_file)  # whole, never half-written
                 time.sleep(0.3)  # the camera re-reads a changed file within 0.1 s
                 daemon.mode = mode
                 _wait(lambda: daemon.state is State.IDLE and not speaker.playing, "the daemon to be idle")

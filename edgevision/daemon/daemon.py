@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from edgevision.assistant import Answer, Assistant, Scene
 from edgevision.config import DaemonSettings
 from edgevision.daemon.earcons import earcon
 from edgevision.daemon.notify import Notifier
-from edgevision.daemon.record import interaction_record
+from edgevision.daemon.record import Interaction, interaction_record, keep_captures
 from edgevision.daemon.state import (
     Answered,
     Failed,
@@ -49,10 +48,10 @@ from edgevision.daemon.state import (
     is_tap,
 )
 from edgevision.devices.button import Button, Pressed, Released
-from edgevision.devices.camera import Camera, Frame
+from edgevision.devices.camera import Camera
 from edgevision.devices.sound import Microphone, Speaker
 from edgevision.errors import DeviceError, EdgevisionError, InputError
-from edgevision.speech.audio import Audio, write_wav
+from edgevision.speech.audio import Audio
 
 logger = logging.getLogger(__name__)
 
@@ -62,43 +61,6 @@ ERROR_PHRASE = "Sorry, something went wrong."
 NO_ANSWER_PHRASE = "Sorry, I have no answer to that."
 _EVENT_QUEUE = 64
 _BUTTON_BACKOFF_S = (0.5, 10.0)
-
-
-@dataclass(eq=False)
-class Interaction:
-    """One press and everything it led to; the loop owns it, the worker fills in its results."""
-
-    id: int
-    kind: PressKind
-    mode: str
-    pressed_at: float  # time.monotonic()
-    wall_at: float  # time.time() at the press
-    barge_in: bool = False
-    frame: Frame | None = None
-    capture_s: float | None = None
-    scene: Scene | None = None  # the follow-up's scene, or the one `look` produced
-    look: concurrent.futures.Future | None = None
-    looked_at: float | None = None
-    released_at: float | None = None
-    capped: bool = False
-    heard_at: float | None = None
-    recognition_s: float | None = None
-    question: str | None = None
-    answer_started_at: float | None = None
-    first_audio_at: float | None = None
-    answered_at: float | None = None
-    speech_done_at: float | None = None
-    answer: Answer | None = None
-    error: str | None = None
-    said: str | None = None  # a phrase spoken instead of an answer
-    interrupted: str | None = None  # "barge_in" or "shutdown"
-    job: concurrent.futures.Future | None = None
-    meters: dict[str, Any] = field(default_factory=dict)
-    audio: Audio | None = None  # the recording, kept only if configured
-
-    @property
-    def cancelled(self) -> bool:
-        return self.interrupted is not None
 
 
 class Daemon:
@@ -191,9 +153,6 @@ class Daemon:
         finally:
             await self._shutdown()
 
-    async def wait_ready(self) -> None:
-        await self._ready.wait()
-
     def stop(self, reason: str = "asked to stop") -> None:
         """Ask the loop to stop (safe from a signal handler on the loop)."""
         self._stopping = True
@@ -201,13 +160,6 @@ class Daemon:
             self._events.put_nowait(Shutdown(reason))
         except asyncio.QueueFull:
             asyncio.get_running_loop().create_task(self._events.put(Shutdown(reason)))
-
-    async def press(self) -> None:
-        """The button went down (what `edgevision press` does)."""
-        await self._events.put(Pressed(time.monotonic()))
-
-    async def release(self) -> None:
-        await self._events.put(Released(time.monotonic()))
 
     def status(self) -> dict[str, Any]:
         """What `edgevision status` prints: state, models, the last interaction's timings."""
@@ -413,7 +365,8 @@ class Daemon:
         if self._cap_timer is not None and self._current is ix:
             self._cap_timer.cancel()
         record = interaction_record(ix, self._stop_meters(ix))
-        record.update(self._keep_captures(ix))
+        if self.captures is not None:
+            record.update(keep_captures(ix, self.captures, audio=self.store_audio, image=self.store_images))
         self.records = [*self.records[-9:], record]
         if self.log is not None:
             try:
@@ -422,24 +375,6 @@ class Daemon:
                 logger.error("cannot write the interaction log: %s", error)
         if self.on_record is not None:
             self.on_record(record)
-
-    def _keep_captures(self, ix: Interaction) -> dict[str, str]:
-        """Store the recording and the frame where configured (they are not kept otherwise)."""
-        kept: dict[str, str] = {}
-        if self.captures is None:
-            return kept
-        stem = self.captures / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(ix.wall_at))}-{ix.id:05d}"
-        try:
-            self.captures.mkdir(parents=True, exist_ok=True)
-            if self.store_audio and ix.audio is not None:
-                write_wav(stem.with_suffix(".wav"), ix.audio)
-                kept["audio_file"] = str(stem.with_suffix(".wav"))
-            if self.store_images and ix.frame is not None:
-                ix.frame.image.save(stem.with_suffix(".jpg"), quality=90)
-                kept["image_file"] = str(stem.with_suffix(".jpg"))
-        except OSError as error:
-            logger.error("cannot keep the capture in %s: %s", self.captures, error)
-        return kept
 
     # --- devices ------------------------------------------------------------------------------------------
 

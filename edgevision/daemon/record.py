@@ -1,4 +1,5 @@
-"""One interaction → one JSON-ready record for the per-interaction log (telemetry/log.py writes it).
+"""One press and what it led to (`Interaction`) → one JSON-ready record for the per-interaction log
+(telemetry/log.py writes it); the recording and the frame kept beside it where configured.
 
 Durations are in seconds. The headline of the overlapped pipeline is `release_to_first_audio`: how long the
 user waits, after letting go of the button, before the answer starts to play.
@@ -6,16 +7,62 @@ user waits, after letting go of the button, before the answer starts to play.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import enum
-from typing import TYPE_CHECKING, Any
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-if TYPE_CHECKING:
-    from edgevision.daemon.daemon import Interaction
+from edgevision.assistant import Answer, Scene
+from edgevision.daemon.state import PressKind
+from edgevision.devices.camera import Frame
+from edgevision.speech.audio import Audio, write_wav
+
+logger = logging.getLogger(__name__)
 
 # stage durations taken from the assistant's own clocks, in pipeline order
 _MODEL_STAGES = ("vision_encode", "image_prefill", "prefix_prefill", "text_prefill", "first_token", "first_audio")
+
+
+@dataclass(eq=False)
+class Interaction:
+    """One press and everything it led to; the loop owns it, the worker fills in its results."""
+
+    id: int
+    kind: PressKind
+    mode: str
+    pressed_at: float  # time.monotonic()
+    wall_at: float  # time.time() at the press
+    barge_in: bool = False
+    frame: Frame | None = None
+    capture_s: float | None = None
+    scene: Scene | None = None  # the follow-up's scene, or the one `look` produced
+    look: concurrent.futures.Future | None = None
+    looked_at: float | None = None
+    released_at: float | None = None
+    capped: bool = False
+    heard_at: float | None = None
+    recognition_s: float | None = None
+    question: str | None = None
+    answer_started_at: float | None = None
+    first_audio_at: float | None = None
+    answered_at: float | None = None
+    speech_done_at: float | None = None
+    answer: Answer | None = None
+    error: str | None = None
+    said: str | None = None  # a phrase spoken instead of an answer
+    interrupted: str | None = None  # "barge_in" or "shutdown"
+    job: concurrent.futures.Future | None = None
+    meters: dict[str, Any] = field(default_factory=dict)
+    audio: Audio | None = None  # the recording, kept only if configured
+
+    @property
+    def cancelled(self) -> bool:
+        return self.interrupted is not None
 
 
 def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, Any]:
@@ -111,3 +158,20 @@ def _round(value: float) -> float:
 
 def _iso(wall: float) -> str:
     return datetime.datetime.fromtimestamp(wall, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def keep_captures(ix: Interaction, folder: Path, *, audio: bool, image: bool) -> dict[str, str]:
+    """Store the recording and the frame in `folder` (only where configured); their paths, for the record."""
+    kept: dict[str, str] = {}
+    stem = folder / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(ix.wall_at))}-{ix.id:05d}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if audio and ix.audio is not None:
+            write_wav(stem.with_suffix(".wav"), ix.audio)
+            kept["audio_file"] = str(stem.with_suffix(".wav"))
+        if image and ix.frame is not None:
+            ix.frame.image.save(stem.with_suffix(".jpg"), quality=90)
+            kept["image_file"] = str(stem.with_suffix(".jpg"))
+    except OSError as error:
+        logger.error("cannot keep the capture in %s: %s", folder, error)
+    return kept
