@@ -39,13 +39,17 @@ class SaliencyObserver(RouterObserver):
     """A `RouterObserver` that also reads each selected expert's output and accumulates REAP saliency."""
 
     def __init__(self, n_layer: int, n_expert: int, n_expert_used: int) -> None:
+        self._last: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         super().__init__(n_layer, n_expert, n_expert_used)
         self._outputs = {f"{prefix}{il}".encode(): il for prefix in _OUTPUT_NODES for il in range(n_layer)}
         self._wanted.update(self._outputs)
-        self._last: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self.reap_sum = np.zeros((n_layer, n_expert))
-        self.routed = np.zeros((n_layer, n_expert), dtype=np.int64)
         self.listeners.append(self._remember)
+
+    def reset(self) -> None:
+        super().reset()
+        self.reap_sum = np.zeros((self.n_layer, self.n_expert))
+        self.routed = np.zeros((self.n_layer, self.n_expert), dtype=np.int64)
+        self._last.clear()
 
     @classmethod
     def for_model(cls, gguf_path: str | os.PathLike[str]) -> SaliencyObserver:

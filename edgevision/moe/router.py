@@ -9,11 +9,13 @@
   the softmax over all experts and renormalisation over the selected ones (what multiplies the expert's
   output in Gemma 4; for a model that does not renormalise, pass ``gates="ffn_moe_weights-"``).
 
-Both are a few hundred bytes per token, and the observer asks for nothing else, so it is cheap enough to
-leave on (``edgevision bench router`` measures it). Per phase (image rows, prompt text, generated tokens:
-set `RouterObserver.phase` before each prefill or generate), layer and expert it accumulates how often the
-expert was selected (`counts`) and the gate weight it received (`mass`); `profile` freezes them into a
-`RouterProfile`. `listeners` get every node's ids and weights as they come, for online adaptation.
+The observer asks llama.cpp for the gate node only, and finds the topk node among its inputs (still intact
+then, since the expert matmuls after it read it), so each MoE layer costs one graph split and two reads of a
+few hundred bytes per token: cheap enough to leave on (``edgevision bench router`` measures it). Per phase
+(image rows, prompt text, generated tokens: set `RouterObserver.phase` before each prefill or generate),
+layer and expert it accumulates how often the expert was selected (`counts`) and the gate weight it
+received (`mass`); `profile` freezes them into a `RouterProfile`. `listeners` get every layer's ids and
+weights as they come, for online adaptation.
 
 The callback runs on the decoding thread; `profile` and `reset` may be called from another thread.
 """
