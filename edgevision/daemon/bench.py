@@ -71,7 +71,7 @@ class E2EReport:
         lines = [
             (f"edgevision bench e2e: {n['overlapped']} + {n['sequential']} scripted spoken questions about "
              f"{len(self.images)} scenes, medians"),
-            f"{'stage':<28} {'overlapped':>11} {'sequential':>11} {'ratio':>7}",
+            f"{'stage':<28} {'overlapped':>14} {'sequential':>14} {'ratio':>7}",
         ]
         for label, key, unit in ROWS:
             lines.append(self._row(label, self.median("overlapped", key), self.median("sequential", key), unit))
@@ -80,7 +80,7 @@ class E2EReport:
         joules = [self.reading(mode, "energy", "joules") for mode in MODES]
         if None in joules:
             reasons = {r["energy"].get("reason") for r in self.records if isinstance(r.get("energy"), dict)}
-            lines.append(f"{'energy per answer':<28} unavailable: {'; '.join(sorted(filter(None, reasons)))}")
+            lines.append(f"{'energy per answer':<28} {'; '.join(sorted(filter(None, reasons)))}")
         else:
             lines.append(self._row("energy per answer", *joules, "J"))
         over, seq = self.median("overlapped", "release_to_first_audio"), self.median("sequential", "release_to_first_audio")
@@ -96,10 +96,10 @@ class E2EReport:
     @staticmethod
     def _row(label: str, a: float | None, b: float | None, unit: str) -> str:
         def cell(v: float | None) -> str:
-            return f"{v:8.2f} {unit:<2}" if v is not None else f"{'—':>11}"
+            return f"{v:8.2f} {unit:<5}" if v is not None else f"{'—':>8}{'':6}"
 
         ratio = f"{a / b:7.2f}" if a is not None and b else f"{'':>7}"
-        return f"{label:<28} {cell(a):>11} {cell(b):>11} {ratio}"
+        return f"{label:<28} {cell(a):>14} {cell(b):>14} {ratio}"
 
 
 def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None) -> E2EReport:
