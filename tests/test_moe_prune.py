@@ -131,6 +131,11 @@ def test_dropping_never_used_experts_keeps_the_answers(models: dict[str, Path], 
     saliency = observer.saliency
     assert ((saliency > 0) == (observer.routed > 0)).all()  # REAP: only experts that ran have saliency
     assert np.array_equal(observer.routed, observer.counts.sum(axis=0))
+    # the other criteria rank by the same measurements, summed instead of averaged
+    assert observer.scores("reap-sum") == pytest.approx(saliency * observer.routed)
+    assert np.array_equal(observer.scores("mass"), observer.mass.sum(axis=0))
+    with pytest.raises(InputError, match="unknown pruning criterion"):
+        observer.scores("random")
     unused = (observer.routed == 0).sum(axis=1)
     assert unused.min() >= 8, "the skewed model should leave most experts idle"
     keep = 16 - int(unused.min())

@@ -68,6 +68,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from edgevision.moe.calibrate import ImageSource, load_calibration, read_questions, run_calibration
     from edgevision.moe.prune import (
+        CRITERIA,
         SaliencyObserver,
         compare_models,
         keep_for_budget,
@@ -95,8 +96,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         n_threads=args.threads,
         progress=_progress,
     )
-    kept = prune_file(decoder, out, observer.saliency, keep, observer.mass.sum(axis=0))
-    print(saliency_table(observer.saliency, kept))
+    scores = observer.scores(args.criterion)
+    kept = prune_file(decoder, out, scores, keep, observer.mass.sum(axis=0))
+    print(f"ranked by {args.criterion}: {CRITERIA[args.criterion]}")
+    print(saliency_table(scores, kept))
     size = out.stat().st_size
     print(
         f"pruned model: {out}: {keep} of {info.n_expert} experts per layer (top {info.n_expert_used} per token), "
@@ -224,6 +227,13 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     size.add_argument("--keep", type=int, help="experts to keep per layer")
     size.add_argument("--budget", help="largest file size, e.g. 9GiB or 700MiB: keep as many experts as fit")
     prune.add_argument("--out", help="pruned GGUF to write (default: out/<decoder>-keep<N>.gguf)")
+    prune.add_argument(
+        "--criterion",
+        choices=["reap", "reap-sum", "mass"],
+        default="reap",
+        help="what ranks the experts: reap (default; mean gate x output norm when routed), reap-sum (the same "
+        "summed over tokens, so frequency counts), mass (summed gate weight)",
+    )
     _calibration_args(prune)
     prune.add_argument(
         "--heldout",

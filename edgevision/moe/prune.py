@@ -79,6 +79,24 @@ class SaliencyObserver(RouterObserver):
         """(n_layer, n_expert) REAP saliency; 0 for experts never routed to."""
         return np.divide(self.reap_sum, self.routed, out=np.zeros_like(self.reap_sum), where=self.routed > 0)
 
+    def scores(self, criterion: str = "reap") -> np.ndarray:
+        """(n_layer, n_expert) what pruning ranks experts by, see `CRITERIA`."""
+        match criterion:
+            case "reap":
+                return self.saliency
+            case "reap-sum":
+                return self.reap_sum.copy()
+            case "mass":
+                return self.mass.sum(axis=0)
+        raise InputError(f"unknown pruning criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+CRITERIA = {
+    "reap": "REAP: mean over routed tokens of gate x output norm (how much an expert matters when it runs)",
+    "reap-sum": "the same summed over tokens (REAP x routing frequency: how much it matters overall)",
+    "mass": "total gate weight the router gave it (frequency, weighted by gate)",
+}
+
 
 def choose_experts(saliency: np.ndarray, keep: int, mass: np.ndarray | None = None) -> np.ndarray:
     """(n_layer, keep) ids of each layer's most salient experts, ascending. Ties: more mass, then lower id."""
@@ -178,14 +196,14 @@ def compare_models(
 
 
 def saliency_table(saliency: np.ndarray, kept: np.ndarray) -> str:
-    """Per layer: kept experts, dropped ones, and the share of saliency dropped."""
-    lines = [f"{'layer':>5}  {'dropped saliency':>16}  dropped experts"]
+    """Per layer: kept experts, dropped ones, and the share of the ranking score dropped."""
+    lines = [f"{'layer':>5}  {'dropped score':>13}  dropped experts"]
     for il in range(saliency.shape[0]):
         dropped = sorted(set(range(saliency.shape[1])) - set(kept[il].tolist()))
         total = saliency[il].sum()
         share = saliency[il, dropped].sum() / total if total > 0 else 0.0
         shown = " ".join(map(str, dropped[:24])) + (" ..." if len(dropped) > 24 else "")
-        lines.append(f"{il:>5}  {share:>16.1%}  {shown or '-'}")
+        lines.append(f"{il:>5}  {share:>13.1%}  {shown or '-'}")
     return "\n".join(lines)
 
 
