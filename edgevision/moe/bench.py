@@ -248,7 +248,11 @@ def _kept_mass(pruned: Path, prior: Any) -> str:
     kept = np.asarray(field.contents(), dtype=np.int64).reshape(prior.n_layer, -1)
     share = prior.share()
     mass = np.take_along_axis(share, kept, axis=1).sum(axis=1)
-    return f", kept experts carry {100 * mass.min():.1f}-{100 * mass.max():.1f}% of each layer's prior gate mass"
+    by_mass = np.sort(share, axis=1)[:, ::-1][:, : kept.shape[1]].sum(axis=1)
+    return (
+        f", kept experts carry {100 * mass.min():.1f}-{100 * mass.max():.1f}% of each layer's prior gate mass "
+        f"(the {kept.shape[1]} with the most mass: {100 * by_mass.min():.1f}-{100 * by_mass.max():.1f}%)"
+    )
 
 
 def _agreement(reference: list[list[int]], other: list[list[int]]) -> float | None:
