@@ -91,6 +91,16 @@ def test_gpu_takes_whole_evenly_routed_layers_and_the_rest_is_overridden_to_cpu(
     assert not re.search(pattern, "blk.0.ffn_gate_inp.weight")  # the router stays with its layer
 
 
+def test_memory_cgroup_says_plainly_when_it_cannot_be_made(monkeypatch):
+    import os
+
+    from edgevision.moe.cgroup import CgroupUnavailable, MemoryCgroup
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as a normal user
+    with pytest.raises(CgroupUnavailable, match="needs root"):
+        MemoryCgroup.create("edgevision-test", 2**30)
+
+
 # -- tier 3: the real file and llama.cpp ----------------------------------------------------------------
 
 
