@@ -288,6 +288,24 @@ def test_a_press_soon_after_an_answer_asks_about_the_same_image_without_encoding
     assert first["durations_s"]["image_prefill"] > 0
 
 
+def test_sequential_mode_answers_the_same_way_and_keeps_recordings_and_frames_only_when_asked(
+    daemon: Harness, tmp_path: Path
+) -> None:
+    from edgevision.speech.audio import read_wav
+
+    daemon.quiet()
+    core = daemon.daemon
+    core.mode, core.captures, core.store_audio, core.store_images = "sequential", tmp_path, True, True
+    try:
+        record = daemon.ask(SPOKEN)
+    finally:
+        core.mode, core.captures, core.store_audio, core.store_images = SETTINGS.mode, None, False, False
+    assert record["mode"] == "sequential" and "table" in record["question"].lower() and record["answer"]
+    assert record["durations_s"]["vision_encode"] > 0 and "look_after_release" not in record["durations_s"]
+    assert read_wav(record["audio_file"]).duration == pytest.approx(read_wav(SPOKEN).duration, abs=0.05)
+    assert Path(record["image_file"]).stat().st_size > 1000
+
+
 def test_a_press_while_it_speaks_silences_it_at_once_and_takes_a_new_question(daemon: Harness, synth) -> None:
     daemon.quiet()
     n_files, played_before = len(daemon.speaker.played), daemon.speaker.played_seconds
