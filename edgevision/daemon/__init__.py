@@ -1,0 +1,1 @@
+"""The appliance daemon: button, camera, microphone and speaker around the models, as a systemd service."""

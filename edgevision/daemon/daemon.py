@@ -49,9 +49,11 @@ from edgevision.daemon.state import (
 )
 from edgevision.devices.button import Button, Pressed, Released
 from edgevision.devices.camera import Camera
+from edgevision.devices.socket_button import SocketButton
 from edgevision.devices.sound import Microphone, Speaker
 from edgevision.errors import DeviceError, EdgevisionError, InputError
 from edgevision.speech.audio import Audio
+from edgevision.telemetry.log import InteractionLog
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +77,8 @@ class Daemon:
         speaker: Speaker,
         buttons: Sequence[Button],
         settings: DaemonSettings,
-        control: Any = None,
-        log: Any = None,
+        control: SocketButton | None = None,
+        log: InteractionLog | None = None,
         meters: dict[str, Callable[[], Any]] | None = None,
         notifier: Notifier | None = None,
         captures: Path | None = None,
