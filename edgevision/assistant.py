@@ -16,7 +16,7 @@ import numpy as np
 
 from edgevision.config import Config
 from edgevision.decoder.llama import LlamaDecoder
-from edgevision.decoder.prompt import FORMATS, ChatFormat, build_turn, run_prompt
+from edgevision.decoder.prompt import FORMATS, ChatFormat, build_turn, image_causal_for, run_prompt
 from edgevision.errors import InputError, ModelError
 from edgevision.speech.audio import Audio
 from edgevision.speech.recognition import WhisperRecognizer
@@ -83,6 +83,7 @@ class Assistant:
         system_prompt: str,
         max_answer_tokens: int,
         temperature: float = 0.0,
+        chat_format: str = "auto",
     ) -> None:
         self.recognizer = recognizer
         self.encoder = encoder
@@ -91,7 +92,7 @@ class Assistant:
         self.system_prompt = system_prompt
         self.max_answer_tokens = max_answer_tokens
         self.temperature = temperature
-        self.chat_format = chat_format_of(decoder)
+        self.chat_format = chat_format_of(decoder, chat_format)
         self._cached: Scene | None = None  # the scene whose prefix the decoder's cache holds
         self._stack = ExitStack()
         self.load_timings: dict[str, float] = {}
@@ -138,6 +139,7 @@ class Assistant:
                 system_prompt=config.decoder.system_prompt,
                 max_answer_tokens=config.decoder.max_answer_tokens,
                 temperature=config.decoder.temperature,
+                chat_format=config.decoder.chat_format,
             )
             assistant._stack = stack.pop_all()
             assistant.load_timings = load
@@ -310,16 +312,17 @@ class Assistant:
         )
 
 
-def chat_format_of(decoder: LlamaDecoder) -> ChatFormat:
-    """The chat layout for the decoder's model family, from its GGUF architecture."""
-    architecture = decoder.meta("general.architecture") or "unknown"
-    try:
-        return FORMATS[architecture]
-    except KeyError:
-        raise ModelError(
-            f"decoder {decoder.path.name} is a {architecture!r} model; edgevision knows the chat layout of "
-            f"{', '.join(sorted(FORMATS))} models only"
-        ) from None
+def chat_format_of(decoder: LlamaDecoder, name: str = "auto") -> ChatFormat:
+    """The chat layout for the decoder: `name`, or with "auto" the one of its GGUF architecture."""
+    if name == "auto":
+        architecture = decoder.meta("general.architecture") or "unknown"
+        if architecture not in ("gemma3", "gemma4"):
+            raise ModelError(
+                f"decoder {decoder.path.name} is a {architecture!r} model, whose prompt layout edgevision cannot "
+                f"tell; set decoder.chat_format to one of {', '.join(sorted(FORMATS))}"
+            )
+        name = architecture
+    return image_causal_for(FORMATS[name], decoder.n_embd)
 
 
 def check_pairing(encoder: VisionEncoder, decoder: LlamaDecoder, tower_path) -> None:

@@ -123,6 +123,11 @@ class DecoderSettings:
     model: Path = setting("../models/gemma-3-270m-q4_k_m.gguf", "Decoder model (GGUF).", path="file")
     n_ctx: int = setting(2048, "Context window in tokens (image, prompt and answer).", min=256, max=131072)
     n_threads: int = setting(0, "CPU threads for the decoder; 0 picks automatically.", min=0, max=64)
+    chat_format: Literal["auto", "gemma3", "gemma4", "llava"] = setting(
+        "auto",
+        "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4). LLaVA-style "
+        "decoders (MoE-LLaVA, LLaVA-GM) need llava.",
+    )
     max_answer_tokens: int = setting(48, "Longest answer, in tokens.", min=1, max=1024)
     temperature: float = setting(0.0, "Sampling temperature; 0 always picks the likeliest token.", min=0.0, max=2.0)
     seed: int = setting(0, "Random seed for sampling, so answers repeat.", min=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from edgevision.assistant import Assistant, Scene
+from edgevision.assistant import Assistant, Scene, chat_format_of
 from edgevision.config import load_config
 from edgevision.errors import InputError, ModelError
 from edgevision.speech.audio import Audio
@@ -122,3 +122,22 @@ def test_a_tower_made_for_another_decoder_is_refused(demo_config: Path, make_tow
     config.write_text(text.replace(tower_line, f"  tower: {narrow}"), encoding="utf-8")
     with pytest.raises(ModelError, match="96-wide"):
         Assistant.from_config(load_config(config), speak=False)
+
+
+class _Decoder:
+    """What chat_format_of reads from a decoder: its GGUF architecture, width and file."""
+
+    def __init__(self, architecture: str, n_embd: int = 640) -> None:
+        self.architecture, self.n_embd, self.path = architecture, n_embd, Path(f"{architecture}.gguf")
+
+    def meta(self, key: str) -> str | None:
+        return self.architecture if key == "general.architecture" else None
+
+
+def test_the_chat_layout_follows_the_architecture_or_the_config() -> None:
+    assert chat_format_of(_Decoder("gemma3")).name == "gemma3"
+    assert chat_format_of(_Decoder("gemma4")).image_causal is False
+    assert chat_format_of(_Decoder("gemma4", n_embd=1536)).image_causal is True  # Gemma 4 E2B, as mtmd does
+    assert chat_format_of(_Decoder("llama"), "llava").name == "llava"
+    with pytest.raises(ModelError, match="decoder.chat_format"):
+        chat_format_of(_Decoder("llama"))

@@ -174,7 +174,7 @@ def test_unknown_key_in_the_wrong_section_or_unlike_any(tree: Path):
         f"{path}:2: decoder.beam_size: unknown setting in decoder — move it to speech.beam_size",
         (
             f"{path}:3: decoder.colour: unknown setting in decoder — remove it; known settings in decoder: "
-            "model, n_ctx, n_threads, max_answer_tokens, temperature, seed, system_prompt"
+            "model, n_ctx, n_threads, chat_format, max_answer_tokens, temperature, seed, system_prompt"
         ),
     ]
 
