@@ -180,3 +180,48 @@ def test_prune_command_fits_a_budget(models: dict[str, Path], tmp_path: Path):
         check=False, capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert too_small.returncode == 2 and "too small" in too_small.stderr
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """ggml's GELU (the tanh approximation)."""
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def test_saliency_is_gate_times_each_experts_output_norm(models: dict[str, Path]):
+    """The expert outputs read from the graph equal Gemma 4's expert FFN computed in numpy from the GGUF
+    weights on the experts' input captured from the same graph."""
+    import gguf
+
+    from edgevision.decoder.llama import LlamaDecoder, tensor_array, tensor_name
+    from edgevision.moe.prune import SaliencyObserver
+
+    source = models["f32"]
+    observer = SaliencyObserver.for_model(source)
+    inputs: dict[int, list[np.ndarray]] = {il: [] for il in range(4)}
+    routes: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {il: [] for il in range(4)}
+    observer.listeners.insert(0, lambda il, ids, w: routes[il].append((ids.copy(), w.copy())))
+
+    def callback(tensor: int, ask: bool) -> bool:
+        name = tensor_name(tensor)
+        if name.startswith("ffn_norm_2-") and " " not in name:  # what the experts read (not its reshape)
+            if not ask:
+                inputs[int(name.split("-")[1])].append(tensor_array(tensor).reshape(-1, 128).astype(np.float64))
+            return True
+        return observer(tensor, ask)
+
+    with LlamaDecoder(source, n_ctx=128, n_threads=1, cb_eval=callback) as decoder:
+        decoder.prefill_tokens(decoder.tokenize("<|turn>user\nRead the label on the bottle."))
+        list(decoder.generate(4, stop_on_eog=False))
+
+    weights = {t.name: np.asarray(t.data, dtype=np.float64) for t in gguf.GGUFReader(source).tensors}
+    for il in range(4):
+        x = np.concatenate(inputs[il])
+        ids = np.concatenate([r[0] for r in routes[il]])
+        gates = np.concatenate([r[1] for r in routes[il]])
+        gate_up = weights[f"blk.{il}.ffn_gate_up_exps.weight"][ids] @ x[:, None, :, None]  # (T, k, 2 n_ff, 1)
+        gate, up = np.split(gate_up[..., 0], 2, axis=-1)
+        down = (weights[f"blk.{il}.ffn_down_exps.weight"][ids] @ (_gelu(gate) * up)[..., None])[..., 0]
+        out = down * weights[f"blk.{il}.ffn_down_exps.scale"][ids][..., None]
+        reference = np.bincount(ids.ravel(), (gates * np.linalg.norm(out, axis=-1)).ravel(), minlength=8)
+        assert observer.reap_sum[il] == pytest.approx(reference, rel=5e-4), f"layer {il}"  # ggml: f16 GELU table
+        assert np.array_equal(observer.routed[il], np.bincount(ids.ravel(), minlength=8))
