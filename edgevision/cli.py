@@ -52,7 +52,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     config = load_config(find_config(args.config))
     _configure_logging(config.logging.level, args.debug)
     # Read the inputs before loading models, so a bad file fails in a second, not after loading.
-    image = load_image(args.image)
+    image = load_image(args.image) if args.image else _camera_frame(config)
     audio = read_wav(args.audio) if args.audio else None
     speak = args.out is not None
     with Assistant.from_config(config, speak=speak) as assistant:
@@ -73,6 +73,17 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     print()
     print(_timings_table(assistant.load_timings, answer.timings, answer.n_tokens))
     return 0
+
+
+def _camera_frame(config):
+    """One frame from the camera the config names (devices.camera, devices.camera_source)."""
+    from edgevision.devices.camera import open_configured_camera, take_frame
+
+    camera = open_configured_camera(config.devices)
+    try:
+        return take_frame(camera).image
+    finally:
+        camera.close()
 
 
 def _timings_table(load: dict[str, float], timings: dict[str, float], n_tokens: int) -> str:
@@ -140,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer one question about one image")
     ask.add_argument("--config", help="config file (default: $EDGEVISION_CONFIG, then /etc/edgevision/config.yaml)")
-    ask.add_argument("--image", required=True, help="photo to ask about (JPEG or PNG)")
+    scene = ask.add_mutually_exclusive_group(required=True)
+    scene.add_argument("--image", help="photo to ask about (JPEG or PNG)")
+    scene.add_argument("--camera", action="store_true", help="take a frame from the configured camera (devices:)")
     question = ask.add_mutually_exclusive_group(required=True)
     question.add_argument("--audio", help="spoken question, a WAV file")
     question.add_argument("--question", help="typed question")

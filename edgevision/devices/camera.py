@@ -67,6 +67,25 @@ def open_camera(kind: str, source: str, **options: Any) -> Camera:
     return cls(source, **options)
 
 
+def open_configured_camera(devices: Any) -> Camera:
+    """The camera the config's `devices` section names (not started yet)."""
+    options = {"width": devices.camera_width, "height": devices.camera_height} if devices.camera == "opencv" else {}
+    return open_camera(devices.camera, devices.camera_source, **options)
+
+
+def take_frame(camera: Camera, *, timeout: float = 5.0) -> Frame:
+    """Start `camera` and return its first frame, waiting up to `timeout` seconds for one to arrive."""
+    camera.start()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return camera.latest()
+        except DeviceError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
 class CaptureLoop:
     """The capture thread shared by the camera back-ends: it keeps the newest frame and retries a lost source.
 

@@ -131,14 +131,12 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 def _snapshot(args: argparse.Namespace) -> str:
     from edgevision.config import find_config, load_config
-    from edgevision.devices.camera import open_camera
+    from edgevision.devices.camera import open_configured_camera, take_frame
 
     devices = load_config(find_config(args.config)).devices
-    options = {"width": devices.camera_width, "height": devices.camera_height} if devices.camera == "opencv" else {}
-    camera = open_camera(devices.camera, devices.camera_source, **options)
-    camera.start()
+    camera = open_configured_camera(devices)
     try:
-        frame = camera.latest()
+        frame = take_frame(camera)
     finally:
         camera.close()
     frame.image.save(args.snapshot)
