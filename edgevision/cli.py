@@ -28,7 +28,11 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-_CHATTY_LOGGERS = {"edgevision.decoder.llama.native": logging.ERROR, "faster_whisper": logging.WARNING}
+_CHATTY_LOGGERS = {
+    "edgevision.decoder.native": logging.ERROR,
+    "edgevision.vision.mtmd.native": logging.ERROR,
+    "faster_whisper": logging.WARNING,
+}
 
 
 def _configure_logging(level: str, debug: bool) -> None:

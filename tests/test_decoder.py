@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgevision.decoder import native
 from edgevision.decoder.prompt import GEMMA4, Image, Text, build_turn, merge_text, run_prompt
 from edgevision.errors import EdgevisionError, InputError, ModelError
 
@@ -131,8 +132,8 @@ def token_rows(llama_mod, gemma3_gguf):
 
     def capture(tensor: int, ask: bool) -> bool:
         if ask:
-            return llama_mod.tensor_name(tensor) == "inp_scaled"
-        captured.append(llama_mod.tensor_array(tensor))
+            return native.tensor_name(tensor) == "inp_scaled"
+        captured.append(native.tensor_array(tensor))
         return True
 
     with llama_mod.LlamaDecoder(gemma3_gguf, cb_eval=capture, **CTX) as watched:
@@ -350,7 +351,7 @@ def test_cb_eval_observes_graph_nodes(llama_mod, gemma3_gguf, decoder) -> None:
     observed: list[tuple[str, bool]] = []
 
     def watch(tensor: int, ask: bool) -> bool:
-        name = llama_mod.tensor_name(tensor)
+        name = native.tensor_name(tensor)
         if ask:
             asked.append(name)
             return name.startswith("ffn_out-")
@@ -382,12 +383,12 @@ def test_cb_eval_errors_surface_from_the_call(llama_mod, gemma3_gguf) -> None:
 
 def test_native_logs_go_to_logging_not_the_terminal(llama_mod, gemma3_gguf, caplog, capfd) -> None:
     capfd.readouterr()
-    caplog.set_level(logging.DEBUG, logger="edgevision.decoder.llama.native")
+    caplog.set_level(logging.DEBUG, logger="edgevision.decoder.native")
     with llama_mod.LlamaDecoder(gemma3_gguf, **CTX) as dec:
         dec.prefill_tokens(dec.tokenize("hi"))
     out, err = capfd.readouterr()
     assert out == "" and err == ""
-    native = [r for r in caplog.records if r.name == "edgevision.decoder.llama.native"]
+    native = [r for r in caplog.records if r.name == "edgevision.decoder.native"]
     assert any("gemma3" in r.getMessage() for r in native)
     assert all(not r.getMessage().endswith("\n") for r in native)
 

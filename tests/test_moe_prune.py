@@ -192,7 +192,8 @@ def test_saliency_is_gate_times_each_experts_output_norm(models: dict[str, Path]
     weights on the experts' input captured from the same graph."""
     import gguf
 
-    from edgevision.decoder.llama import LlamaDecoder, tensor_array, tensor_name
+    from edgevision.decoder.llama import LlamaDecoder
+    from edgevision.decoder.native import tensor_array, tensor_name
     from edgevision.moe.prune import SaliencyObserver
 
     source = models["f32"]

@@ -128,7 +128,8 @@ def _reference_routing(x: np.ndarray, weight: np.ndarray, scale: np.ndarray, eps
 
 
 def test_observer_matches_a_numpy_router_token_by_token(skewed: Path):
-    from edgevision.decoder.llama import LlamaDecoder, embedding_scale, tensor_array, tensor_name
+    from edgevision.decoder.llama import LlamaDecoder, embedding_scale
+    from edgevision.decoder.native import tensor_array, tensor_name
     from edgevision.moe.router import RouterObserver
 
     observer = RouterObserver.for_model(skewed)

@@ -25,26 +25,24 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
-import importlib.util
 import logging
 import math
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgevision.errors import EdgevisionError, InputError, MissingDependencyError, ModelError
+from edgevision.decoder.native import llama_cpp_library, native_log_capture
+from edgevision.errors import EdgevisionError, InputError, ModelError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
-native_logger = logging.getLogger(__name__ + ".native")
 
 EvalCallback = Callable[[int, bool], bool]
 """``cb_eval(tensor_ptr, ask) -> bool``: see `LlamaDecoder`."""
@@ -53,125 +51,9 @@ GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)
 _SEQ = 0  # the one sequence this decoder uses
 
-# enum ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous
-# message at its level). llama-cpp-python's own _logger.py maps an older order (INFO 1, WARN 2, ERROR 3) and so
-# reports warnings as errors. llama.cpp's INFO is load-time detail (hundreds of lines per model): DEBUG here.
-_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_LOG_CONT = 5
-
 # llama_decode return codes (llama.h)
 _DECODE_NO_SLOT = 1
 _DECODE_ABORTED = 2
-
-
-class _NativeLog:
-    """llama.cpp/ggml's process-wide log callback, forwarding whole lines to `native_logger`.
-
-    The callback is global in the native library, so one instance lives for the process. While
-    `capture` is active, error lines are also collected, so a failed load can say why.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = ""
-        self._level = logging.DEBUG
-        self._captures: list[list[str]] = []
-        self.c_callback: Any = None  # the ctypes object; must stay alive as long as the library
-
-    def __call__(self, level: int, text: bytes | None, _user_data: object) -> None:
-        message = (text or b"").decode("utf-8", errors="replace")
-        with self._lock:
-            if level != _LOG_CONT:
-                self._level = _LOG_LEVELS.get(level, logging.DEBUG)
-            self._buffer += message
-            if "\n" not in self._buffer:
-                return  # progress dots and other partial lines wait for their end
-            *lines, self._buffer = self._buffer.split("\n")
-            lines = [line.rstrip() for line in lines if line.strip()]
-            if self._level >= logging.ERROR:
-                for capture in self._captures:
-                    capture.extend(lines)
-            level_now = self._level
-        for line in lines:
-            native_logger.log(level_now, "%s", line)
-
-    @contextmanager
-    def capture(self) -> Iterator[list[str]]:
-        lines: list[str] = []
-        with self._lock:
-            self._captures.append(lines)
-        try:
-            yield lines
-        finally:
-            with self._lock:
-                self._captures.remove(lines)
-
-
-_native_log = _NativeLog()
-
-
-@functools.cache
-def _llama_cpp() -> Any:
-    """Import llama_cpp once, route its logs into `logging` and initialise its back-ends."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise MissingDependencyError(
-            "llama-cpp-python is not installed; the decoder needs it: "
-            "pip install llama-cpp-python==0.3.36 (on a Jetson build it with CMAKE_ARGS=-DGGML_CUDA=on)"
-        )
-    import llama_cpp
-
-    _native_log.c_callback = llama_cpp.llama_log_callback(_native_log)
-    llama_cpp.llama_log_set(_native_log.c_callback, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    lib = llama_cpp.llama_cpp._lib  # libllama; dlsym also finds the ggml functions it links
-    for fn, argtypes, restype in (
-        ("ggml_get_name", [ctypes.c_void_p], ctypes.c_char_p),
-        ("ggml_nbytes", [ctypes.c_void_p], ctypes.c_size_t),
-        ("ggml_is_contiguous", [ctypes.c_void_p], ctypes.c_bool),
-        ("ggml_backend_tensor_get", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
-    ):
-        getattr(lib, fn).argtypes = argtypes
-        getattr(lib, fn).restype = restype
-    return llama_cpp
-
-
-class _TensorHead(ctypes.Structure):
-    """The leading fields of ``struct ggml_tensor`` (ggml.h), which have kept this layout since 2023."""
-
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-    ]
-
-
-_GGML_DTYPES = {0: np.float32, 1: np.float16, 26: np.int32}  # GGML_TYPE_F32, F16, I32
-
-
-def tensor_name(tensor: int) -> str:
-    """The name of a ggml graph node (the pointer a ``cb_eval`` callback receives), e.g. ``"attn_norm-3"``."""
-    name = _llama_cpp().llama_cpp._lib.ggml_get_name(tensor)
-    return (name or b"").decode("utf-8", errors="replace")
-
-
-def tensor_array(tensor: int) -> np.ndarray:
-    """A copy of a computed graph node's data (inside ``cb_eval`` with ``ask=False``), in numpy order: a
-    ggml tensor of ``ne = [640, 5, 1, 1]`` becomes shape ``(5, 640)`` (leading axes of length 1 are dropped).
-    F32, F16 and I32 nodes only."""
-    lib = _llama_cpp().llama_cpp._lib
-    head = _TensorHead.from_address(tensor)
-    dtype = _GGML_DTYPES.get(head.type)
-    if dtype is None or not lib.ggml_is_contiguous(tensor):
-        raise ValueError(f"graph node {tensor_name(tensor)!r} is not a contiguous f32/f16/i32 tensor")
-    shape = tuple(int(n) for n in reversed(head.ne))
-    out = np.empty(shape, dtype=dtype)
-    if out.nbytes != lib.ggml_nbytes(tensor):
-        raise ValueError(f"graph node {tensor_name(tensor)!r} has an unexpected size; ggml's layout changed")
-    lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
-    while out.ndim > 1 and out.shape[0] == 1:
-        out = out[0]
-    return out
 
 
 def check_gguf(path: Path) -> None:
@@ -264,7 +146,7 @@ class LlamaDecoder:
             raise ValueError(f"n_ctx and n_batch must be positive, got n_ctx={n_ctx} n_batch={n_batch}")
         self.path = Path(model_path)
         check_gguf(self.path)
-        ll = _llama_cpp()
+        ll = llama_cpp_library()
         self._ll = ll
         self._seed = seed
         self._cb_eval = cb_eval
@@ -318,7 +200,7 @@ class LlamaDecoder:
 
             self._overrides = TensorOverrides(tensor_overrides)  # must outlive the model
             params.tensor_buft_overrides = self._overrides.address
-        with _native_log.capture() as problems:
+        with native_log_capture() as problems:
             model = ll.llama_model_load_from_file(os.fsencode(self.path), params)
         if not model:
             reason = "; ".join(problems[:2]) or "no reason given"
@@ -343,7 +225,7 @@ class LlamaDecoder:
             self._c_cb_eval = ll.ggml_backend_sched_eval_callback(self._eval_trampoline)
             params.cb_eval = self._c_cb_eval
             params.cb_eval_user_data = None
-        with _native_log.capture() as problems:
+        with native_log_capture() as problems:
             ctx = ll.llama_init_from_model(self._model, params)
         if not ctx:
             reason = "; ".join(problems[:2]) or "no reason given"
@@ -537,8 +419,21 @@ class LlamaDecoder:
 
     def _resync(self) -> None:
         """After a failed decode, take the cache's own view of how many positions it holds."""
+        self.sync_after_native_decode(has_logits=False)
+
+    @property
+    def native_handles(self) -> tuple[Any, Any]:
+        """The raw ``llama_model*`` and ``llama_context*``, for native companions (llama.cpp's mtmd) that decode
+        into this decoder's context; the decoder still owns and frees them. Call `sync_after_native_decode`
+        after such a decode."""
+        self._live()
+        return self._model, self._ctx
+
+    def sync_after_native_decode(self, *, has_logits: bool) -> None:
+        """Take the KV cache's own count of the positions it holds, after native code decoded into the context;
+        `has_logits` says whether that decode left logits for its last position."""
         self._n_past = self._ll.llama_memory_seq_pos_max(self._mem, _SEQ) + 1
-        self._has_logits = False
+        self._has_logits = has_logits
 
     def prefill_tokens(self, tokens: Sequence[int]) -> None:
         """Decode `tokens` at the next positions, in n_batch chunks; logits are kept for the last one."""

@@ -35,9 +35,9 @@ DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel", 4: "meta"}  # enum gg
 
 @functools.cache
 def _lib() -> Any:
-    from edgevision.decoder.llama import _llama_cpp
+    from edgevision.decoder.native import llama_cpp_library
 
-    lib = _llama_cpp().llama_cpp._lib  # dlsym through libllama also finds libggml and libggml-base
+    lib = llama_cpp_library().llama_cpp._lib  # dlsym through libllama also finds libggml and libggml-base
     for name, argtypes, restype in (
         ("ggml_backend_dev_count", [], ctypes.c_size_t),
         ("ggml_backend_dev_get", [ctypes.c_size_t], ctypes.c_void_p),

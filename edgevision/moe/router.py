@@ -53,9 +53,9 @@ class _Ggml:
     """The few ggml entry points the observer needs, bound once per process."""
 
     def __init__(self) -> None:
-        from edgevision.decoder.llama import _llama_cpp
+        from edgevision.decoder.native import llama_cpp_library
 
-        lib = _llama_cpp().llama_cpp._lib
+        lib = llama_cpp_library().llama_cpp._lib
         get_name = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("ggml_get_name", lib))
         probe = (ctypes.c_byte * 512)()
         # ggml_get_name returns tensor->name: its offset in struct ggml_tensor, read without a ctypes call

@@ -15,7 +15,6 @@ import functools
 import importlib.util
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgevision.decoder.native import NativeLog
 from edgevision.errors import EdgevisionError, InputError, MissingDependencyError, ModelError
 
 if TYPE_CHECKING:
@@ -32,36 +32,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 native_logger = logging.getLogger(__name__ + ".native")
 
-# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5. mtmd logs every encode at INFO: DEBUG here.
-_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
-_LOG_CONT = 5
 _CHUNK_TEXT, _CHUNK_IMAGE = 0, 1
 
 
-class _MtmdLog:
-    """mtmd's process-wide log callback, forwarding whole lines into `native_logger`."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = ""
-        self._level = logging.DEBUG
-        self.c_callback: Any = None
-
-    def __call__(self, level: int, text: bytes | None, _user_data: object) -> None:
-        with self._lock:
-            if level != _LOG_CONT:
-                self._level = _LOG_LEVELS.get(level, logging.DEBUG)
-            self._buffer += (text or b"").decode("utf-8", errors="replace")
-            if "\n" not in self._buffer:
-                return
-            *lines, self._buffer = self._buffer.split("\n")
-            level_now = self._level
-        for line in lines:
-            if line.strip():
-                native_logger.log(level_now, "%s", line.rstrip())
-
-
-_log = _MtmdLog()
+# mtmd logs every encode at INFO, which NativeLog sends to DEBUG.
+_log = NativeLog(native_logger)
 
 
 @functools.cache
@@ -127,7 +102,7 @@ class MtmdReference:
         params.n_threads = n_threads or len(os.sched_getaffinity(0))
         params.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]  # LLAMA_FLASH_ATTN_TYPE_*
         params.warmup = False
-        ctx = m.mtmd_init_from_file(os.fsencode(self.path), decoder._model, params)
+        ctx = m.mtmd_init_from_file(os.fsencode(self.path), decoder.native_handles[0], params)
         if not ctx:
             raise ModelError(
                 f"llama.cpp could not load mmproj {self.path} for decoder {decoder.path.name}: the file may be "
@@ -243,11 +218,14 @@ class MtmdReference:
             if dec.n_past + n_pos > dec.n_ctx:
                 raise InputError(f"the prompt needs {dec.n_past + n_pos} positions, the decoder holds {dec.n_ctx}")
             new_n_past = ctypes.c_int32(dec.n_past)
-            rc = m.mtmd_helper_eval_chunks(ctx, dec._ctx, chunks, dec.n_past, 0, dec.n_batch, True, ctypes.byref(new_n_past))
+            _, llama_ctx = dec.native_handles
+            rc = m.mtmd_helper_eval_chunks(
+                ctx, llama_ctx, chunks, dec.n_past, 0, dec.n_batch, True, ctypes.byref(new_n_past)
+            )
+            # the decoder's own bookkeeping: its KV cache now holds what mtmd decoded into its context
+            dec.sync_after_native_decode(has_logits=rc == 0)
             if rc != 0:
-                dec._resync()
                 raise EdgevisionError(f"mtmd_helper_eval_chunks failed with code {rc}")
-        # The decoder's own bookkeeping (the KV cache now holds what mtmd decoded into its context).
-        dec._n_past = int(new_n_past.value)
-        dec._has_logits = True
+        if dec.n_past != new_n_past.value:
+            raise EdgevisionError(f"mtmd decoded up to position {new_n_past.value}, the cache holds {dec.n_past}")
         return dec.n_past

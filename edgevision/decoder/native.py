@@ -1,0 +1,142 @@
+"""llama-cpp-python, loaded once: its logs routed into `logging`, and ggml graph nodes read as numpy arrays.
+
+Everything here touches the native library directly; `LlamaDecoder` (llama.py) and the MoE router observer
+build on it. The ggml tensor layout read by `tensor_array` is ``struct ggml_tensor``'s leading fields.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from edgevision.errors import MissingDependencyError
+
+# enum ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous
+# message at its level). llama-cpp-python's own _logger.py maps an older order (INFO 1, WARN 2, ERROR 3) and so
+# reports warnings as errors. llama.cpp's INFO is load-time detail (hundreds of lines per model): DEBUG here.
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
+_LOG_CONT = 5
+
+
+class NativeLog:
+    """A process-wide native log callback (llama.cpp/ggml's, mtmd's), forwarding whole lines to `logger`.
+
+    The callback is global in the native library, so one instance lives for the process. While
+    `capture` is active, error lines are also collected, so a failed load can say why.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._lock = threading.Lock()
+        self._buffer = ""
+        self._level = logging.DEBUG
+        self._captures: list[list[str]] = []
+        self.c_callback: Any = None  # the ctypes object; must stay alive as long as the library
+
+    def __call__(self, level: int, text: bytes | None, _user_data: object) -> None:
+        message = (text or b"").decode("utf-8", errors="replace")
+        with self._lock:
+            if level != _LOG_CONT:
+                self._level = _LOG_LEVELS.get(level, logging.DEBUG)
+            self._buffer += message
+            if "\n" not in self._buffer:
+                return  # progress dots and other partial lines wait for their end
+            *lines, self._buffer = self._buffer.split("\n")
+            lines = [line.rstrip() for line in lines if line.strip()]
+            if self._level >= logging.ERROR:
+                for capture in self._captures:
+                    capture.extend(lines)
+            level_now = self._level
+        for line in lines:
+            self._logger.log(level_now, "%s", line)
+
+    @contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        lines: list[str] = []
+        with self._lock:
+            self._captures.append(lines)
+        try:
+            yield lines
+        finally:
+            with self._lock:
+                self._captures.remove(lines)
+
+
+_native_log = NativeLog(logging.getLogger(__name__))
+
+
+@functools.cache
+def llama_cpp_library() -> Any:
+    """Import llama_cpp once, route its logs into `logging` and initialise its back-ends."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise MissingDependencyError(
+            "llama-cpp-python is not installed; the decoder needs it: "
+            "pip install llama-cpp-python==0.3.36 (on a Jetson build it with CMAKE_ARGS=-DGGML_CUDA=on)"
+        )
+    import llama_cpp
+
+    _native_log.c_callback = llama_cpp.llama_log_callback(_native_log)
+    llama_cpp.llama_log_set(_native_log.c_callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+    lib = llama_cpp.llama_cpp._lib  # libllama; dlsym also finds the ggml functions it links
+    for fn, argtypes, restype in (
+        ("ggml_get_name", [ctypes.c_void_p], ctypes.c_char_p),
+        ("ggml_nbytes", [ctypes.c_void_p], ctypes.c_size_t),
+        ("ggml_is_contiguous", [ctypes.c_void_p], ctypes.c_bool),
+        ("ggml_backend_tensor_get", [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t], None),
+    ):
+        getattr(lib, fn).argtypes = argtypes
+        getattr(lib, fn).restype = restype
+    return llama_cpp
+
+
+class _TensorHead(ctypes.Structure):
+    """The leading fields of ``struct ggml_tensor`` (ggml.h), which have kept this layout since 2023."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+    ]
+
+
+_GGML_DTYPES = {0: np.float32, 1: np.float16, 26: np.int32}  # GGML_TYPE_F32, F16, I32
+
+
+def tensor_name(tensor: int) -> str:
+    """The name of a ggml graph node (the pointer a ``cb_eval`` callback receives), e.g. ``"attn_norm-3"``."""
+    name = llama_cpp_library().llama_cpp._lib.ggml_get_name(tensor)
+    return (name or b"").decode("utf-8", errors="replace")
+
+
+def tensor_array(tensor: int) -> np.ndarray:
+    """A copy of a computed graph node's data (inside ``cb_eval`` with ``ask=False``), in numpy order: a
+    ggml tensor of ``ne = [640, 5, 1, 1]`` becomes shape ``(5, 640)`` (leading axes of length 1 are dropped).
+    F32, F16 and I32 nodes only."""
+    lib = llama_cpp_library().llama_cpp._lib
+    head = _TensorHead.from_address(tensor)
+    dtype = _GGML_DTYPES.get(head.type)
+    if dtype is None or not lib.ggml_is_contiguous(tensor):
+        raise ValueError(f"graph node {tensor_name(tensor)!r} is not a contiguous f32/f16/i32 tensor")
+    shape = tuple(int(n) for n in reversed(head.ne))
+    out = np.empty(shape, dtype=dtype)
+    if out.nbytes != lib.ggml_nbytes(tensor):
+        raise ValueError(f"graph node {tensor_name(tensor)!r} has an unexpected size; ggml's layout changed")
+    lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
+    while out.ndim > 1 and out.shape[0] == 1:
+        out = out[0]
+    return out
+
+
+def native_log_capture():
+    """While active, collects llama.cpp's error lines (so a failed load can say why); see `NativeLog.capture`."""
+    return _native_log.capture()
