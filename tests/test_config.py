@@ -410,11 +410,11 @@ def test_a_new_section_needs_only_its_dataclass(tmp_path: Path):
 
 
 def test_a_bad_declaration_fails_naming_the_field():
-    from edgevision.config import _specs
+    from edgevision.schema import check_declarations
 
     @dataclasses.dataclass(frozen=True)
     class Broken:
         n: int = setting(0, "Too small a default.", min=1)
 
     with pytest.raises(TypeError, match=r"Broken\.n: default 0 does not fit its declaration: below the minimum"):
-        _specs(Broken)
+        check_declarations(Broken)

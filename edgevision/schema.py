@@ -1,0 +1,532 @@
+"""Typed, strict settings from YAML: declarations with `setting()`/`section()`, the loader, and the docs.
+
+Settings are fields of frozen dataclasses, one dataclass per section, declared with `setting()` (default,
+one-line description, limits). `load` walks the YAML node tree, so each error names the file, the line, the
+dotted key, what is wrong and how to fix it; it collects every error before raising one `ConfigError`.
+`describe()` and `render_example()` read the same declarations. edgevision's own settings are declared in
+`edgevision.config`.
+
+Field types the loader understands: str, int, float, bool, Path (with `path="file"` or `path="dir"`),
+Literal["a", "b"] (a choice), any of these `| None` (then `null` is accepted), and nested section
+dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from edgevision.errors import ConfigError
+
+MODELS_FIX = "run 'make models', or register your model with 'edgevision models register'"
+
+_META = "edgevision"
+
+
+# --- declaring settings -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a setting declares besides its type and default."""
+
+    description: str
+    min: float | None = None
+    max: float | None = None
+    path: Literal["file", "dir"] | None = None
+    must_exist: bool = True
+    fix: str = MODELS_FIX  # said when a path that must exist is missing
+
+
+def setting(
+    default: Any,
+    description: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    path: Literal["file", "dir"] | None = None,
+    must_exist: bool = True,
+    fix: str = MODELS_FIX,
+) -> Any:
+    """Declare one setting: its default, a one-line description and its limits.
+
+    For a path, `default` is written as in the YAML file (relative to the config file's directory) and
+    `path` says whether it names a file or a directory; it must exist unless `must_exist=False`.
+    """
+    if path is not None:
+        default = Path(default)
+    meta = Meta(description, min, max, path, must_exist, fix)
+    return field(default=default, metadata={_META: meta})
+
+
+def section(cls: type) -> Any:
+    """Declare a section of the root (or of another section): a dataclass whose fields are settings."""
+    return field(default_factory=cls)
+
+
+# --- the schema, read from the declarations -----------------------------------------------------------------
+
+_Kind = Literal["str", "int", "float", "bool", "path", "choice", "section"]
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    kind: _Kind
+    nullable: bool
+    default: Any
+    meta: Meta | None  # None for a section
+    choices: tuple[str, ...] = ()
+    section: type | None = None
+
+
+@cache
+def _specs(cls: type) -> dict[str, _Spec]:
+    """The fields of a section class, checked: a mistake in a declaration fails here, at import."""
+    hints = typing.get_type_hints(cls)
+    specs: dict[str, _Spec] = {}
+    for f in dataclasses.fields(cls):
+        tp, nullable = _strip_none(hints[f.name])
+        where = f"{cls.__name__}.{f.name}"
+        if dataclasses.is_dataclass(tp):
+            specs[f.name] = _Spec(f.name, "section", False, None, None, section=tp)
+            _specs(tp)
+            continue
+        meta = f.metadata.get(_META)
+        if meta is None:
+            raise TypeError(f"{where}: declare it with setting(...) or section(...)")
+        kind: _Kind
+        choices: tuple[str, ...] = ()
+        if typing.get_origin(tp) is Literal:
+            kind, choices = "choice", tuple(typing.get_args(tp))
+            if not all(isinstance(c, str) for c in choices):
+                raise TypeError(f"{where}: choices must be strings")
+        elif tp is Path:
+            kind = "path"
+            if meta.path not in ("file", "dir"):
+                raise TypeError(f"{where}: a Path setting needs path='file' or path='dir'")
+        elif tp in (str, int, float, bool):
+            kind = tp.__name__
+        else:
+            raise TypeError(f"{where}: unsupported setting type {tp!r}")
+        spec = _Spec(f.name, kind, nullable, f.default, meta, choices)
+        if f.default is not None or not nullable:
+            problem = _check_value(spec, f.default)
+            if problem:
+                raise TypeError(f"{where}: default {f.default!r} does not fit its declaration: {problem}")
+        specs[f.name] = spec
+    return specs
+
+
+def _strip_none(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+        raise TypeError(f"unsupported setting type {tp!r}")
+    return tp, False
+
+
+def _check_value(spec: _Spec, value: Any) -> str | None:
+    """Whether a (default) value has the declared type and limits; the problem in words, or None."""
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "path": Path, "choice": str}
+    if isinstance(value, bool) and spec.kind != "bool":
+        return "a boolean"
+    if not isinstance(value, expected[spec.kind]):
+        return f"not a {spec.kind}"
+    if spec.kind == "choice" and value not in spec.choices:
+        return f"not one of {', '.join(spec.choices)}"
+    if spec.kind in ("int", "float"):
+        assert spec.meta is not None
+        if spec.meta.min is not None and value < spec.meta.min:
+            return f"below the minimum {spec.meta.min}"
+        if spec.meta.max is not None and value > spec.meta.max:
+            return f"above the maximum {spec.meta.max}"
+    return None
+
+
+def _leaves(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, _Spec]]:
+    for spec in _specs(cls).values():
+        key = prefix + spec.name
+        if spec.kind == "section":
+            assert spec.section is not None
+            yield from _leaves(spec.section, key + ".")
+        else:
+            yield key, spec
+
+
+# --- describing the settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One row of the settings table, for the CLI and the README."""
+
+    key: str  # dotted: "decoder.n_ctx"
+    type: str  # "integer", "number", "string", "boolean", "file", "directory", "choice"
+    default: Any  # as written in the YAML file (paths as strings)
+    description: str
+    allowed: str  # the limits in words: "256 to 131072", "onnxruntime, tensorrt", "" when any value goes
+
+
+_TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "choice": "choice"}
+
+
+def describe(root: type) -> list[SettingDoc]:
+    """Every setting, in declaration order."""
+    docs = []
+    for key, spec in _leaves(root):
+        assert spec.meta is not None
+        kind = _TYPE_WORDS[spec.kind] if spec.kind != "path" else _path_noun(spec)
+        if spec.nullable:
+            kind += " or null"
+        default = str(spec.default) if isinstance(spec.default, Path) else spec.default
+        docs.append(SettingDoc(key, kind, default, spec.meta.description, _allowed(spec)))
+    return docs
+
+
+def _path_noun(spec: _Spec) -> str:
+    assert spec.meta is not None
+    return "file" if spec.meta.path == "file" else "directory"
+
+
+def _allowed(spec: _Spec) -> str:
+    assert spec.meta is not None
+    lo, hi = spec.meta.min, spec.meta.max
+    if spec.kind == "choice":
+        return ", ".join(spec.choices)
+    if spec.kind == "path":
+        if not spec.meta.must_exist:
+            return ""
+        return "an existing " + ("file" if spec.meta.path == "file" else "directory")
+    if lo is not None and hi is not None:
+        return f"{_num(lo)} to {_num(hi)}"
+    if lo is not None:
+        return f"{_num(lo)} or more"
+    if hi is not None:
+        return f"{_num(hi)} or less"
+    return ""
+
+
+def _num(x: float) -> str:
+    return str(x)
+
+
+def render_example(root: type) -> str:
+    """A commented YAML file holding every setting at its default; config/edgevision.yaml is this text."""
+    lines = [
+        "# edgevision configuration: every setting, at its default.",
+        "# Generated from edgevision/config.py: python -m edgevision.config > config/edgevision.yaml",
+        "# Relative paths are relative to the directory this file is in (after following symlinks).",
+    ]
+    _render_section(root, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _render_section(cls: type, depth: int, lines: list[str]) -> None:
+    indent = "  " * depth
+    for spec in _specs(cls).values():
+        if spec.kind == "section":
+            assert spec.section is not None
+            lines.append("")
+            lines.append(f"{indent}# {_first_line(spec.section.__doc__)}")
+            lines.append(f"{indent}{spec.name}:")
+            _render_section(spec.section, depth + 1, lines)
+            continue
+        assert spec.meta is not None
+        allowed = _allowed(spec)
+        if spec.kind == "choice":
+            allowed = "one of: " + allowed
+        comment = spec.meta.description + (f" ({allowed})" if allowed and spec.kind != "path" else "")
+        lines.append(f"{indent}# {comment}")
+        default = str(spec.default) if isinstance(spec.default, Path) else spec.default
+        dumped = yaml.safe_dump({spec.name: default}, default_flow_style=False, width=math.inf, allow_unicode=True)
+        lines.append(indent + dumped.rstrip("\n"))
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+_T = typing.TypeVar("_T")
+
+
+def load(path: Path, root: type[_T]) -> _T:
+    """Load `path` into the settings tree `root` (normally `Config`)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        if e.context_mark is not None and "<stream end>" in (e.problem or ""):
+            mark = e.context_mark  # an unclosed bracket or quote: point where it opened
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = " ".join(p for p in (e.context, e.problem) if p)
+        raise ConfigError(
+            f"{path}{line}: YAML syntax error: {problem} — fix the indentation, colons or quoting near this line"
+        ) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not readable as YAML: {e} — check the file's encoding and characters") from e
+    loader = _Loader(path, path.resolve().parent, root)
+    if node is not None and not isinstance(node, yaml.MappingNode):
+        sections = ", ".join(f"{name}:" for name in _specs(root))
+        loader.error(
+            node,
+            "",
+            f"the top level is {_describe_node(node)}, not a mapping of sections",
+            f"write the sections at the top level, without indentation ({sections})",
+        )
+        loader.raise_if_errors()
+    config = loader.build(root, node, "")
+    loader.raise_if_errors()
+    return config
+
+
+class _Loader:
+    """Walks the YAML node tree into the dataclasses, collecting every error."""
+
+    def __init__(self, path: Path, base: Path, root: type) -> None:
+        self.path = path
+        self.base = base
+        self.root = root
+        self.errors: list[tuple[int, str]] = []
+        self.constructor = yaml.constructor.SafeConstructor()
+
+    def error(self, node: yaml.Node | None, key: str, problem: str, fix: str) -> None:
+        line = node.start_mark.line + 1 if node is not None else 0
+        where = f"{self.path}:{line}" if line else str(self.path)
+        self.errors.append((line, f"{where}: {key + ': ' if key else ''}{problem} — {fix}"))
+
+    def raise_if_errors(self) -> None:
+        if self.errors:
+            ordered = sorted(self.errors, key=lambda e: (e[0] == 0, e[0]))  # lines in order, then defaults
+            raise ConfigError("\n".join(text for _, text in ordered))
+
+    def build(self, cls: type, node: yaml.Node | None, prefix: str) -> Any:
+        specs = _specs(cls)
+        given: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                name = key_node.value if _is_str(key_node) else None
+                if name is None or name not in specs:
+                    scalar = isinstance(key_node, yaml.ScalarNode)
+                    raw = key_node.value if scalar else _describe_node(key_node)
+                    self._unknown(key_node, prefix, str(raw), specs)
+                elif name in given:
+                    first = given[name][0].start_mark.line + 1
+                    self.error(key_node, prefix + name, f"set twice (first on line {first})", "keep one of the two")
+                else:
+                    given[name] = (key_node, value_node)
+        values = {}
+        for name, spec in specs.items():
+            key_node, value_node = given.get(name, (None, None))
+            if spec.kind == "section":
+                assert spec.section is not None
+                malformed = value_node is not None and not _is_null(value_node)
+                if malformed and not isinstance(value_node, yaml.MappingNode):
+                    self.error(
+                        key_node,
+                        prefix + name,
+                        f"is {_describe_node(value_node)}, not a section of settings",
+                        f"write its settings indented under '{name}:', one 'key: value' per line",
+                    )
+                    value_node = None
+                sub = value_node if isinstance(value_node, yaml.MappingNode) else None
+                values[name] = self.build(spec.section, sub, prefix + name + ".")
+            else:
+                values[name] = self.leaf(spec, prefix + name, key_node, value_node)
+        return cls(**values)
+
+    def _unknown(self, key_node: yaml.Node, prefix: str, raw: str, specs: dict[str, _Spec]) -> None:
+        section = prefix.rstrip(".")
+        what = f"unknown setting in {section}" if section else "unknown section"
+        key = prefix + raw
+        close = difflib.get_close_matches(raw, list(specs), n=1, cutoff=0.6)
+        elsewhere = [k for k, _ in _leaves(self.root) if k.rsplit(".", 1)[-1] == raw and k != key]
+        if close:
+            fix = f"did you mean '{close[0]}'?"
+        elif elsewhere:
+            fix = f"move it to {elsewhere[0]}"
+        else:
+            fix = f"remove it; known {'settings in ' + section if section else 'sections'}: {', '.join(specs)}"
+        self.error(key_node, key, what, fix)
+
+    def leaf(self, spec: _Spec, key: str, key_node: yaml.Node | None, node: yaml.Node | None) -> Any:
+        assert spec.meta is not None
+        if node is None:  # not in the file: the default, with a path resolved and checked like a given one
+            value = spec.default
+            if spec.kind == "path" and value is not None:
+                return self._path(spec, key, None, str(value), default=True)
+            return value
+        expect = _expectation(spec)
+        if _is_null(node):
+            if spec.nullable:
+                return None
+            self.error(
+                key_node,
+                key,
+                "has no value",
+                f"set {expect}, or delete the line to use the default {_yaml_text(spec.default)}",
+            )
+            return spec.default
+        if not isinstance(node, yaml.ScalarNode):
+            self.error(key_node, key, f"is {_describe_node(node)}", f"set {expect}")
+            return spec.default
+        raw, tag = node.value, node.tag.rsplit(":", 1)[-1]
+        shown = _show(node)
+        if spec.kind in ("str", "path", "choice") and tag != "str":
+            if spec.kind == "choice":
+                self.error(key_node, key, f"{shown} is not one of {', '.join(spec.choices)}", f"set {expect}")
+            else:
+                self.error(key_node, key, f"{shown} is {_tag_word(tag)}, not text", f'put it in quotes: "{raw}"')
+            return spec.default
+        if spec.kind == "int" and tag != "int":
+            self.error(key_node, key, f"{shown} is {_tag_word(tag)}, not a whole number", f"set {expect}")
+            return spec.default
+        if spec.kind == "float" and tag not in ("int", "float"):
+            self.error(key_node, key, f"{shown} is {_tag_word(tag)}, not a number", f"set {expect}")
+            return spec.default
+        if spec.kind == "bool" and tag != "bool":
+            self.error(key_node, key, f"{shown} is {_tag_word(tag)}, not true or false", "set true or false")
+            return spec.default
+        value = self.constructor.construct_object(node)
+        if spec.kind == "float":
+            value = float(value)
+            if math.isnan(value):
+                self.error(key_node, key, f"{shown} is not a number", f"set {expect}")
+                return spec.default
+        if spec.kind == "choice" and value not in spec.choices:
+            close = difflib.get_close_matches(value.lower(), spec.choices, n=1, cutoff=0.6)
+            fix = f"did you mean '{close[0]}'?" if close else f"set one of: {', '.join(spec.choices)}"
+            self.error(key_node, key, f"{shown} is not one of {', '.join(spec.choices)}", fix)
+            return spec.default
+        if spec.kind in ("int", "float"):
+            lo, hi = spec.meta.min, spec.meta.max
+            fix = "set " + _range_words(lo, hi)
+            if lo is not None and value < lo:
+                self.error(key_node, key, f"{shown} is below the minimum {_num(lo)}", fix)
+                return spec.default
+            if hi is not None and value > hi:
+                self.error(key_node, key, f"{shown} is above the maximum {_num(hi)}", fix)
+                return spec.default
+        if spec.kind == "path":
+            return self._path(spec, key, key_node, value, default=False)
+        return value
+
+    def _path(self, spec: _Spec, key: str, key_node: yaml.Node | None, raw: str, *, default: bool) -> Path | None:
+        assert spec.meta is not None
+        path = Path(os.path.abspath(self.base / Path(raw).expanduser()))
+        if not spec.meta.must_exist:
+            return path
+        want_file = spec.meta.path == "file"
+        noun = "file" if want_file else "directory"
+        note = f" (the default '{raw}'; set {key} to yours)" if default else ""
+        if not path.exists():
+            self.error(key_node, key, f"{noun} not found: {path}{note}", spec.meta.fix)
+        elif want_file and not path.is_file():
+            self.error(key_node, key, f"{path} is a directory, not a file{note}", "point it at the model file itself")
+        elif not want_file and not path.is_dir():
+            self.error(
+                key_node,
+                key,
+                f"{path} is a file, not a directory{note}",
+                "point it at the directory that holds the model",
+            )
+        return path
+
+
+def _is_str(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str"
+
+
+def _is_null(node: yaml.Node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _describe_node(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return f"{_tag_word(node.tag.rsplit(':', 1)[-1])} {_show(node)}"
+
+
+def _tag_word(tag: str) -> str:
+    return {
+        "int": "a whole number",
+        "float": "a number",
+        "bool": "a boolean",
+        "null": "empty",
+        "str": "text",
+        "timestamp": "a date",
+        "binary": "binary data",
+    }.get(tag, f"a {tag}")
+
+
+def _show(node: yaml.Node) -> str:
+    raw = str(node.value)
+    if len(raw) > 60:
+        raw = raw[:57] + "..."
+    return f"'{raw}'" if node.tag.endswith(":str") else raw
+
+
+def _yaml_text(value: Any) -> str:
+    if isinstance(value, Path):
+        value = str(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).split("\n...")[0].strip()
+
+
+def _range_words(lo: float | None, hi: float | None) -> str:
+    if lo is not None and hi is not None:
+        return f"a value between {_num(lo)} and {_num(hi)}"
+    if lo is not None:
+        return f"a value of {_num(lo)} or more"
+    if hi is not None:
+        return f"a value of {_num(hi)} or less"
+    return "a number"
+
+
+def _expectation(spec: _Spec) -> str:
+    assert spec.meta is not None
+    match spec.kind:
+        case "int":
+            return "a whole number" + _range_tail(spec)
+        case "float":
+            return "a number" + _range_tail(spec)
+        case "bool":
+            return "true or false"
+        case "choice":
+            return "one of: " + ", ".join(spec.choices)
+        case "path":
+            return "the path of a " + ("file" if spec.meta.path == "file" else "directory")
+        case _:
+            return "some text"
+
+
+def _range_tail(spec: _Spec) -> str:
+    assert spec.meta is not None
+    lo, hi = spec.meta.min, spec.meta.max
+    if lo is None and hi is None:
+        return ""
+    return " (" + _range_words(lo, hi).removeprefix("a value ").removeprefix("of ") + ")"
+
+
+def check_declarations(root: type) -> None:
+    """Raise TypeError naming the field if a declaration under `root` is inconsistent (e.g. a default out of
+    its own range)."""
+    _specs(root)
