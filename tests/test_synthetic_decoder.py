@@ -143,6 +143,43 @@ def test_same_seed_gives_the_same_bytes(tmp_path: Path) -> None:
     assert first.read_bytes() != other.read_bytes()
 
 
+def _experts(path: Path, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gate_up, down) expert weights of a float32 file's layer, one flattened row per expert."""
+    tensors = {tensor.name: tensor for tensor in gguf.GGUFReader(path).tensors}
+    gate_up, down = (
+        np.asarray(tensors[f"blk.{layer}.{name}.weight"].data) for name in ("ffn_gate_up_exps", "ffn_down_exps")
+    )
+    return gate_up.reshape(gate_up.shape[0], -1), down.reshape(down.shape[0], -1)
+
+
+def test_upcycled_experts_are_variations_of_one_shared_ffn(tmp_path: Path) -> None:
+    independent = make_synthetic.write_moe_decoder(tmp_path / "independent.gguf", n_expert=8)
+    zero = make_synthetic.write_moe_decoder(tmp_path / "zero.gguf", n_expert=8, upcycle_noise=0.0)
+    upcycled = make_synthetic.write_moe_decoder(tmp_path / "upcycled.gguf", n_expert=8, upcycle_noise=0.1)
+    # 0 means today's independent experts, bytes and all (no extra metadata key either)
+    assert zero.read_bytes() == independent.read_bytes()
+    assert gguf.GGUFReader(independent).get_field(make_synthetic.UPCYCLE_KEY) is None
+    assert gguf.GGUFReader(upcycled).get_field(make_synthetic.UPCYCLE_KEY).contents() == pytest.approx(0.1)
+    assert make_synthetic.default_filename(make_synthetic.MoeDecoderSpec(upcycle_noise=0.1)).endswith("-up0.1-f32.gguf")
+
+    def distance_to_mean(path: Path) -> np.ndarray:
+        """Each expert's relative distance to the layer's mean expert, for both matrices and all layers."""
+        out = []
+        for layer in range(4):
+            for weights in _experts(path, layer):
+                base = weights.mean(axis=0)
+                out.append(np.linalg.norm(weights - base, axis=1) / np.linalg.norm(base))
+        return np.concatenate(out)
+
+    # upcycled: every expert within ~10% of the shared FFN (the mean of 8 estimates it); independent: the mean
+    # of 8 random matrices is ~1/sqrt(8) of one, so each expert is ~2.6 of it away
+    assert distance_to_mean(upcycled).max() < 0.15
+    assert distance_to_mean(independent).min() > 2.0
+    # the weights keep their scale, so activations (and the router's view of them) stay as before
+    for mine, theirs in zip(_experts(upcycled, 1), _experts(independent, 1), strict=True):
+        assert np.linalg.norm(mine) == pytest.approx(np.linalg.norm(theirs), rel=0.1)
+
+
 def test_quantized_files_are_smaller(decoders: dict[str, Path]) -> None:
     sizes = [decoders[ftype].stat().st_size for ftype in FTYPES]
     assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)

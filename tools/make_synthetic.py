@@ -11,6 +11,8 @@ The weights are random (seeded, so the same settings give a byte-identical file)
 stay finite; the text it generates is printable nonsense (it never emits special or byte tokens, so it runs
 to max_tokens). ``router_skew`` biases each layer's router towards a
 seeded ranking of its experts, so a few experts take most tokens (see ``MoeDecoderSpec.router_skew``).
+``upcycle_noise`` makes the experts of a layer variations of one shared FFN, as in models whose experts were
+upcycled from a dense FFN (MoE-LLaVA, LLaVA-GM); without it every expert is an independent random FFN.
 
     python tools/make_synthetic.py decoder --out models/ --ftype f32 q8_0 q4_0 --router-skew 1.5
 """
@@ -36,6 +38,7 @@ ARCH = "gemma4"
 PREFERENCE_KEY = "edgevision.synthetic.expert_preference"
 SKEW_KEY = "edgevision.synthetic.router_skew"
 SEED_KEY = "edgevision.synthetic.seed"
+UPCYCLE_KEY = "edgevision.synthetic.upcycle_noise"
 
 # Gemma 4's special tokens. Ids 0-3 match the real tokenizer; the rest sit together here, where the real
 # one has them far apart (<|turn> 105, <turn|> 106, <|image> 255999, <|image|> 258880, <image|> 258882).
@@ -139,6 +142,13 @@ class MoeDecoderSpec:
             "1-2 = a few experts take most tokens, 4 = nearly always the same top-k"
         },
     )
+    upcycle_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "upcycled experts: each is one shared base FFN plus this much independent perturbation "
+            "(relative std); 0 = independent random experts"
+        },
+    )
     full_attention_every: int = field(
         default=2, metadata={"help": "every N-th layer uses full attention, the rest a sliding window"}
     )
@@ -153,6 +163,13 @@ class MoeDecoderSpec:
     # p(r) ~ (1 + r) ** -router_skew. Measured on CORPUS (about 500 tokens) with the defaults, 8 experts
     # and top-2, the share of routing slots taken by each layer's 2 preferred experts is: 0 -> 0.22-0.35
     # (a random router is uneven by itself), 1 -> 0.52-0.67, 2 -> 0.71-0.89, 4 -> 0.94-0.96.
+    #
+    # upcycle_noise, in detail: sparse upcycling (MoE-LLaVA, LLaVA-GM) starts every expert of a layer as a copy
+    # of the dense FFN, and training moves them apart only partly. With upcycle_noise s > 0 each expert's
+    # matrices are (base + s * own) / sqrt(1 + s**2), with base one random FFN per layer (drawn like an
+    # expert) and own the expert's independent draw of today's experts, so the output keeps its scale and
+    # the relative distance between two experts is about s * sqrt(2 / (1 + s**2)); the per-expert output
+    # scale becomes 1 + s * (u - 1) with u the independent experts' uniform(0.75, 1.25) draw.
 
     def __post_init__(self) -> None:
         if self.ftype not in FTYPES:
@@ -170,6 +187,8 @@ class MoeDecoderSpec:
                 raise ValueError(f"{name} must be a multiple of {QUANT_BLOCK}, the quantization block size")
         if self.router_skew < 0:
             raise ValueError("router_skew must be 0 or more")
+        if self.upcycle_noise < 0:
+            raise ValueError("upcycle_noise must be 0 (independent experts) or more")
         if self.n_vocab < _fixed_vocab_size() + 1:
             raise ValueError(f"n_vocab must be more than {_fixed_vocab_size()} to leave room for merges")
 
@@ -313,6 +332,24 @@ def _bias_share(n_embd: int, blocks_before: int) -> float:
     return BIAS_CHANNEL_VALUE / np.sqrt(BIAS_CHANNEL_VALUE**2 + (n_embd - 1) * (1 + blocks_before))
 
 
+def _upcycle(
+    spec: MoeDecoderSpec,
+    weights: _Weights,
+    il: int,
+    gate_up: np.ndarray,
+    down_exps: np.ndarray,
+    expert_scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The experts as one shared base FFN plus `upcycle_noise` times their own draws (see MoeDecoderSpec)."""
+    s = spec.upcycle_noise
+    norm = np.float32(1 / np.sqrt(1 + s * s))
+    base_gate_up = weights.reader(f"blk.{il}.ffn_exps_base.gate_up", (2 * spec.n_ff_exp, spec.n_embd))
+    base_down = weights.writer(f"blk.{il}.ffn_exps_base.down", (spec.n_embd, spec.n_ff_exp))
+    gate_up = (base_gate_up + np.float32(s) * gate_up) * norm
+    down_exps = (base_down + np.float32(s) * down_exps) * norm
+    return gate_up.astype(np.float32), down_exps.astype(np.float32), 1 + s * (expert_scale - 1)
+
+
 def _decoder_tensors(spec: MoeDecoderSpec, n_vocab: int) -> Iterator[tuple[str, np.ndarray, bool]]:
     """(GGUF name, float32 array in numpy order, whether it is a matrix that takes the file's ftype)."""
     weights = _Weights(spec.seed)
@@ -351,11 +388,13 @@ def _decoder_tensors(spec: MoeDecoderSpec, n_vocab: int) -> Iterator[tuple[str, 
         yield f"{p}.pre_ffw_norm_2.weight", _ones(n), False
         # ggml shape {n_embd, 2 * n_ff_exp, n_expert}: per expert, the gate rows then the up rows
         gate_up = weights.reader(f"{p}.ffn_gate_up_exps.weight", (spec.n_expert, 2 * spec.n_ff_exp, n))
-        yield f"{p}.ffn_gate_up_exps.weight", gate_up, True
         down_exps = weights.writer(f"{p}.ffn_down_exps.weight", (spec.n_expert, n, spec.n_ff_exp))
-        yield f"{p}.ffn_down_exps.weight", down_exps, True
         # Gemma 4's per-expert output scale (router.per_expert_scale in the checkpoint)
         expert_scale = weights.rng(f"{p}.ffn_down_exps.scale").uniform(0.75, 1.25, spec.n_expert)
+        if spec.upcycle_noise > 0:
+            gate_up, down_exps, expert_scale = _upcycle(spec, weights, il, gate_up, down_exps, expert_scale)
+        yield f"{p}.ffn_gate_up_exps.weight", gate_up, True
+        yield f"{p}.ffn_down_exps.weight", down_exps, True
         yield f"{p}.ffn_down_exps.scale", expert_scale.astype(np.float32), False
         yield f"{p}.post_ffw_norm_2.weight", _ones(n), False
         yield f"{p}.post_ffw_norm.weight", _ones(n), False
@@ -421,6 +460,8 @@ def _add_metadata(writer: gguf.GGUFWriter, spec: MoeDecoderSpec, vocab: Vocab) -
 
     writer.add_uint32(SEED_KEY, spec.seed)
     writer.add_float32(SKEW_KEY, spec.router_skew)
+    if spec.upcycle_noise > 0:  # absent otherwise, so files without it keep their bytes
+        writer.add_float32(UPCYCLE_KEY, spec.upcycle_noise)
     writer.add_array(PREFERENCE_KEY, expert_preference(spec).reshape(-1).tolist())
 
 
@@ -453,6 +494,7 @@ def write_moe_decoder(path: str | Path, spec: MoeDecoderSpec | None = None, **fi
 
 def default_filename(spec: MoeDecoderSpec) -> str:
     skew = f"-skew{spec.router_skew:g}" if spec.router_skew else ""
+    skew += f"-up{spec.upcycle_noise:g}" if spec.upcycle_noise else ""
     return f"gemma4-moe-synthetic-l{spec.n_layer}-e{spec.n_expert}k{spec.n_expert_used}{skew}-{spec.ftype}.gguf"
 
 
@@ -490,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{path}\t{path.stat().st_size} bytes\t{ARCH} {spec.ftype}, {spec.n_layer} layers, "
             f"{spec.n_expert} experts (top {spec.n_expert_used}), router_skew {spec.router_skew:g}, "
-            f"seed {spec.seed}"
+            f"upcycle_noise {spec.upcycle_noise:g}, seed {spec.seed}"
         )
     return 0
 
