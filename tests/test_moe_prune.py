@@ -226,3 +226,34 @@ def test_saliency_is_gate_times_each_experts_output_norm(models: dict[str, Path]
         reference = np.bincount(ids.ravel(), (gates * np.linalg.norm(out, axis=-1)).ravel(), minlength=8)
         assert observer.reap_sum[il] == pytest.approx(reference, rel=5e-4), f"layer {il}"  # ggml: f16 GELU table
         assert np.array_equal(observer.routed[il], np.bincount(ids.ravel(), minlength=8))
+
+
+def test_pruning_upcycled_experts_keeps_the_answers_pruning_independent_ones_does_not(make_synthetic, tmp_path: Path):
+    """Half of each layer's 16 experts dropped, on skewed routing where the dropped ones still get tokens.
+
+    Experts upcycled from one FFN (upcycle_noise) stand in for each other, so the pruned model still agrees
+    with the unpruned one; independent random experts do not, which is why the benchmark model is upcycled.
+    """
+    from edgevision.moe.calibrate import load_calibration, read_questions, run_calibration
+    from edgevision.moe.prune import SaliencyObserver, compare_models, prune_file
+
+    heldout = read_questions(ROOT / "calibration" / "heldout.txt")[:3]
+    calibration = load_calibration(ROOT / "calibration")
+    quality = {}
+    for noise in (0.05, 0.0):
+        source = make_synthetic.write_moe_decoder(
+            tmp_path / f"up{noise}.gguf",
+            ftype="q8_0",
+            n_expert=16,
+            n_expert_used=2,
+            router_skew=0.8,
+            upcycle_noise=noise,
+        )
+        observer = SaliencyObserver.for_model(source)
+        run_calibration(source, calibration, observer, max_tokens=4, n_threads=1)
+        kept = prune_file(source, tmp_path / f"up{noise}-keep8.gguf", observer.scores(), 8, observer.mass.sum(axis=0))
+        dropped_mass = 1 - np.take_along_axis(observer.mass.sum(axis=0), kept, axis=1).sum() / observer.mass.sum()
+        assert dropped_mass > 0.02, "the dropped experts should still get some of the routing"
+        quality[noise] = compare_models(source, tmp_path / f"up{noise}-keep8.gguf", heldout, max_tokens=12, n_threads=1)
+    assert quality[0.05].agreement >= 0.95 and quality[0.05].mean_kl < 0.01, quality
+    assert quality[0.0].agreement < 0.9 and quality[0.0].mean_kl > 10 * quality[0.05].mean_kl, quality

@@ -38,7 +38,7 @@ from edgevision.errors import EdgevisionError, ModelError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-q8_0.gguf"
+DEFAULT_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-up0.1-q8_0.gguf"
 MIB = 2**20
 
 
@@ -234,19 +234,23 @@ def _calibrate(model: Path, calibration: Path, tokens: int, n_threads: int, out:
 
 
 def _prune_to_fit(model: Path, calibration: Path, budget: int, n_threads: int, work: Path) -> tuple[Path | None, str]:
-    """`model` pruned by ``edgevision prune`` (REAP saliency on the calibration prompts) to a file of at most
-    `budget` bytes, or (None, why not)."""
+    """`model` pruned by ``edgevision prune`` (its default ranking, REAP saliency summed over the calibration
+    prompts' tokens) to a file of at most `budget` bytes, or (None, why not)."""
     if importlib.util.find_spec("edgevision.moe.prune") is None:
         return None, "edgevision prune is not available in this checkout"
+    from edgevision.moe.prune import DEFAULT_CRITERION
+
     out = work / (model.stem + "-pruned.gguf")
     cmd = [sys.executable, "-m", "edgevision", "prune", "--decoder", str(model), "--budget", str(budget)]
+    cmd += ["--criterion", DEFAULT_CRITERION]
     cmd += ["--out", str(out), "--calibration", str(calibration), "--no-images", "--no-report", "--max-tokens", "8"]
     cmd += ["--threads", str(n_threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0 or not out.is_file():
         return None, "edgevision prune failed: " + " | ".join(proc.stderr.strip().splitlines()[-2:])
     kept = next((line for line in proc.stdout.splitlines() if line.startswith("pruned model:")), "")
-    return out, kept.split(": ", 2)[-1].split(",")[0] if kept else ""
+    kept = kept.split(": ", 2)[-1].split(",")[0] if kept else ""
+    return out, f"{kept}, ranked by {DEFAULT_CRITERION}"
 
 
 def _kept_mass(pruned: Path, prior: Any) -> str:

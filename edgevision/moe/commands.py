@@ -229,10 +229,11 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     prune.add_argument("--out", help="pruned GGUF to write (default: out/<decoder>-keep<N>.gguf)")
     prune.add_argument(
         "--criterion",
-        choices=["reap", "reap-sum", "mass"],
-        default="reap",
-        help="what ranks the experts: reap (default; mean gate x output norm when routed), reap-sum (the same "
-        "summed over tokens, so frequency counts), mass (summed gate weight)",
+        choices=["reap-sum", "reap", "mass"],
+        default="reap-sum",
+        help="what ranks the experts: reap-sum (default; gate x output norm summed over the calibration tokens, "
+        "so how often an expert runs counts), reap (the REAP paper's mean of it over the tokens routed to the "
+        "expert), mass (summed gate weight)",
     )
     _calibration_args(prune)
     prune.add_argument(

@@ -8,7 +8,12 @@ where g_j is the gate weight the router gave j (``ffn_moe_weights_norm``) and f_
 before it is weighted (``ffn_moe_down_scaled``: the down projection after Gemma 4's per-expert scale). Both
 are read from llama.cpp's graph while the calibration set runs, so the saliency is of exactly what the
 model computes (any quantization included). An expert never selected has saliency 0. Each layer keeps its
-most salient experts; ties go to the one with more gate mass, then the lower id.
+highest-scoring experts; ties go to the one with more gate mass, then the lower id.
+
+The default ranking, ``reap-sum``, is that saliency summed instead of averaged over the calibration tokens
+(routing frequency x REAP): REAP's mean says how much an expert matters when it runs, not how often it runs,
+so on its own it can keep a rarely routed expert over a busy one. The paper's mean (``reap``) and the plain
+gate mass (``mass``) stay selectable; see `CRITERIA` and the README for how they compared.
 
 `compare_models` measures what pruning cost on held-out prompts: the two models are fed the same tokens
 (the prompt, then the unpruned model's greedy answer) and at every answer position the top-1 next token is
@@ -33,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 # ffn_moe_down is renamed ffn_moe_down_scaled when the model has per-expert output scales (Gemma 4)
 _OUTPUT_NODES = ("ffn_moe_down_scaled-", "ffn_moe_down-")
+# what ranks the experts unless told otherwise, one of CRITERIA
+DEFAULT_CRITERION = "reap-sum"
 
 
 class SaliencyObserver(RouterObserver):
@@ -79,7 +86,7 @@ class SaliencyObserver(RouterObserver):
         """(n_layer, n_expert) REAP saliency; 0 for experts never routed to."""
         return np.divide(self.reap_sum, self.routed, out=np.zeros_like(self.reap_sum), where=self.routed > 0)
 
-    def scores(self, criterion: str = "reap") -> np.ndarray:
+    def scores(self, criterion: str = DEFAULT_CRITERION) -> np.ndarray:
         """(n_layer, n_expert) what pruning ranks experts by, see `CRITERIA`."""
         match criterion:
             case "reap":
@@ -92,8 +99,10 @@ class SaliencyObserver(RouterObserver):
 
 
 CRITERIA = {
-    "reap": "REAP: mean over routed tokens of gate x output norm (how much an expert matters when it runs)",
-    "reap-sum": "the same summed over tokens (REAP x routing frequency: how much it matters overall)",
+    "reap-sum": "REAP saliency summed over tokens: routing frequency x mean gate x output norm (how much it "
+    "matters overall)",
+    "reap": "REAP as the paper defines it: mean over routed tokens of gate x output norm (how much an expert "
+    "matters when it runs)",
     "mass": "total gate weight the router gave it (frequency, weighted by gate)",
 }
 
