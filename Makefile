@@ -70,15 +70,18 @@ engines: $(STAMP)
 	$(BIN)/python tools/build_engines.py --engines $(ENGINES) --precision $(PRECISION) $(foreach t,$(ENGINE_TOWERS),--tower $(t))
 
 # The model of 'edgevision bench moe': Q8_0, 8 layers x 32 experts of 3.2 MiB (top 2), routing skewed so each
-# layer's hottest quarter of experts takes 80-99% of the gate mass. Q8_0 because llama.cpp repacks Q4_0 into
-# its own memory on AVX2 CPUs, which would take the experts out of the file mapping that residency manages.
-BENCH_MOE := $(MODELS)/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-q8_0.gguf
+# layer's hottest quarter of experts takes 80-99% of the gate mass, experts upcycled from one FFN per layer
+# (each the shared FFN plus 10% own noise, as MoE-LLaVA's experts start as copies of the dense FFN).
+# Q8_0 because llama.cpp repacks Q4_0 into its own memory on AVX2 CPUs, which would take the experts out of
+# the file mapping that residency manages.
+BENCH_MOE := $(MODELS)/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-up0.1-q8_0.gguf
 
 bench-model: $(BENCH_MOE)
 
 $(BENCH_MOE): tools/make_synthetic.py | $(STAMP)
 	$(BIN)/python tools/make_synthetic.py decoder --out $(MODELS)/bench --ftype q8_0 --n-layer 8 --n-embd 1024 \
-		--n-head 8 --n-ff 1024 --n-ff-exp 1024 --n-expert 32 --n-expert-used 2 --router-skew 0.8
+		--n-head 8 --n-ff 1024 --n-ff-exp 1024 --n-expert 32 --n-expert-used 2 --router-skew 0.8 \
+		--upcycle-noise 0.1
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgevision tools tests
