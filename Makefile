@@ -110,9 +110,14 @@ install:
 	install -m 0644 README.md $(OPT)/README.md
 	install -d -m 0755 $(ETC)
 	# the example config, its models in $(STATE)/models; an existing config is kept
-	test -e $(ETC)/config.yaml || sed 's|\.\./models/|$(STATE)/models/|' $(CONFIG) > $(ETC)/config.yaml
-	install -d -o edgevision -g edgevision -m 0750 $(STATE) $(STATE)/models /var/log/edgevision
+	test -e $(ETC)/config.yaml || sed -e 's|\.\./models/|$(STATE)/models/|' -e 's|\.\./engines/|$(STATE)/engines/|' \
+		$(CONFIG) > $(ETC)/config.yaml
+	install -d -o edgevision -g edgevision -m 0750 $(STATE) $(STATE)/models $(STATE)/engines /var/log/edgevision
 	if [ -d $(MODELS) ]; then cp -rnL $(MODELS)/. $(STATE)/models/ && chown -R edgevision:edgevision $(STATE)/models; fi
+	# TensorRT plans, their manifests and the ONNX they were built from (a config with vision.backend: tensorrt)
+	for f in $(ENGINES)/*.plan $(ENGINES)/*.manifest.json $(ENGINES)/*.onnx; do \
+		if [ -e "$$f" ]; then cp -nL "$$f" $(STATE)/engines/ && chown edgevision:edgevision $(STATE)/engines/"$${f##*/}"; fi; \
+	done
 	install -m 0644 systemd/edgevision.service $(UNIT)
 	systemctl daemon-reload
 	systemctl enable edgevision.service

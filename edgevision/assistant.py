@@ -25,6 +25,9 @@ from edgevision.vision.encoder import VisionEncoder, encode_image, open_encoder
 
 logger = logging.getLogger(__name__)
 
+# Speak the answer's first clause on its own once it has this many words (the rest sentence by sentence).
+FIRST_CLAUSE_WORDS = 4
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -286,7 +289,9 @@ class Assistant:
             for _ in tokens():
                 pass
         else:
-            sentences = (s for s in split_sentences(tokens()) if s.strip() and not stopped())
+            # the first clause of four or more words is spoken on its own, so the first audio comes sooner
+            pieces_to_say = split_sentences(tokens(), first_clause_words=FIRST_CLAUSE_WORDS)
+            sentences = (s for s in pieces_to_say if s.strip() and not stopped())
             for chunk in self.synthesizer.stream(sentences):
                 if stopped():
                     break

@@ -83,6 +83,59 @@ def test_earcons_are_short_audible_tones_that_differ() -> None:
     assert len({s.samples.tobytes() for s in sounds.values()}) == len(sounds)
 
 
+def _tone(seconds: float, amplitude: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    return (amplitude * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def test_a_pause_after_speech_is_found_and_only_quiet_after_a_transcript_lets_it_stand() -> None:
+    from edgevision.daemon.endpoint import ends_in_pause, only_quiet_after
+
+    silence = np.zeros(3_200, dtype=np.float32)  # 0.2 s
+    spoken = np.concatenate([_tone(0.5), silence])
+    assert ends_in_pause(spoken, since=0)
+    assert not ends_in_pause(spoken[:8_400], since=0)  # only 0.025 s quiet yet
+    assert not ends_in_pause(spoken, since=len(spoken) - 2_000)  # nothing said since the last transcript
+    assert not ends_in_pause(np.zeros(16_000, dtype=np.float32), since=0)  # silence is no question
+    heard = len(spoken)
+    more_quiet = np.concatenate([spoken, silence, 0.001 * _tone(0.3)])  # room noise after it
+    assert only_quiet_after(more_quiet, heard)
+    soft_end = np.concatenate([spoken, _tone(0.1, amplitude=0.02)])  # a faint last sound, 24 dB down
+    assert not only_quiet_after(soft_end, heard)
+    assert not only_quiet_after(np.concatenate([spoken, _tone(0.4)]), heard)
+
+
+def test_the_first_clause_of_an_answer_is_spoken_on_its_own_once_it_has_a_few_words() -> None:
+    from edgevision.speech.synthesis import split_sentences
+
+    tokens = ["Yes,", " there", " is a red", " ball,", " and a", " cup of 3,000", " beads. It is", " new, I think."]
+    assert list(split_sentences(tokens, first_clause_words=4)) == [
+        "Yes, there is a red ball,", "and a cup of 3,000 beads.", "It is new, I think."]
+    assert list(split_sentences(tokens)) == ["Yes, there is a red ball, and a cup of 3,000 beads.",
+                                             "It is new, I think."]
+
+
+def test_the_wav_microphone_lets_sound_in_as_it_is_spoken_and_stop_hands_in_what_was_captured() -> None:
+    from edgevision.devices.wav_devices import WavMicrophone
+    from edgevision.speech.audio import Audio
+
+    clip = Audio(_tone(0.4), 16_000)
+    for realtime in (False, True):
+        microphone = WavMicrophone(realtime=realtime)
+        microphone.push(clip)
+        assert len(microphone.captured().samples) == 0  # not recording
+        microphone.start()
+        lengths = []
+        for _ in range(3):
+            time.sleep(0.1)
+            lengths.append(len(microphone.captured().samples))
+        assert 0 < lengths[0] < lengths[1] < lengths[2] < len(clip.samples)  # grows with time, never ahead of it
+        time.sleep(0.25)  # the clip has been said
+        so_far = microphone.captured()
+        stopped = microphone.stop()
+        assert np.array_equal(so_far.samples, clip.samples) and np.array_equal(stopped.samples, clip.samples)
+
+
 def test_notifier_sends_datagrams_to_notify_socket_and_is_silent_without_one() -> None:
     with _notify_socket() as (path, receive):
         notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000", "WATCHDOG_PID": str(os.getpid())})
@@ -387,6 +440,54 @@ def test_a_question_held_too_long_is_cut_at_the_longest_recording(daemon: Harnes
     daemon.send("release")
     assert record["recording_capped"] and record["said"] == SETTINGS.didnt_catch
     assert SETTINGS.max_recording_s - 0.05 <= record["durations_s"]["recording"] < SETTINGS.max_recording_s + 2
+
+
+def _trim_quiet_end(clip):
+    """The clip without its trailing quiet: speech right up to its end."""
+    from edgevision.daemon.endpoint import FRAME_S, frame_rms, quiet_level
+    from edgevision.speech.audio import Audio, resample
+
+    clip = resample(clip, 16_000)
+    rms = frame_rms(clip.samples)
+    last = int(np.nonzero(rms >= quiet_level(rms.max()))[0][-1])
+    return Audio(clip.samples[: int((last + 1) * FRAME_S * 16_000)], 16_000)
+
+
+def _ask_at_length(daemon: Harness, clip) -> dict:
+    """Hold the button for as long as the clip lasts (allowed a longer recording than the other tests)."""
+    core = daemon.daemon
+    core.settings = replace(core.settings, max_recording_s=clip.duration + 3)
+    try:
+        return daemon.ask(clip, hold=clip.duration)
+    finally:
+        core.settings = SETTINGS
+
+
+def test_a_question_followed_by_a_pause_before_release_is_recognised_while_the_button_is_held(daemon: Harness) -> None:
+    from edgevision.speech.audio import Audio, read_wav, resample
+
+    daemon.quiet()
+    spoken = resample(read_wav(SPOKEN), 16_000)
+    quiet = np.zeros(int(1.5 * 16_000), dtype=np.float32)  # the user stops talking, then lets go
+    clip = Audio(np.concatenate([spoken.samples, quiet]), 16_000)
+    record = _ask_at_length(daemon, clip)
+    assert "table" in record["question"].lower() and record["answer"]
+    assert record["early_transcript"] is True and record["early_transcripts_made"] >= 1
+    assert record["durations_s"]["recognition_after_release"] >= 0
+
+
+def test_speech_going_on_up_to_release_is_recognised_again_in_full(daemon: Harness, synth) -> None:
+    from edgevision.speech.audio import Audio, resample
+
+    daemon.quiet()
+    first = resample(synth.synthesize("What is this?"), 16_000)
+    second = _trim_quiet_end(synth.synthesize("Is it on the table?"))
+    pause = np.zeros(int(0.8 * 16_000), dtype=np.float32)  # an early transcript is made here ...
+    clip = Audio(np.concatenate([first.samples, pause, second.samples]), 16_000)  # ... and then it goes on
+    record = _ask_at_length(daemon, clip)
+    assert record["early_transcripts_made"] >= 1 and record["early_transcript"] is False
+    question = record["question"].lower()
+    assert "this" in question and "table" in question  # the whole recording's words, not the early ones
 
 
 def _camera_gone(camera, error_type) -> bool:

@@ -1,7 +1,8 @@
 """`edgevision bench e2e`: scripted spoken questions through the whole daemon, overlapped vs sequential.
 
 A scripted user holds the (socket) button for as long as the question takes to say — the question is
-spoken by Piper and played in through the WAV microphone — while the still-image camera shows one of the
+spoken by Piper and played in through the WAV microphone in real time (the daemon hears only what has been
+"said" so far, and on release only what was said while the button was held) — while the still-image camera shows one of the
 scenes; the answer goes to a WAV speaker. The two modes alternate question by question in one run on the
 same models, and the per-stage medians are printed side by side. The headline is release → first audio:
 how long the user waits after letting go of the button.
@@ -39,6 +40,7 @@ ROWS = (
     ("hold (question spoken)", "recording", "s"),
     ("capture (frame at press)", "capture", "s"),
     ("recognition", "recognition", "s"),
+    ("  of which after release", "recognition_after_release", "s"),
     ("vision encode", "vision_encode", "s"),
     ("image prefill", "image_prefill", "s"),
     ("  of which after release", "look_after_release", "s"),
@@ -88,6 +90,12 @@ class E2EReport:
             verdict = "met" if over / seq <= TARGET else "NOT met"
             lines.append(f"headline: release → first audio {over:.2f} s overlapped vs {seq:.2f} s sequential = "
                          f"{over / seq:.2f}× (target ≤ {TARGET}×: {verdict})")
+        overlapped = self.by_mode("overlapped")
+        if overlapped:
+            early = sum(bool(r.get("early_transcript")) for r in overlapped)
+            made = sum(r.get("early_transcripts_made", 0) for r in overlapped)
+            lines.append(f"early transcript (recognised while held) used in {early} of {len(overlapped)} overlapped "
+                         f"answers; {made} made in all")
         failed = [r for r in self.records if r["answer"] is None]
         if failed:
             lines.append(f"{len(failed)} interaction(s) gave no answer: {failed[0]['error']}")
@@ -124,7 +132,7 @@ def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None) -> 
     power = open_power_reader(config.telemetry.power_reader)
     interval = config.telemetry.sample_interval_ms / 1000
     assistant = Assistant.from_config(config)
-    microphone, speaker = WavMicrophone(), WavSpeaker(work / "spoken", realtime=False)
+    microphone, speaker = WavMicrophone(realtime=True), WavSpeaker(work / "spoken", realtime=False)
     control = SocketButton(work / "button.sock")
     daemon = Daemon(
         assistant=assistant,

@@ -21,7 +21,7 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
     """Open the devices and load the models the config names; on failure, what was opened is closed again."""
     from edgevision.assistant import Assistant
     from edgevision.devices.button import open_button
-    from edgevision.devices.camera import open_camera
+    from edgevision.devices.camera import open_configured_camera
     from edgevision.devices.socket_button import SocketButton
     from edgevision.devices.sound import open_microphone, open_speaker
     from edgevision.telemetry.log import InteractionLog
@@ -42,10 +42,7 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
                          "active_low": devices.button_active_low},
             }[devices.button]
             buttons.append(open_button(devices.button, debounce=debounce, **options))
-        camera_options: dict[str, Any] = {}
-        if devices.camera == "opencv":
-            camera_options = {"width": devices.camera_width, "height": devices.camera_height}
-        camera = open_camera(devices.camera, devices.camera_source, **camera_options)
+        camera = open_configured_camera(devices)
         stack.callback(camera.close)
         microphone = open_microphone(
             devices.microphone,

@@ -2,9 +2,11 @@
 models, which run one step at a time in a single worker thread.
 
 Overlapped mode, the default: on press the frame is taken, the microphone starts and — while the user is
-still speaking — the worker encodes the frame and prefills its prompt prefix; on release only the
-transcript is left to recognise and prefill, and the answer is spoken sentence by sentence as it is
-generated. Sequential mode does everything after release, for comparison.
+still speaking — the worker encodes the frame and prefills its prompt prefix, then transcribes what has
+been said so far at each pause (`endpoint.py`). On release, if nothing but quiet was recorded after the
+last such early transcript, it is the question; otherwise the whole recording is transcribed. Then only the
+question is left to prefill, and the answer is spoken sentence by sentence as it is generated. Sequential
+mode does everything after release, for comparison.
 
 The loop is the only place that touches the devices and the state machine; the worker only computes and
 posts messages back (`state.py`). Components are built by the caller (`commands.build_daemon`) and passed
@@ -29,8 +31,9 @@ from PIL import Image
 from edgevision.assistant import Answer, Assistant, Scene
 from edgevision.config import DaemonSettings
 from edgevision.daemon.earcons import earcon
+from edgevision.daemon.endpoint import ends_in_pause, only_quiet_after
 from edgevision.daemon.notify import Notifier
-from edgevision.daemon.record import Interaction, interaction_record, keep_captures
+from edgevision.daemon.record import EarlyTranscript, Interaction, interaction_record, keep_captures
 from edgevision.daemon.state import (
     Answered,
     Failed,
@@ -63,6 +66,9 @@ ERROR_PHRASE = "Sorry, something went wrong."
 NO_ANSWER_PHRASE = "Sorry, I have no answer to that."
 _EVENT_QUEUE = 64
 _BUTTON_BACKOFF_S = (0.5, 10.0)
+# While the button is held (overlapped mode), how often the loop looks at the recording for a pause: a
+# fraction of endpoint.PAUSE_S, so a pause is noticed soon after it is long enough.
+_LISTEN_TICK_S = 0.05
 
 
 class Daemon:
@@ -193,6 +199,7 @@ class Daemon:
             case Looked(interaction=i):
                 if (ix := self._pending.get(i)) is not None:
                     ix.looked_at = time.monotonic()
+                    self._listen(ix)  # the image is in: recognition may use the worker now
             case Heard(interaction=i, question=question):
                 if (ix := self._pending.get(i)) is not None:
                     ix.heard_at, ix.question = time.monotonic(), question
@@ -266,6 +273,8 @@ class Daemon:
         )
         if ix.kind is PressKind.NEW and ix.mode == "overlapped":
             ix.look = self._submit(self._look, ix)
+        elif ix.mode == "overlapped":
+            self._listen(ix)  # a follow-up: no image to look at first
 
     def _on_release(self, t: float) -> None:
         ix = self._current
@@ -289,6 +298,22 @@ class Daemon:
         self._earcon("thinking")
         self.notifier.status("listening done; thinking")
         ix.job = self._submit(self._think, ix, audio)
+
+    def _listen(self, ix: Interaction) -> None:
+        """Overlapped mode, while the button is held: at each pause in the recording, and when the worker is
+        free, hand what has been said so far to the worker to transcribe (`_transcribe_early`)."""
+        if not self._is_current(ix.id) or self.state is not State.LISTENING or ix.mode != "overlapped":
+            return
+        if ix.early_job is None or ix.early_job.done():
+            try:
+                audio = self.microphone.captured()
+            except DeviceError as error:
+                logger.warning("microphone: cannot read the recording so far (%s); recognising after release", error)
+                return
+            if ends_in_pause(audio.samples, ix.early_samples, audio.sample_rate):
+                ix.early_samples = len(audio.samples)
+                ix.early_job = self._submit(self._transcribe_early, ix, audio)
+        self._loop.call_later(_LISTEN_TICK_S, self._listen, ix)
 
     def _on_spoken(self, ix: Interaction, audio: Audio) -> None:
         if ix.cancelled:
@@ -474,13 +499,51 @@ class Daemon:
         self._post(Looked(ix.id, scene))
         return scene
 
-    def _think(self, ix: Interaction, audio: Audio) -> Any:
-        """Recognise, (in sequential mode) look, then answer, speaking each sentence as it is ready. Returns the
-        outcome message, which is also posted to the loop."""
+    def _transcribe_early(self, ix: Interaction, audio: Audio) -> None:
+        """Transcribe the recording so far (the button is still held), for `_early_question` to use."""
+        if ix.released_at is not None or ix.cancelled:
+            return  # let go before this could start: transcribing the whole recording costs the same
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
-            question = self.assistant.transcribe(audio)
-            ix.recognition_s = time.perf_counter() - started
+            question, error = self.assistant.transcribe(audio), None
+        except InputError as heard_nothing:
+            question, error = None, str(heard_nothing)
+        except EdgevisionError as failed:
+            logger.warning("early recognition failed (the whole recording is recognised after release): %s", failed)
+            return
+        ix.early = EarlyTranscript(len(audio.samples), question, error, time.perf_counter() - started)
+        ix.early_count += 1
+        logger.debug("early transcript of %.2f s: %s", audio.duration, question)
+
+    def _early_question(self, ix: Interaction, audio: Audio) -> str | None:
+        """The early transcript as the question, if everything recorded after it is quiet (then the recording
+        is what it heard plus silence: the same words); None if there is none or speech went on after it."""
+        if ix.mode != "overlapped":
+            return None
+        early, ix.early_used = ix.early, False
+        if early is None:
+            return None
+        if not only_quiet_after(audio.samples, early.n_samples, audio.sample_rate):
+            logger.debug("speech after the early transcript (%.2f s of %.2f s): recognising it all again",
+                         early.n_samples / audio.sample_rate, audio.duration)
+            return None
+        ix.early_used, ix.recognition_s = True, early.seconds
+        if early.question is None:
+            raise InputError(early.error or "no speech was recognised in the recording")
+        return early.question
+
+    def _think(self, ix: Interaction, audio: Audio) -> Any:
+        """Recognise (or take the early transcript), (in sequential mode) look, then answer, speaking each
+        sentence as it is ready. Returns the outcome message, which is also posted to the loop."""
+        try:
+            try:
+                question = self._early_question(ix, audio)
+                if question is None:
+                    started = time.perf_counter()
+                    question = self.assistant.transcribe(audio)
+                    ix.recognition_s = time.perf_counter() - started
+            finally:
+                ix.transcribed_at = time.monotonic()
             self._post(Heard(ix.id, question))
             if ix.cancelled:
                 raise _Cancelled

@@ -28,6 +28,16 @@ logger = logging.getLogger(__name__)
 _MODEL_STAGES = ("vision_encode", "image_prefill", "prefix_prefill", "text_prefill", "first_token", "first_audio")
 
 
+@dataclass(frozen=True)
+class EarlyTranscript:
+    """What recognition made of the recording's first `n_samples` (16 kHz) while the button was held."""
+
+    n_samples: int
+    question: str | None  # None: no speech was recognised
+    error: str | None
+    seconds: float  # how long recognition took
+
+
 @dataclass(eq=False)
 class Interaction:
     """One press and everything it led to; the loop owns it, the worker fills in its results."""
@@ -47,6 +57,13 @@ class Interaction:
     capped: bool = False
     heard_at: float | None = None
     recognition_s: float | None = None
+    # overlapped mode: recognition while the button is held (the worker writes `early`, the loop the rest)
+    early: EarlyTranscript | None = None  # the latest early transcript
+    early_job: concurrent.futures.Future | None = None  # the one being made
+    early_samples: int = 0  # how much of the recording the latest one submitted covers
+    early_count: int = 0  # how many were made
+    early_used: bool | None = None  # whether the question is the early transcript (None: not tried)
+    transcribed_at: float | None = None  # when the question was known
     question: str | None = None
     answer_started_at: float | None = None
     first_audio_at: float | None = None
@@ -80,6 +97,10 @@ def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, A
         "capture": ix.capture_s,
         "recording": _since(ix.pressed_at, ix.released_at),
         "recognition": ix.recognition_s,
+        # how long the user waited for the transcript after letting go (0 when an early one was ready)
+        "recognition_after_release": max(0.0, _since(ix.released_at, ix.transcribed_at))
+        if ix.released_at is not None and ix.transcribed_at is not None
+        else None,
         **{stage: stages.get(stage) for stage in _MODEL_STAGES},
         "decode_tokens_per_s": stages.get("decode_tokens_per_s"),
         "answer_total": stages.get("total"),
@@ -103,6 +124,8 @@ def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, A
         "barge_in": ix.barge_in,
         "interrupted": ix.interrupted,
         "recording_capped": ix.capped,
+        "early_transcript": ix.early_used,  # overlapped mode: the question was recognised before release
+        "early_transcripts_made": ix.early_count,
         "reused_image": bool(answer and answer.reused_image),
         "question": ix.question,
         "answer": answer.text if answer is not None else None,

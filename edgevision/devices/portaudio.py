@@ -109,6 +109,12 @@ class SounddeviceMicrophone:
         samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
         return resample(Audio(samples, self.sample_rate), WHISPER_SAMPLE_RATE)
 
+    def captured(self) -> Audio:
+        with self._lock:
+            chunks = list(self._chunks) if self._recording else []
+        samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+        return resample(Audio(samples, self.sample_rate), WHISPER_SAMPLE_RATE)
+
     def close(self) -> None:
         self._close_stream()
 

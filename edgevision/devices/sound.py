@@ -1,7 +1,8 @@
 """The microphone and speaker interfaces, and the back-ends chosen by `devices.microphone` / `devices.speaker`.
 
 A microphone records between `start()` (button pressed) and `stop()` (released) and hands back 16 kHz mono
-audio for Whisper. A speaker plays queued audio in order on its own; `stop()` silences it at once and drops
+audio for Whisper; `captured()` reads what it has so far without stopping (recognition while the button
+is held). A speaker plays queued audio in order on its own; `stop()` silences it at once and drops
 the queue (barge-in: the user pressed while it spoke).
 """
 
@@ -22,6 +23,10 @@ class Microphone(Protocol):
 
     def stop(self) -> Audio:
         """End capturing (the button was released): everything since `start()`, as 16 kHz mono."""
+
+    def captured(self) -> Audio:
+        """What has been captured since `start()` so far, as 16 kHz mono, without stopping; empty audio when
+        not recording. Only sound that has already been heard: it grows as real time passes."""
 
     def close(self) -> None: ...
 

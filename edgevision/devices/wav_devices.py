@@ -1,6 +1,7 @@
 """WAV files as microphone and speaker: for tests, scripted runs and benchmarks on machines without sound.
 
-The microphone plays WAV files in as the captured sound, one per start/stop; the speaker writes what it
+The microphone plays WAV files in as the captured sound, one per start/stop, releasing each clip as real
+time passes since start() (as if it were being spoken into it); the speaker writes what it
 plays into numbered WAV files, taking as long as the audio lasts (so barge-in can interrupt it, and the
 file holds only what was heard) or instantly.
 """
@@ -27,7 +28,9 @@ class WavMicrophone:
     """Each start()/stop() captures the next queued clip (a WAV file or an Audio), resampled to 16 kHz.
 
     `device` is a WAV file or a folder of them (played in name order); `push()` queues more. With `loop`
-    the clips repeat; with `realtime` a clip is cut at the time the button was held, like a real microphone.
+    the clips repeat. `captured()` gives the part of the clip "spoken" so far: as much as real time since
+    start() covers. stop() hands in the whole clip however briefly the button was held, or with `realtime`
+    only the part spoken while it was held, like a real microphone.
     """
 
     def __init__(
@@ -79,8 +82,17 @@ class WavMicrophone:
         if self._current is None:
             raise DeviceError("WAV microphone: stop() without start()")
         audio, self._current = self._current, None
+        return self._cut(audio, realtime=self.realtime)
+
+    def captured(self) -> Audio:
+        audio = self._current
+        if audio is None:
+            return Audio(np.zeros(0, dtype=np.float32), WHISPER_SAMPLE_RATE)
+        return self._cut(audio, realtime=True)
+
+    def _cut(self, audio: Audio, *, realtime: bool) -> Audio:
         seconds = self.max_seconds
-        if self.realtime:
+        if realtime:
             seconds = min(seconds, time.monotonic() - self._started_at)
         keep = int(seconds * audio.sample_rate)
         return Audio(audio.samples[:keep], audio.sample_rate)

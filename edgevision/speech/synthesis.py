@@ -44,16 +44,23 @@ _KILL_TIMEOUT_S = 3.0
 _SENTENCE_END = re.compile(r"""[.!?]+["'”’)\]]*(?=\s)|\n""")
 _ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "vs.", "e.g.", "i.e."})
 _LIST_MARKER = re.compile(r"\d+\.")
+# A clause ends at , ; or : followed by whitespace (so "3,000" and "10:30" do not end one).
+_CLAUSE_END = re.compile(r"[,;:]+(?=\s)")
 
 
-def split_sentences(text_chunks: Iterable[str]) -> Iterator[str]:
+def split_sentences(text_chunks: Iterable[str], *, first_clause_words: int = 0) -> Iterator[str]:
     """Join streamed text pieces and yield each sentence as soon as it is complete.
 
     A sentence is complete when its final punctuation is followed by whitespace (so "3." waits for the
     next piece, which may be "5"), or at a line break; the remaining text is yielded at the end.
     Abbreviations such as "Dr." and numbered-list markers such as "2." do not end a sentence.
+
+    With `first_clause_words`, the first piece yielded may be a clause: once the first sentence has that many
+    words, a comma, semicolon or colon (followed by whitespace) ends it, so speech can start sooner —
+    "There is a red ball," then "and a cup beside it." — with the pause the comma asks for anyway.
     """
     buffer = ""
+    first = bool(first_clause_words)  # still looking for the first piece's clause end
     for chunk in text_chunks:
         buffer += chunk
         start = 0
@@ -63,8 +70,17 @@ def split_sentences(text_chunks: Iterable[str]) -> Iterator[str]:
                 continue
             if sentence:
                 yield sentence
+                first = False
             start = match.end()
         buffer = buffer[start:]
+        if first:
+            for match in _CLAUSE_END.finditer(buffer):
+                clause = buffer[: match.end()].strip()
+                if len(clause.split()) >= first_clause_words:
+                    yield clause
+                    first = False
+                    buffer = buffer[match.end():]
+                    break
     tail = buffer.strip()
     if tail:
         yield tail
