@@ -110,8 +110,10 @@ class E2EReport:
         return f"{label:<28} {cell(a):>14} {cell(b):>14} {ratio}"
 
 
-def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None) -> E2EReport:
-    """Ask `n` questions in each mode (alternating) through a daemon built on the config's models."""
+def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None, pause: float = 0.0) -> E2EReport:
+    """Ask `n` questions in each mode (alternating) through a daemon built on the config's models. With
+    `pause`, the scripted user stays quiet that many seconds after each question before letting go (the
+    quiet is part of the clip the microphone plays in, and of the hold)."""
     from edgevision.assistant import Assistant
     from edgevision.daemon.daemon import Daemon
     from edgevision.daemon.state import State
@@ -153,7 +155,7 @@ def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None) -> 
         _wait(lambda: daemon.status()["ready"] or not thread.is_alive(), "the daemon to warm up")
         if not thread.is_alive():
             raise EdgevisionError("bench e2e: the daemon stopped while starting; run with --debug to see why")
-        clips = [assistant.synthesizer.synthesize(q) for q in QUESTIONS]
+        clips = [_then_quiet(assistant.synthesizer.synthesize(q), pause) for q in QUESTIONS]
         for i in range(n):
             for mode in MODES if i % 2 == 0 else MODES[::-1]:
                 scene, clip = scenes[i % len(scenes)], clips[i % len(clips)]
@@ -176,6 +178,15 @@ def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None) -> 
         power.close()
         shutil.rmtree(work, ignore_errors=True)
     return E2EReport(results, [name for name, _ in named])
+
+
+def _then_quiet(clip: Any, seconds: float) -> Any:
+    import numpy as np
+
+    from edgevision.speech.audio import Audio
+
+    quiet = np.zeros(int(seconds * clip.sample_rate), dtype=np.float32)
+    return Audio(np.concatenate([clip.samples, quiet]), clip.sample_rate)
 
 
 def default_scenes() -> list[tuple[str, Image.Image]]:

@@ -37,6 +37,9 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     e2e.add_argument("--image", action="append", type=Path,
                      help="photo to ask about (repeatable; default: the bundled photo and two generated scenes)")
     e2e.add_argument("--json", type=Path, help="also write every interaction record to this JSON file")
+    e2e.add_argument("--pause", type=float, default=0.0,
+                     help="seconds the scripted user stays quiet after each question before letting go "
+                          "(default: %(default)s: the button is let go as the spoken clip ends)")
     e2e.set_defaults(func=_cmd_bench_e2e)
 
 
@@ -115,10 +118,13 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     from edgevision.cli import _configure_logging
     from edgevision.config import find_config, load_config
     from edgevision.daemon.bench import run_e2e
+    from edgevision.errors import EdgevisionError
 
     config = load_config(find_config(args.config))
     _configure_logging("warning", args.debug)
-    report = run_e2e(config, n=args.interactions, images=args.image)
+    if args.pause < 0:
+        raise EdgevisionError("bench e2e: --pause must be 0 or more seconds")
+    report = run_e2e(config, n=args.interactions, images=args.image, pause=args.pause)
     print(report.table())
     if args.json:
         args.json.write_text(json.dumps(report.records, indent=1), encoding="utf-8")
