@@ -31,9 +31,10 @@ from PIL import Image
 from edgevision.assistant import Answer, Assistant, Scene
 from edgevision.config import DaemonSettings
 from edgevision.daemon.earcons import earcon
-from edgevision.daemon.endpoint import ends_in_pause, only_quiet_after
+from edgevision.daemon.early import early_question, transcribe_early
+from edgevision.daemon.endpoint import ends_in_pause
 from edgevision.daemon.notify import Notifier
-from edgevision.daemon.record import EarlyTranscript, Interaction, interaction_record, keep_captures
+from edgevision.daemon.record import Interaction, interaction_record, keep_captures
 from edgevision.daemon.state import (
     Answered,
     Failed,
@@ -301,7 +302,7 @@ class Daemon:
 
     def _listen(self, ix: Interaction) -> None:
         """Overlapped mode, while the button is held: at each pause in the recording, and when the worker is
-        free, hand what has been said so far to the worker to transcribe (`_transcribe_early`)."""
+        free, hand what has been said so far to the worker to transcribe (`early.transcribe_early`)."""
         if not self._is_current(ix.id) or self.state is not State.LISTENING or ix.mode != "overlapped":
             return
         if ix.early_job is None or ix.early_job.done():
@@ -312,7 +313,7 @@ class Daemon:
                 return
             if ends_in_pause(audio.samples, ix.early_samples, audio.sample_rate):
                 ix.early_samples = len(audio.samples)
-                ix.early_job = self._submit(self._transcribe_early, ix, audio)
+                ix.early_job = self._submit(transcribe_early, self.assistant, ix, audio)
         self._loop.call_later(_LISTEN_TICK_S, self._listen, ix)
 
     def _on_spoken(self, ix: Interaction, audio: Audio) -> None:
@@ -499,45 +500,12 @@ class Daemon:
         self._post(Looked(ix.id, scene))
         return scene
 
-    def _transcribe_early(self, ix: Interaction, audio: Audio) -> None:
-        """Transcribe the recording so far (the button is still held), for `_early_question` to use."""
-        if ix.released_at is not None or ix.cancelled:
-            return  # let go before this could start: transcribing the whole recording costs the same
-        started = time.perf_counter()
-        try:
-            question, error = self.assistant.transcribe(audio), None
-        except InputError as heard_nothing:
-            question, error = None, str(heard_nothing)
-        except EdgevisionError as failed:
-            logger.warning("early recognition failed (the whole recording is recognised after release): %s", failed)
-            return
-        ix.early = EarlyTranscript(len(audio.samples), question, error, time.perf_counter() - started)
-        ix.early_count += 1
-        logger.debug("early transcript of %.2f s: %s", audio.duration, question)
-
-    def _early_question(self, ix: Interaction, audio: Audio) -> str | None:
-        """The early transcript as the question, if everything recorded after it is quiet (then the recording
-        is what it heard plus silence: the same words); None if there is none or speech went on after it."""
-        if ix.mode != "overlapped":
-            return None
-        early, ix.early_used = ix.early, False
-        if early is None:
-            return None
-        if not only_quiet_after(audio.samples, early.n_samples, audio.sample_rate):
-            logger.debug("speech after the early transcript (%.2f s of %.2f s): recognising it all again",
-                         early.n_samples / audio.sample_rate, audio.duration)
-            return None
-        ix.early_used, ix.recognition_s = True, early.seconds
-        if early.question is None:
-            raise InputError(early.error or "no speech was recognised in the recording")
-        return early.question
-
     def _think(self, ix: Interaction, audio: Audio) -> Any:
         """Recognise (or take the early transcript), (in sequential mode) look, then answer, speaking each
         sentence as it is ready. Returns the outcome message, which is also posted to the loop."""
         try:
             try:
-                question = self._early_question(ix, audio)
+                question = early_question(ix, audio)
                 if question is None:
                     started = time.perf_counter()
                     question = self.assistant.transcribe(audio)
