@@ -8,6 +8,9 @@
 #   sudo make uninstall - remove the service and /opt/edgevision (keeps config, models, logs and the user)
 SHELL := /bin/bash
 PYTHON ?= python3
+# the service's Python: the system's, which the service user can run and whose packages (JetPack's TensorRT
+# bindings) the installed venv sees
+INSTALL_PYTHON ?= /usr/bin/python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -104,7 +107,7 @@ install:
 	id -u edgevision >/dev/null 2>&1 || useradd --system --user-group --home-dir $(STATE) --no-create-home \
 		--shell /usr/sbin/nologin edgevision
 	usermod --append --groups video,audio,gpio edgevision
-	test -x $(OPT)/venv/bin/python || $(PYTHON) -m venv --system-site-packages $(OPT)/venv
+	test -x $(OPT)/venv/bin/python || $(INSTALL_PYTHON) -m venv --system-site-packages $(OPT)/venv
 	$(OPT)/venv/bin/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(CMAKE_ARGS)" $(OPT)/venv/bin/python -m pip install --quiet '.$(if $(INSTALL_EXTRAS),[$(INSTALL_EXTRAS)])'
 	install -m 0644 README.md $(OPT)/README.md
@@ -113,22 +116,28 @@ install:
 	test -e $(ETC)/config.yaml || sed -e 's|\.\./models/|$(STATE)/models/|' -e 's|\.\./engines/|$(STATE)/engines/|' \
 		$(CONFIG) > $(ETC)/config.yaml
 	install -d -o edgevision -g edgevision -m 0750 $(STATE) $(STATE)/models $(STATE)/engines /var/log/edgevision
-	if [ -d $(MODELS) ]; then cp -rnL $(MODELS)/. $(STATE)/models/ && chown -R edgevision:edgevision $(STATE)/models; fi
+	# the models the config names; not models/bench (the MoE benchmark's model is for 'edgevision bench moe' only)
+	if [ -d $(MODELS) ]; then \
+		for f in $(MODELS)/*; do [ "$${f##*/}" = bench ] || cp -rnL "$$f" $(STATE)/models/; done; \
+		chown -R edgevision:edgevision $(STATE)/models; \
+	fi
 	# TensorRT plans, their manifests and the ONNX they were built from (a config with vision.backend: tensorrt)
 	for f in $(ENGINES)/*.plan $(ENGINES)/*.manifest.json $(ENGINES)/*.onnx; do \
 		if [ -e "$$f" ]; then cp -nL "$$f" $(STATE)/engines/ && chown edgevision:edgevision $(STATE)/engines/"$${f##*/}"; fi; \
 	done
 	install -m 0644 systemd/edgevision.service $(UNIT)
-	systemctl daemon-reload
+	# without a running systemd (a container, an image being built) the unit is enabled for the next boot
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	systemctl enable edgevision.service
 	@echo "installed. Start: sudo systemctl start edgevision; logs: journalctl -u edgevision -f;" \
 		"config: $(ETC)/config.yaml; status: sudo -u edgevision $(OPT)/venv/bin/edgevision status"
 
 uninstall:
 	@test "$$(id -u)" = 0 || { echo "make uninstall: run it as root: sudo make uninstall"; exit 1; }
-	-systemctl disable --now edgevision.service
+	if [ -d /run/systemd/system ]; then systemctl disable --now edgevision.service || true; \
+	else systemctl disable edgevision.service || true; fi
 	rm -f $(UNIT)
-	systemctl daemon-reload
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	rm -rf $(OPT)
 	@echo "removed the service and $(OPT); kept $(ETC), $(STATE), /var/log/edgevision and the edgevision user" \
 		"(remove them with: sudo rm -rf $(ETC) $(STATE) /var/log/edgevision; sudo userdel edgevision)"
