@@ -103,9 +103,8 @@ class Assistant:
     @classmethod
     def from_config(cls, config: Config, *, speak: bool = True) -> Assistant:
         """Load every stage named by the config; on failure, what was loaded is closed again."""
-        load: dict[str, float] = {}
+        clock = _Clock()
         with ExitStack() as stack:
-            t = time.perf_counter()
             recognizer = stack.enter_context(
                 WhisperRecognizer(
                     config.speech.whisper_model,
@@ -114,10 +113,10 @@ class Assistant:
                     cpu_threads=config.speech.whisper_threads,
                 )
             )
-            load["recognizer"], t = time.perf_counter() - t, time.perf_counter()
+            clock.lap("recognizer")
             encoder = open_encoder(config.vision.backend, config.vision.tower, threads=config.vision.threads)
             stack.callback(encoder.close)
-            load["vision"], t = time.perf_counter() - t, time.perf_counter()
+            clock.lap("vision")
             decoder = stack.enter_context(
                 LlamaDecoder(
                     config.decoder.model,
@@ -127,13 +126,13 @@ class Assistant:
                 )
             )
             check_pairing(encoder, decoder, config.vision.tower)
-            load["decoder"], t = time.perf_counter() - t, time.perf_counter()
+            clock.lap("decoder")
             synthesizer = None
             if speak:
                 synthesizer = stack.enter_context(
                     PiperSynthesizer(config.speech.piper_voice, length_scale=config.speech.length_scale)
                 )
-                load["synthesizer"] = time.perf_counter() - t
+                clock.lap("synthesizer")
             assistant = cls(
                 recognizer=recognizer,
                 encoder=encoder,
@@ -145,7 +144,7 @@ class Assistant:
                 chat_format=config.decoder.chat_format,
             )
             assistant._stack = stack.pop_all()
-            assistant.load_timings = load
+            assistant.load_timings = clock.timings
             return assistant
 
     def close(self) -> None:
