@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from edgevision.errors import ConfigError
-from edgevision.schema import SettingDoc, check_declarations, load, section, setting
+from edgevision.schema import SettingDoc, check_declarations, load, section, setting, size_check
 from edgevision.schema import describe as describe_root
 from edgevision.schema import render_example as render_root
 
@@ -61,6 +61,51 @@ class VisionSettings:
 
 
 @dataclass(frozen=True)
+class PlacementSettings:
+    """Where a mixture-of-experts decoder's weights live: GPU, pinned in RAM, or paged from storage (docs/placement.md)."""
+
+    ram_budget: str = setting(
+        "none",
+        "RAM for the decoder's weights: none (no placement: llama.cpp's defaults: the file mapped, nothing pinned), auto (the "
+        "cgroup limit, or MemAvailable, less what the other stages use, the KV cache and the headroom), or a "
+        "size such as 12GiB; 'edgevision plan MODEL' works it out for a board.",
+        check=size_check("none", "auto"),
+    )
+    headroom: str = setting(
+        "512MiB",
+        "With ram_budget auto: memory left to the page cache, the speech synthesizer and allocations.",
+        check=size_check(),
+    )
+    gpu_layers: int = setting(
+        -1, "Layers offloaded to the GPU: -1 all (llama.cpp's default), 0 none. CPU-only builds have none.",
+        min=-1, max=1000,
+    )
+    gpu_expert_budget: str = setting(
+        "0",
+        "GPU memory for expert tensors (whole MoE layers, the most evenly routed first); 0 keeps every expert in "
+        "RAM. Needs a CUDA build; on a Jetson it comes out of the same DRAM and is counted once.",
+        check=size_check(),
+    )
+    router_profile: Path | None = setting(
+        None,
+        "Router profile from 'edgevision calibrate' for this decoder: the first plan's prior (null: every expert "
+        "alike until live routing is learned).",
+        path="file",
+        fix="make one with 'edgevision calibrate --decoder MODEL', or set router_profile: null",
+    )
+    lock_resident: bool = setting(True, "Lock the non-expert weights in RAM (needs LimitMEMLOCK or CAP_IPC_LOCK).")
+    prefetch: bool = setting(True, "Read ahead the unpinned experts the router has just chosen.")
+    online: bool = setting(True, "Re-plan the pinned experts from live routing, in the background.")
+    replan_every: int = setting(64, "Tokens between re-plans (with online).", min=1, max=100000)
+    observe_every: int = setting(
+        1,
+        "Count routing (for re-plans and the hit rate) on one decode step in this many; 1 counts every step.",
+        min=1,
+        max=1000,
+    )
+
+
+@dataclass(frozen=True)
 class DecoderSettings:
     """The language model (llama.cpp, GGUF) that answers from the image embeddings and the question."""
 
@@ -80,6 +125,7 @@ class DecoderSettings:
         "the first sentence answers the question.",
         "Instructions given to the model before every question.",
     )
+    placement: PlacementSettings = section(PlacementSettings)
 
 
 @dataclass(frozen=True)

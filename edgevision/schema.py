@@ -46,6 +46,7 @@ class Meta:
     path: Literal["file", "dir"] | None = None
     must_exist: bool = True
     fix: str = MODELS_FIX  # said when a path that must exist is missing
+    check: Any = None  # check(value) -> (problem, fix) or None: a rule beyond type and limits
 
 
 def setting(
@@ -57,21 +58,57 @@ def setting(
     path: Literal["file", "dir"] | None = None,
     must_exist: bool = True,
     fix: str = MODELS_FIX,
+    check: Any = None,
 ) -> Any:
     """Declare one setting: its default, a one-line description and its limits.
 
     For a path, `default` is written as in the YAML file (relative to the config file's directory) and
     `path` says whether it names a file or a directory; it must exist unless `must_exist=False`.
+    `check(value)` may add a rule of its own: it returns None, or ``(problem, fix)`` in words.
     """
-    if path is not None:
+    if path is not None and default is not None:
         default = Path(default)
-    meta = Meta(description, min, max, path, must_exist, fix)
+    meta = Meta(description, min, max, path, must_exist, fix, check)
     return field(default=default, metadata={_META: meta})
 
 
 def section(cls: type) -> Any:
     """Declare a section of the root (or of another section): a dataclass whose fields are settings."""
     return field(default_factory=cls)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 2**10, "m": 2**20, "mib": 2**20, "mb": 2**20,
+               "g": 2**30, "gib": 2**30, "gb": 2**30, "t": 2**40, "tib": 2**40, "tb": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '512MiB', '1.5G', '123456' → bytes (K, M, G are binary, as memory budgets are). ValueError if
+    it is not a size."""
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("kmgtib")
+    unit = raw[len(number):]
+    if unit not in _SIZE_UNITS or not number:
+        raise ValueError(f"{text!r} is not a size")
+    value = float(number) * _SIZE_UNITS[unit]
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a size")
+    return int(value)
+
+
+def size_check(*words: str) -> Any:
+    """A `setting(check=...)` for a text setting holding a size ('12GiB'), or one of `words` ('auto')."""
+    choices = "".join(f"{word}, " for word in words)
+
+    def check(value: str) -> tuple[str, str] | None:
+        if value.strip().lower() in words:
+            return None
+        try:
+            parse_size(value)
+        except ValueError:
+            return "is not a size", f"write {choices}a number of bytes, or a size such as 512MiB or 12GiB"
+        return None
+
+    return check
 
 
 # --- the schema, read from the declarations -----------------------------------------------------------------
@@ -146,6 +183,8 @@ def _check_value(spec: _Spec, value: Any) -> str | None:
         return f"not a {spec.kind}"
     if spec.kind == "choice" and value not in spec.choices:
         return f"not one of {', '.join(spec.choices)}"
+    if spec.meta is not None and spec.meta.check is not None and (problem := spec.meta.check(value)):
+        return problem[0]
     if spec.kind in ("int", "float"):
         assert spec.meta is not None
         if spec.meta.min is not None and value < spec.meta.min:
@@ -389,6 +428,8 @@ class _Loader:
             return spec.default
         raw, tag = node.value, node.tag.rsplit(":", 1)[-1]
         shown = _show(node)
+        if spec.kind == "str" and tag == "int" and spec.meta.check is not None:
+            tag = "str"  # a size given as a plain number of bytes (ram_budget: 12884901888)
         if spec.kind in ("str", "path", "choice") and tag != "str":
             if spec.kind == "choice":
                 self.error(key_node, key, f"{shown} is not one of {', '.join(spec.choices)}", f"set {expect}")
@@ -404,7 +445,7 @@ class _Loader:
         if spec.kind == "bool" and tag != "bool":
             self.error(key_node, key, f"{shown} is {_tag_word(tag)}, not true or false", "set true or false")
             return spec.default
-        value = self.constructor.construct_object(node)
+        value = raw if spec.kind == "str" else self.constructor.construct_object(node)
         if spec.kind == "float":
             value = float(value)
             if math.isnan(value):
@@ -426,6 +467,9 @@ class _Loader:
                 return spec.default
         if spec.kind == "path":
             return self._path(spec, key, key_node, value, default=False)
+        if spec.meta.check is not None and (problem := spec.meta.check(value)):
+            self.error(key_node, key, f"{shown} {problem[0]}", problem[1])
+            return spec.default
         return value
 
     def _path(self, spec: _Spec, key: str, key_node: yaml.Node | None, raw: str, *, default: bool) -> Path | None:

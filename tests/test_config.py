@@ -174,7 +174,7 @@ def test_unknown_key_in_the_wrong_section_or_unlike_any(tree: Path):
         f"{path}:2: decoder.beam_size: unknown setting in decoder — move it to speech.beam_size",
         (
             f"{path}:3: decoder.colour: unknown setting in decoder — remove it; known settings in decoder: "
-            "model, n_ctx, n_threads, chat_format, max_answer_tokens, temperature, seed, system_prompt"
+            "model, n_ctx, n_threads, chat_format, max_answer_tokens, temperature, seed, system_prompt, placement"
         ),
     ]
 
@@ -418,3 +418,19 @@ def test_a_bad_declaration_fails_naming_the_field():
 
     with pytest.raises(TypeError, match=r"Broken\.n: default 0 does not fit its declaration: below the minimum"):
         check_declarations(Broken)
+
+
+def test_placement_budgets_are_sizes_or_words_and_a_bare_off_is_explained(tree: Path):
+    path = write(
+        tree,
+        "decoder:\n  placement:\n    ram_budget: 12GB please\n    gpu_expert_budget: off\n    headroom: 1024\n",
+    )
+    assert errors_of(path) == [
+        f"{path}:3: decoder.placement.ram_budget: '12GB please' is not a size — write none, auto, a number of "
+        "bytes, or a size such as 512MiB or 12GiB",
+        f'{path}:4: decoder.placement.gpu_expert_budget: off is a boolean, not text — put it in quotes: "off"',
+    ]
+    ok = write(tree, "decoder:\n  placement:\n    ram_budget: 12GiB\n    headroom: 1048576\n", "ok.yaml")
+    placement = load_config(ok).decoder.placement
+    assert (placement.ram_budget, placement.headroom, placement.gpu_layers) == ("12GiB", "1048576", -1)
+    assert load_config(write(tree, "decoder:\n  placement:\n    ram_budget: auto\n", "auto.yaml")).decoder.placement.ram_budget == "auto"

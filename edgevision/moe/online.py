@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +47,8 @@ class OnlineStats:
     replans: int
     pins_moved: int  # experts pinned or unpinned by re-plans after the first plan
     plan: ResidencyPlan | None
+    errors: int = 0  # re-plans that failed (each retried after a back-off; the last plan stays meanwhile)
+    last_error: str | None = None
 
 
 class OnlineResidency:
@@ -55,6 +59,8 @@ class OnlineResidency:
         pinner: the pinner to drive (owned by the caller).
         prior: ``(n_layer, n_expert)`` routing shares from calibration (`RouterProfile.share()`).
         ram_budget: bytes the plan may keep resident (see `plan_residency`).
+        gpu_budget: bytes of GPU memory for expert tensors: layers the plan puts on the GPU are never pinned
+            again in RAM (the GPU layers are fixed at load, so pass the budget the model was loaded with).
         replan_every: tokens between re-plans.
         half_life: tokens after which a live observation counts half.
         prior_tokens: how many tokens' worth of evidence the prior is.
@@ -71,11 +77,16 @@ class OnlineResidency:
         half_life: float = 512.0,
         prior_tokens: float = 256.0,
         prefetch: bool = False,
+        gpu_budget: int = 0,
+        backoff: tuple[float, float] = (1.0, 60.0),
     ) -> None:
         if replan_every < 1 or half_life <= 0 or prior_tokens < 0:
             raise ValueError("replan_every and half_life must be positive, prior_tokens 0 or more")
         self.layout, self.pinner = layout, pinner
         self.ram_budget = ram_budget
+        self.gpu_budget = gpu_budget
+        self.backoff = backoff  # seconds to wait after a failed re-plan: first, and the most (doubling between)
+        self.on_plan: Callable[[ResidencyPlan], None] | None = None  # told of each plan once its pins are in place
         self.replan_every, self.half_life, self.prior_tokens = replan_every, half_life, prior_tokens
         shape = (layout.n_layer, layout.n_expert)
         self._prior = normalized_shares(prior, *shape)
@@ -91,7 +102,9 @@ class OnlineResidency:
         self._replans = 0
         self._moved = 0
         self._plan: ResidencyPlan | None = None
-        self._error: BaseException | None = None
+        self._errors = 0
+        self._last_error: str | None = None
+        self._retry_at = 0.0  # monotonic time before which re-plan requests wait (after a failure)
         self._worker: threading.Thread | None = None
         # router-triggered prefetch: experts just selected but not pinned, read ahead by another thread
         self._prefetch: queue.Queue[tuple[int, np.ndarray] | None] | None = queue.Queue(64) if prefetch else None
@@ -151,13 +164,25 @@ class OnlineResidency:
                 logger.exception("prefetching experts %s of layer %d failed", experts.tolist(), layer)
 
     def _run(self) -> None:
+        failures = 0
         while (request := self._wake.get()) is not False:
+            if not isinstance(request, threading.Event) and time.monotonic() < self._retry_at:
+                continue  # backing off after a failure; the pending counts wait for the next request
             try:
-                if self._error is None:
-                    self._replan()
-            except Exception as exc:  # reported by stats; decoding goes on
-                logger.exception("re-planning expert residency failed; the last plan stays in place")
-                self._error = exc
+                self._replan()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - counted in stats, logged, retried; decoding goes on
+                failures += 1
+                delay = min(self.backoff[1], self.backoff[0] * 2 ** (failures - 1))
+                self._retry_at = time.monotonic() + delay
+                self._errors += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                logger.warning(
+                    "re-planning expert residency failed (%s); the last plan stays in place, retrying in %.0f s",
+                    self._last_error,
+                    delay,
+                    exc_info=logger.isEnabledFor(logging.DEBUG),
+                )
             if isinstance(request, threading.Event):
                 request.set()
 
@@ -172,7 +197,7 @@ class OnlineResidency:
         self._apply(blended)
 
     def _apply(self, share: np.ndarray) -> None:
-        plan = plan_residency(self.layout, share, ram_budget=self.ram_budget)
+        plan = plan_residency(self.layout, share, ram_budget=self.ram_budget, gpu_budget=self.gpu_budget)
         change = self.pinner.pin(plan.pinned)
         mask = np.zeros_like(self._pinned_mask)
         for layer, expert in plan.pinned:
@@ -182,6 +207,8 @@ class OnlineResidency:
             self._moved += change.pinned + change.unpinned
             self._replans += 1
         self._plan = plan
+        if self.on_plan is not None:
+            self.on_plan(plan)
         logger.debug(
             "residency plan: %d experts pinned (%+d/-%d), %.1f%% of routing mass covered",
             len(plan.pinned),
@@ -201,9 +228,7 @@ class OnlineResidency:
 
     @property
     def stats(self) -> OnlineStats:
-        if self._error is not None:
-            raise self._error
-        return OnlineStats(self._tokens, self._replans, self._moved, self._plan)
+        return OnlineStats(self._tokens, self._replans, self._moved, self._plan, self._errors, self._last_error)
 
     def close(self) -> None:
         """Stop the worker (the pins stay until the pinner is closed)."""
