@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +18,7 @@ from edgevision.config import Config
 from edgevision.decoder.llama import LlamaDecoder
 from edgevision.decoder.prompt import FORMATS, ChatFormat, build_turn, image_causal_for, run_prompt
 from edgevision.errors import InputError, ModelError
+from edgevision.moe.placement import DecoderPlacement
 from edgevision.speech.audio import Audio
 from edgevision.speech.recognition import WhisperRecognizer
 from edgevision.speech.synthesis import PiperSynthesizer, split_sentences
@@ -99,6 +100,7 @@ class Assistant:
         self._cached: Scene | None = None  # the scene whose prefix the decoder's cache holds
         self._stack = ExitStack()
         self.load_timings: dict[str, float] = {}
+        self.placement: DecoderPlacement | None = None  # a MoE decoder's residency plan, pins and adaptation
 
     @classmethod
     def from_config(cls, config: Config, *, speak: bool = True) -> Assistant:
@@ -117,14 +119,25 @@ class Assistant:
             encoder = open_encoder(config.vision.backend, config.vision.tower, threads=config.vision.threads)
             stack.callback(encoder.close)
             clock.lap("vision")
-            decoder = stack.enter_context(
-                LlamaDecoder(
-                    config.decoder.model,
-                    n_ctx=config.decoder.n_ctx,
-                    n_threads=config.decoder.n_threads,
-                    seed=config.decoder.seed,
-                )
+            # a MoE decoder's placement is planned and pinned before the model loads, after the stages above
+            # (their memory is what an `auto` budget leaves them)
+            placement = DecoderPlacement.open(
+                config.decoder.model, config.decoder.placement, n_ctx=config.decoder.n_ctx
             )
+            if placement is not None:
+                stack.callback(placement.close)
+            with placement.loading() if placement is not None else nullcontext():
+                decoder = stack.enter_context(
+                    LlamaDecoder(
+                        config.decoder.model,
+                        n_ctx=config.decoder.n_ctx,
+                        n_threads=config.decoder.n_threads,
+                        seed=config.decoder.seed,
+                        **(placement.decoder_options() if placement is not None else {}),
+                    )
+                )
+            if placement is not None:
+                placement.start(decoder)
             check_pairing(encoder, decoder, config.vision.tower)
             clock.lap("decoder")
             synthesizer = None
@@ -143,6 +156,7 @@ class Assistant:
                 temperature=config.decoder.temperature,
                 chat_format=config.decoder.chat_format,
             )
+            assistant.placement = placement
             assistant._stack = stack.pop_all()
             assistant.load_timings = clock.timings
             return assistant

@@ -120,6 +120,7 @@ def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None, pau
     from edgevision.devices.camera import open_camera
     from edgevision.devices.socket_button import SocketButton, send_button
     from edgevision.devices.wav_devices import WavMicrophone, WavSpeaker
+    from edgevision.moe.placement import PlacementMeter
     from edgevision.telemetry.memory import MemoryMeter
     from edgevision.telemetry.power import EnergyMeter, open_power_reader
 
@@ -144,7 +145,11 @@ def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None, pau
         buttons=[control],
         control=control,
         settings=dataclasses.replace(config.daemon, follow_up_s=0.0, max_recording_s=60.0),
-        meters={"memory": lambda: MemoryMeter(interval=interval), "energy": lambda: EnergyMeter(power, interval=interval)},
+        meters={
+            "memory": lambda: MemoryMeter(interval=interval),
+            "energy": lambda: EnergyMeter(power, interval=interval),
+            "placement": lambda: PlacementMeter(assistant.placement),
+        },
     )
     daemon.on_record = records.put
     loop = asyncio.new_event_loop()

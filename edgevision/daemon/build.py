@@ -24,6 +24,7 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
     from edgevision.devices.camera import open_configured_camera
     from edgevision.devices.socket_button import SocketButton
     from edgevision.devices.sound import open_microphone, open_speaker
+    from edgevision.moe.placement import PlacementMeter
     from edgevision.telemetry.log import InteractionLog
     from edgevision.telemetry.memory import MemoryMeter
     from edgevision.telemetry.power import EnergyMeter, open_power_reader
@@ -70,6 +71,8 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
         notifier.status("loading the models")
         assistant = Assistant.from_config(config)
         stack.callback(assistant.close)
+        # per answer: major faults, bytes read from storage and (with a placement) the experts' hit rate
+        meters["placement"] = lambda: PlacementMeter(assistant.placement)
         daemon = Daemon(
             assistant=assistant,
             camera=camera,

@@ -94,6 +94,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
           f"up {reply['uptime_s']:.0f} s, {reply['interactions']} presses")
     for role, name in reply["models"].items():
         print(f"{role + ':':<11} {name}")
+    if placement := reply.get("placement"):
+        hit = placement["hit_rate"]
+        print(f"placement: {placement['pinned_experts']} experts pinned ({placement['pinned_bytes'] / 2**20:.1f} MiB), "
+              f"{placement['locked_bytes'] / 2**20:.1f} MiB locked, {len(placement['gpu_layers'])} GPU layers; "
+              f"hit rate {'-' if hit is None else f'{100 * hit:.1f}%'} of {placement['expert_selections']} experts routed")
+        print(f"  since start: {placement['storage_bytes_read'] / 2**20:.1f} MiB read from storage, "
+              f"{placement['major_faults']} major faults, {placement['replans']} re-plans"
+              + (f", {placement['adaptation_errors']} failed ({placement['last_adaptation_error']})"
+                 if placement["adaptation_errors"] else ""))
     last = reply.get("last")
     if not last:
         print("no question answered yet")

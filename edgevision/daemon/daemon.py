@@ -180,6 +180,8 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self._started_at, 1),
             "models": self.models,
             "interactions": self._next_id,
+            # a MoE decoder's placement: its plan now, pinned bytes, hit rate, storage reads and faults since start
+            "placement": self.assistant.placement.status() if self.assistant.placement is not None else None,
             "last": None
             if last is None
             else {k: last.get(k) for k in ("time", "kind", "question", "answer", "error", "durations_s")},

@@ -523,3 +523,59 @@ def config_section(fit_: Fit, profile: str | None = None) -> str:
             "    online: true",
         ]
     )
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+
+def _cmd_plan(args) -> int:
+    from edgevision.schema import parse_size
+
+    def size(text: str | None, flag: str) -> int | None:
+        if text is None:
+            return None
+        try:
+            return parse_size(text)
+        except ValueError:
+            raise ConfigError(f"plan: {flag} {text!r} is not a size; write e.g. 10GiB or 512MiB") from None
+
+    header = read_header(args.model)
+    result = fit(
+        header,
+        board=BOARDS[args.board] if args.board else None,
+        ram=size(args.ram, "--ram"),
+        gpu=size(args.gpu, "--gpu") or 0,
+        n_ctx=args.ctx,
+        profile=args.profile,
+        skew=args.skew,
+        stages=size(args.stages, "--stages"),
+        storage_gbps=args.storage_gbps,
+        memory_gbps=args.memory_gbps,
+    )
+    print(render(result, profile=args.profile))
+    return 0 if result.plan is not None else 1
+
+
+def add_commands(sub, bench) -> None:  # noqa: ARG001 - no benchmark here
+    plan = sub.add_parser(
+        "plan",
+        help="what a MoE decoder needs on a board, from its GGUF header: resident, paged, pruned, speed, config",
+    )
+    plan.add_argument("model", help="the MoE decoder (.gguf; only its header is read)")
+    where = plan.add_mutually_exclusive_group(required=True)
+    where.add_argument("--board", choices=sorted(BOARDS), help="plan for this board's memory, less the other stages")
+    where.add_argument("--ram", help="RAM for the decoder's weights, e.g. 10GiB (as decoder.placement.ram_budget)")
+    plan.add_argument("--gpu", help="GPU memory for expert tensors, e.g. 2GiB (default: none)")
+    plan.add_argument("--profile", help="router profile from 'edgevision calibrate' (default: an assumed skew)")
+    plan.add_argument(
+        "--skew", type=float, default=DEFAULT_SKEW,
+        help="without a profile: Zipf exponent of each layer's routing (default: %(default)s)",
+    )
+    plan.add_argument("--ctx", type=int, default=2048, help="context tokens for the KV cache (default: %(default)s)")
+    plan.add_argument("--stages", help="memory of everything but the decoder, instead of the board's list")
+    plan.add_argument(
+        "--storage-gbps", type=float, default=DEFAULT_STORAGE_GBPS,
+        help="storage read speed for whole experts, GB/s (default: %(default)s)",
+    )
+    plan.add_argument("--memory-gbps", type=float, help="memory bandwidth, GB/s (default: the board's, 102.4)")
+    plan.set_defaults(func=_cmd_plan)
