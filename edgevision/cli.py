@@ -69,6 +69,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             on_text=lambda piece: print(piece, end="", flush=True),
         )
         print(flush=True)
+        placement = assistant.placement.status() if assistant.placement is not None else None
         if speak:
             if answer.speech is None:
                 print("(no answer to speak)")
@@ -77,6 +78,15 @@ def _cmd_ask(args: argparse.Namespace) -> int:
                 print(f"spoken answer: {args.out} ({answer.speech.duration:.1f} s)")
     print()
     print(_timings_table(assistant.load_timings, answer.timings, answer.n_tokens))
+    if placement is not None:
+        hit = placement["hit_rate"]
+        print(
+            f"placement: {placement['pinned_experts']} experts pinned ({placement['pinned_bytes']} bytes), "
+            f"{placement['locked_bytes']} bytes locked, {placement['overridden_to_cpu']} expert tensors placed in "
+            f"the CPU buffer type by llama.cpp; hit rate {'-' if hit is None else f'{100 * hit:.1f}%'} of "
+            f"{placement['expert_selections']} experts routed; {placement['storage_bytes_read']} bytes read from "
+            f"storage, {placement['major_faults']} major faults"
+        )
     return 0
 
 
