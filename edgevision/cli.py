@@ -21,7 +21,7 @@ DEFAULT_MODELS_DIR = "models"
 # libraries they use are imported only inside the command that runs.
 COMMAND_MODULES: tuple[str, ...] = (
     "edgevision.moe.commands",
-    "edgevision.moe.plan",
+    "edgevision.moe.fitting",
     "edgevision.daemon.commands",
     "edgevision.vision.commands",
     "edgevision.devices.commands",

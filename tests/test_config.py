@@ -426,8 +426,8 @@ def test_placement_budgets_are_sizes_or_words_and_a_bare_off_is_explained(tree: 
         "decoder:\n  placement:\n    ram_budget: 12GB please\n    gpu_expert_budget: off\n    headroom: 1024\n",
     )
     assert errors_of(path) == [
-        f"{path}:3: decoder.placement.ram_budget: '12GB please' is not a size — write none, auto, a number of "
-        "bytes, or a size such as 512MiB or 12GiB",
+        (f"{path}:3: decoder.placement.ram_budget: '12GB please' is not a size — write none, auto, a number of "
+        "bytes, or a size such as 512MiB or 12GiB"),
         f'{path}:4: decoder.placement.gpu_expert_budget: off is a boolean, not text — put it in quotes: "off"',
     ]
     ok = write(tree, "decoder:\n  placement:\n    ram_budget: 12GiB\n    headroom: 1048576\n", "ok.yaml")

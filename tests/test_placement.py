@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -124,7 +123,7 @@ def test_plan_answers_for_the_flagship_on_both_boards(flagship: Path, tmp_path: 
         assert parse_size(loaded.ram_budget) == result.weights_budget // 2**20 * 2**20
     big, small = results["orin-nx-16"], results["orin-nx-8"]
     assert big.keep_per_layer == 112 and small.keep_per_layer == 27
-    assert big.hit_rate > 0.9 > 0.5 > small.hit_rate
+    assert big.hit_rate > 0.9 and small.hit_rate < 0.5
     assert big.tokens_per_s() > 3 * small.tokens_per_s()
 
 

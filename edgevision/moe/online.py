@@ -171,7 +171,7 @@ class OnlineResidency:
             try:
                 self._replan()
                 failures = 0
-            except Exception as exc:  # noqa: BLE001 - counted in stats, logged, retried; decoding goes on
+            except Exception as exc:
                 failures += 1
                 delay = min(self.backoff[1], self.backoff[0] * 2 ** (failures - 1))
                 self._retry_at = time.monotonic() + delay

@@ -452,14 +452,14 @@ class DecoderPlacement:
                 f"  resident        {plan.resident_bytes / MIB:.1f} MiB non-expert weights"
                 + (" (locked)" if self.settings.lock_resident and not self.gpu else ""),
                 f"  GPU             {len(plan.gpu_layers)} MoE layers, {plan.gpu_bytes / MIB:.1f} MiB of experts",
-                f"  pinned          {len(plan.pinned)} of {n_experts} experts, {plan.pinned_bytes / MIB:.1f} MiB "
-                f"({100 * plan.covered_mass:.1f}% of the prior's routing mass)",
+                (f"  pinned          {len(plan.pinned)} of {n_experts} experts, {plan.pinned_bytes / MIB:.1f} MiB "
+                f"({100 * plan.covered_mass:.1f}% of the prior's routing mass)"),
                 f"  paged           {paged} experts, from storage when routed",
-                f"  llama.cpp       {len(placed.overridden) if placed else 0} expert tensors overridden to the CPU "
-                f"buffer type; buffers: {buffers}",
-                f"  adaptation      online {'on' if self.settings.online else 'off'} (every "
+                (f"  llama.cpp       {len(placed.overridden) if placed else 0} expert tensors overridden to the CPU "
+                f"buffer type; buffers: {buffers}"),
+                (f"  adaptation      online {'on' if self.settings.online else 'off'} (every "
                 f"{self.settings.replan_every} tokens), prefetch {'on' if self.settings.prefetch else 'off'}, "
-                f"routing counted on 1 step in {self.settings.observe_every}",
+                f"routing counted on 1 step in {self.settings.observe_every}"),
             ]
         )
 

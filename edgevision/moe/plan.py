@@ -258,8 +258,10 @@ class Fit:
         """What locking the resident set takes (page-rounded, generously): the LimitMEMLOCK to give."""
         if self.plan is None:
             return 0
-        ranges = len(self.layout.other_ranges) + len(self.plan.pinned) * 3
-        return _pad(self.plan.resident_bytes + self.plan.pinned_bytes + 2 * PAGE * ranges, MIB)
+        # on a board the non-expert weights go to GPU buffers (gpu_layers -1) and are not locked from the file
+        resident = 0 if self.board is not None else self.plan.resident_bytes
+        ranges = (0 if self.board is not None else len(self.layout.other_ranges)) + len(self.plan.pinned) * 3
+        return _pad(resident + self.plan.pinned_bytes + 2 * PAGE * ranges, MIB)
 
     def active_bytes(self) -> float:
         lay = self.layout
@@ -406,7 +408,12 @@ def requantize_options(fit_: Fit) -> list[tuple[str, int, int | None]]:
 
 
 def gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes in GiB, or MiB below one GiB (small test models)."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB or n == 0 else f"{n / MIB:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
 
 
 def mb(n: float) -> str:
@@ -420,10 +427,10 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
     per_expert = fit_.mean_expert_bytes()
     lines = [
         f"{h.path.name}: {h.arch}, {h.n_layer} layers ({n_moe} MoE) of {lay.n_expert} experts, top {lay.n_expert_used}",
-        f"  weights: {h.parameters / 1e9:.2f} B ({h.active_parameters / 1e9:.2f} B per token); "
-        f"file {gib(lay.file_size)}",
-        f"  experts: {n_moe} x {lay.n_expert} x {mb(per_expert)} = {gib(lay.expert_total)}; "
-        f"other weights (always resident) {gib(lay.other_bytes)}",
+        (f"  weights: {_count(h.parameters)} ({_count(h.active_parameters)} per token); "
+        f"file {gib(lay.file_size)}"),
+        (f"  experts: {n_moe} x {lay.n_expert} x {mb(per_expert)} = {gib(lay.expert_total)}; "
+        f"other weights (always resident) {gib(lay.other_bytes)}"),
         "",
     ]
     if fit_.board is not None:
@@ -449,26 +456,27 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
     paged = lay.expert_total - plan.pinned_bytes - plan.gpu_bytes
     lines += [
         "resident:",
-        f"  non-expert weights      {gib(plan.resident_bytes)} (locked)",
+        f"  non-expert weights      {gib(plan.resident_bytes)} "
+        + ("(GPU buffers, gpu_layers -1)" if fit_.board else "(locked)"),
         f"  GPU expert layers       {len(plan.gpu_layers)} ({gib(plan.gpu_bytes)})"
         + (f": {', '.join(map(str, plan.gpu_layers))}" if plan.gpu_layers else ""),
         f"  pinned experts          {len(plan.pinned)} of {n_moe * lay.n_expert} ({gib(plan.pinned_bytes)}, locked)",
-        f"pages from storage:       {n_moe * lay.n_expert - len(plan.pinned) - len(plan.gpu_layers) * lay.n_expert} "
-        f"experts ({gib(max(0, paged))})",
+        (f"pages from storage:       {n_moe * lay.n_expert - len(plan.pinned) - len(plan.gpu_layers) * lay.n_expert} "
+        f"experts ({gib(max(0, paged))})"),
         f"routing ({fit_.routing.source}):",
-        f"  resident experts carry {100 * plan.covered_mass:.1f}% of the routing mass; predicted hit rate "
-        f"{100 * fit_.hit_rate:.1f}% of {lay.n_expert_used * n_moe} expert selections per token",
+        (f"  resident experts carry {100 * plan.covered_mass:.1f}% of the routing mass; predicted hit rate "
+        f"{100 * fit_.hit_rate:.1f}% of {lay.n_expert_used * n_moe} expert selections per token"),
         f"  misses per token: {fit_.misses_per_token:.1f}",
     ]
     ram_s, storage_s = fit_.seconds_per_token()
     lines += [
         "decode speed (estimate):",
-        f"  from RAM:     {gib(fit_.active_bytes())} per token (non-expert + {lay.n_expert_used * n_moe} routed "
-        f"experts) / ({fit_.memory_gbps:g} GB/s x {fit_.efficiency:g}) = {1000 * ram_s:.1f} ms",
-        f"  from storage: {fit_.misses_per_token:.1f} misses x {mb(per_expert)} = "
-        f"{mb(fit_.misses_per_token * per_expert)} / {fit_.storage_gbps:g} GB/s = {1000 * storage_s:.1f} ms",
-        f"  = {fit_.tokens_per_s():.1f} tokens/s (no overlap assumed; storage at 0.5 GB/s: "
-        f"{fit_.tokens_per_s(0.5):.1f}, at 3 GB/s: {fit_.tokens_per_s(3.0):.1f})",
+        (f"  from RAM:     {gib(fit_.active_bytes())} per token (non-expert + {lay.n_expert_used * n_moe} routed "
+        f"experts) / ({fit_.memory_gbps:g} GB/s x {fit_.efficiency:g}) = {1000 * ram_s:.1f} ms"),
+        (f"  from storage: {fit_.misses_per_token:.1f} misses x {mb(per_expert)} = "
+        f"{mb(fit_.misses_per_token * per_expert)} / {fit_.storage_gbps:g} GB/s = {1000 * storage_s:.1f} ms"),
+        (f"  = {fit_.tokens_per_s():.1f} tokens/s (no overlap assumed; storage at 0.5 GB/s: "
+        f"{fit_.tokens_per_s(0.5):.1f}, at 3 GB/s: {fit_.tokens_per_s(3.0):.1f})"),
         "",
     ]
     if fit_.keep_per_layer is None:
@@ -498,7 +506,10 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
             lines.append(f"  {name}: saves {mb(saved)} per layer; for every expert to fit: {what}")
     lines += [
         "",
-        f"locked memory: {gib(fit_.locked_bytes)} -> systemd LimitMEMLOCK={fit_.locked_bytes} (or CAP_IPC_LOCK)",
+        f"locked memory: {gib(fit_.locked_bytes)} ("
+        + ("pinned experts; the non-expert weights are in GPU buffers" if fit_.board else "non-expert weights and "
+           "pinned experts")
+        + f") -> systemd LimitMEMLOCK={fit_.locked_bytes} (or CAP_IPC_LOCK)",
         "",
         "config section (decoder):",
         *config_section(fit_, profile).splitlines(),
@@ -523,59 +534,3 @@ def config_section(fit_: Fit, profile: str | None = None) -> str:
             "    online: true",
         ]
     )
-
-
-# -- the command ---------------------------------------------------------------------------------------------
-
-
-def _cmd_plan(args) -> int:
-    from edgevision.schema import parse_size
-
-    def size(text: str | None, flag: str) -> int | None:
-        if text is None:
-            return None
-        try:
-            return parse_size(text)
-        except ValueError:
-            raise ConfigError(f"plan: {flag} {text!r} is not a size; write e.g. 10GiB or 512MiB") from None
-
-    header = read_header(args.model)
-    result = fit(
-        header,
-        board=BOARDS[args.board] if args.board else None,
-        ram=size(args.ram, "--ram"),
-        gpu=size(args.gpu, "--gpu") or 0,
-        n_ctx=args.ctx,
-        profile=args.profile,
-        skew=args.skew,
-        stages=size(args.stages, "--stages"),
-        storage_gbps=args.storage_gbps,
-        memory_gbps=args.memory_gbps,
-    )
-    print(render(result, profile=args.profile))
-    return 0 if result.plan is not None else 1
-
-
-def add_commands(sub, bench) -> None:  # noqa: ARG001 - no benchmark here
-    plan = sub.add_parser(
-        "plan",
-        help="what a MoE decoder needs on a board, from its GGUF header: resident, paged, pruned, speed, config",
-    )
-    plan.add_argument("model", help="the MoE decoder (.gguf; only its header is read)")
-    where = plan.add_mutually_exclusive_group(required=True)
-    where.add_argument("--board", choices=sorted(BOARDS), help="plan for this board's memory, less the other stages")
-    where.add_argument("--ram", help="RAM for the decoder's weights, e.g. 10GiB (as decoder.placement.ram_budget)")
-    plan.add_argument("--gpu", help="GPU memory for expert tensors, e.g. 2GiB (default: none)")
-    plan.add_argument("--profile", help="router profile from 'edgevision calibrate' (default: an assumed skew)")
-    plan.add_argument(
-        "--skew", type=float, default=DEFAULT_SKEW,
-        help="without a profile: Zipf exponent of each layer's routing (default: %(default)s)",
-    )
-    plan.add_argument("--ctx", type=int, default=2048, help="context tokens for the KV cache (default: %(default)s)")
-    plan.add_argument("--stages", help="memory of everything but the decoder, instead of the board's list")
-    plan.add_argument(
-        "--storage-gbps", type=float, default=DEFAULT_STORAGE_GBPS,
-        help="storage read speed for whole experts, GB/s (default: %(default)s)",
-    )
-    plan.add_argument("--memory-gbps", type=float, help="memory bandwidth, GB/s (default: the board's, 102.4)")
-    plan.set_defaults(func=_cmd_plan)
