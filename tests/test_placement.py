@@ -382,3 +382,29 @@ def test_edgevision_run_with_a_placement_shows_it_in_status_and_in_every_record(
     figures = record["placement"]
     assert set(figures) >= {"major_faults", "storage_bytes_read", "hit_rate", "expert_selections"}
     assert figures["expert_selections"] > 0 and 0 <= figures["hit_rate"] <= 1
+
+
+def test_plan_measures_what_prune_to_fit_costs_on_held_out_questions_with_images(tmp_path: Path, make_tower):
+    model = _tool("make_synthetic").write_moe_decoder(
+        tmp_path / "moe-e32.gguf", ftype="q8_0", n_expert=32, n_ff_exp=128, router_skew=0.8, upcycle_noise=0.1
+    )
+    tower = tmp_path / "tower.onnx"
+    assert make_tower.main(["--out", str(tower), "--match-gguf", str(model)]) == 0
+    from edgevision.moe.layout import read_layout
+
+    layout = read_layout(model)
+    budget = layout.other_bytes + 12 * 4 * layout.expert_bytes(0)  # room for 12 of 32 experts in each of 4 layers
+    proc = _cli("plan", str(model), "--ram", str(budget), "--measure", str(ROOT / "calibration"), "--tower",
+                str(tower), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "prune-to-fit: keep 12 of 32 experts per layer" in proc.stdout
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("prune-to-fit measured (keep 12"))
+    assert "held-out (with image rows)" in line
+    agreement = float(line.split("agreement ")[1].split("%")[0])
+    kl = float(line.split("mean KL ")[1].split(" ")[0])
+    assert 0 < agreement < 100 and kl > 0  # pruning 20 of 32 experts changes something, and it is measured
+
+
+def test_measuring_needs_the_weights(flagship: Path):
+    proc = _cli("plan", str(flagship), "--board", "orin-nx-16", "--measure", str(ROOT / "calibration"), timeout=60)
+    assert proc.returncode == 2 and "has no weights (a header-only or sparse file)" in proc.stderr
