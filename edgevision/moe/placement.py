@@ -116,7 +116,9 @@ def _cgroup_limit() -> int | None:
             base, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
         else:
             continue
-        here = base / path.lstrip("/")
+        parts = [part for part in path.split("/") if part]
+        # inside a cgroup namespace the mount's root may be a descendant of the path's start: try its tails
+        here = next((base.joinpath(*parts[i:]) for i in range(len(parts)) if base.joinpath(*parts[i:]).is_dir()), base)
         while True:
             with contextlib.suppress(OSError, ValueError):
                 text = (here / name).read_text().strip()
