@@ -123,6 +123,7 @@ class Assistant:
                     n_ctx=config.decoder.n_ctx,
                     n_threads=config.decoder.n_threads,
                     seed=config.decoder.seed,
+                    extra_buffer_types=config.decoder.extra_buffer_types,
                 )
             )
             check_pairing(encoder, decoder, config.vision.tower)

@@ -72,6 +72,12 @@ class DecoderSettings:
         "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4). LLaVA-style "
         "decoders (MoE-LLaVA, LLaVA-GM) need llava.",
     )
+    extra_buffer_types: bool = setting(
+        False,
+        "Let llama.cpp copy weights into its CPU extra buffer types (AMX, CPU_REPACK). Off: AMX crashes on some "
+        "x86 hosts, and repacked weights leave the file mapping that expert residency manages; on may decode "
+        "Q4_0 faster on a CPU without residency.",
+    )
     max_answer_tokens: int = setting(48, "Longest answer, in tokens.", min=1, max=1024)
     temperature: float = setting(0.0, "Sampling temperature; 0 always picks the likeliest token.", min=0.0, max=2.0)
     seed: int = setting(0, "Random seed for sampling, so answers repeat.", min=0)
