@@ -133,6 +133,7 @@ class Assistant:
                         n_ctx=config.decoder.n_ctx,
                         n_threads=config.decoder.n_threads,
                         seed=config.decoder.seed,
+                        extra_buffer_types=config.decoder.extra_buffer_types,
                         **(placement.decoder_options() if placement is not None else {}),
                     )
                 )

@@ -14,10 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edgevision.decoder.prompt import FORMATS as CHAT_FORMATS
+from edgevision.devices.button import BUTTONS
+from edgevision.devices.camera import CAMERAS
+from edgevision.devices.sound import MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError
 from edgevision.schema import SettingDoc, check_declarations, load, section, setting, size_check
 from edgevision.schema import describe as describe_root
 from edgevision.schema import render_example as render_root
+from edgevision.telemetry.power import POWER_READERS
+from edgevision.vision.encoder import BACKENDS as VISION_BACKENDS
 
 ENV_VAR = "EDGEVISION_CONFIG"
 SYSTEM_CONFIG = Path("/etc/edgevision/config.yaml")
@@ -50,7 +56,7 @@ class SpeechSettings:
 class VisionSettings:
     """The vision tower that turns a photo into image embeddings."""
 
-    backend: Literal["onnxruntime", "tensorrt"] = setting("onnxruntime", "Inference back-end for the vision tower.")
+    backend: str = setting("onnxruntime", "Inference back-end for the vision tower.", choices=VISION_BACKENDS)
     tower: Path = setting(
         "../models/synthetic/tower-gemma3-270m.onnx",
         "Vision tower model (ONNX); for backend tensorrt, the plan 'make engines' built from it "
@@ -112,10 +118,17 @@ class DecoderSettings:
     model: Path = setting("../models/gemma-3-270m-q4_k_m.gguf", "Decoder model (GGUF).", path="file")
     n_ctx: int = setting(2048, "Context window in tokens (image, prompt and answer).", min=256, max=131072)
     n_threads: int = setting(0, "CPU threads for the decoder; 0 picks automatically.", min=0, max=64)
-    chat_format: Literal["auto", "gemma3", "gemma4", "llava"] = setting(
+    chat_format: str = setting(
         "auto",
         "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4). LLaVA-style "
         "decoders (MoE-LLaVA, LLaVA-GM) need llava.",
+        choices=("auto", *CHAT_FORMATS),
+    )
+    extra_buffer_types: bool = setting(
+        False,
+        "Let llama.cpp copy weights into its CPU extra buffer types (AMX, CPU_REPACK). Off: AMX crashes on some "
+        "x86 hosts, and repacked weights leave the file mapping that expert residency manages; on may decode "
+        "Q4_0 faster on a CPU without residency.",
     )
     max_answer_tokens: int = setting(48, "Longest answer, in tokens.", min=1, max=1024)
     temperature: float = setting(0.0, "Sampling temperature; 0 always picks the likeliest token.", min=0.0, max=2.0)
@@ -169,8 +182,10 @@ class DaemonSettings:
 class DevicesSettings:
     """The camera, the push-to-talk button, the microphone and the speaker."""
 
-    camera: Literal["opencv", "video", "image"] = setting(
-        "opencv", "opencv: a live camera (USB/V4L2, or CSI through GStreamer); video: a video file; image: a photo."
+    camera: str = setting(
+        "opencv",
+        "opencv: a live camera (USB/V4L2, or CSI through GStreamer); video: a video file; image: a photo.",
+        choices=CAMERAS,
     )
     camera_source: str = setting(
         "0",
@@ -180,10 +195,11 @@ class DevicesSettings:
     camera_height: int = setting(
         720, "Requested frame height for a live camera; 0 keeps the driver's.", min=0, max=8192
     )
-    button: Literal["socket", "evdev", "gpio"] = setting(
+    button: str = setting(
         "socket",
         "socket: only the control socket (edgevision press/release); evdev: a USB button or keyboard key; "
         "gpio: a button on the 40-pin header.",
+        choices=BUTTONS,
     )
     control_socket: Path = setting(
         "/run/edgevision/control.sock",
@@ -203,14 +219,18 @@ class DevicesSettings:
     debounce_ms: int = setting(
         30, "Edges this soon after a reported press or release are contact bounce.", min=0, max=500
     )
-    microphone: Literal["sounddevice", "wav"] = setting(
-        "sounddevice", "sounddevice: a real microphone (PortAudio); wav: WAV files played in (tests, scripts)."
+    microphone: str = setting(
+        "sounddevice",
+        "sounddevice: a real microphone (PortAudio); wav: WAV files played in (tests, scripts).",
+        choices=MICROPHONES,
     )
     microphone_device: str = setting(
         "", "sounddevice: the input device's name or index, empty for the default; wav: a WAV file or a folder."
     )
-    speaker: Literal["sounddevice", "wav"] = setting(
-        "sounddevice", "sounddevice: a real speaker (PortAudio); wav: write what is played into WAV files."
+    speaker: str = setting(
+        "sounddevice",
+        "sounddevice: a real speaker (PortAudio); wav: write what is played into WAV files.",
+        choices=SPEAKERS,
     )
     speaker_device: str = setting(
         "", "sounddevice: the output device's name or index, empty for the default; wav: the folder to write into."
@@ -230,8 +250,10 @@ class TelemetrySettings:
     )
     log_max_mb: float = setting(10.0, "Rotate the log when it would pass this size, in MiB.", min=0.01, max=10000)
     log_backups: int = setting(5, "Rotated logs kept (interactions.jsonl.1, .2, ...).", min=0, max=1000)
-    power_reader: Literal["auto", "ina3221", "tegrastats", "rapl", "none"] = setting(
-        "auto", "Power monitor: auto picks INA3221 (Jetson), then tegrastats, then Intel RAPL, else none."
+    power_reader: str = setting(
+        "auto",
+        "Power monitor: auto picks INA3221 (Jetson), then tegrastats, then Intel RAPL, else none.",
+        choices=("auto", *POWER_READERS),
     )
     sample_interval_ms: int = setting(
         100, "How often power and memory are sampled during an answer.", min=10, max=10000

@@ -19,6 +19,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -46,6 +47,7 @@ class Meta:
     path: Literal["file", "dir"] | None = None
     must_exist: bool = True
     fix: str = MODELS_FIX  # said when a path that must exist is missing
+    choices: tuple[str, ...] = ()  # for a str setting: the allowed values (a back-end registry's names)
     check: Any = None  # check(value) -> (problem, fix) or None: a rule beyond type and limits
 
 
@@ -58,17 +60,20 @@ def setting(
     path: Literal["file", "dir"] | None = None,
     must_exist: bool = True,
     fix: str = MODELS_FIX,
+    choices: Iterable[str] = (),
     check: Any = None,
 ) -> Any:
     """Declare one setting: its default, a one-line description and its limits.
 
     For a path, `default` is written as in the YAML file (relative to the config file's directory) and
     `path` says whether it names a file or a directory; it must exist unless `must_exist=False`.
-    `check(value)` may add a rule of its own: it returns None, or ``(problem, fix)`` in words.
+    For a choice, declare the type `str` and pass `choices` (a back-end registry, so the list of choices is
+    written once), or declare a ``Literal[...]`` type. `check(value)` may add a rule of its own: it returns
+    None, or ``(problem, fix)`` in words.
     """
     if path is not None and default is not None:
         default = Path(default)
-    meta = Meta(description, min, max, path, must_exist, fix, check)
+    meta = Meta(description, min, max, path, must_exist, fix, tuple(choices), check)
     return field(default=default, metadata={_META: meta})
 
 
@@ -152,6 +157,8 @@ def _specs(cls: type) -> dict[str, _Spec]:
             kind = "path"
             if meta.path not in ("file", "dir"):
                 raise TypeError(f"{where}: a Path setting needs path='file' or path='dir'")
+        elif tp is str and meta.choices:
+            kind, choices = "choice", meta.choices
         elif tp in (str, int, float, bool):
             kind = tp.__name__
         else:

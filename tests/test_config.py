@@ -12,6 +12,7 @@ import yaml
 
 from edgevision.config import (
     Config,
+    DecoderSettings,
     SettingDoc,
     describe,
     find_config,
@@ -174,7 +175,7 @@ def test_unknown_key_in_the_wrong_section_or_unlike_any(tree: Path):
         f"{path}:2: decoder.beam_size: unknown setting in decoder — move it to speech.beam_size",
         (
             f"{path}:3: decoder.colour: unknown setting in decoder — remove it; known settings in decoder: "
-            "model, n_ctx, n_threads, chat_format, max_answer_tokens, temperature, seed, system_prompt, placement"
+            + ", ".join(field.name for field in dataclasses.fields(DecoderSettings))
         ),
     ]
 

@@ -9,14 +9,13 @@ window ends — so a short tap is never lost and a bouncing contact never report
 from __future__ import annotations
 
 import asyncio
-import importlib
 import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edgevision.errors import ConfigError
+from edgevision.plugins import load_class
 
 
 @dataclass(frozen=True)
@@ -55,12 +54,7 @@ BUTTONS: dict[str, str] = {
 
 def open_button(kind: str, **options: Any) -> Button:
     """The button of `kind`; options are the back-end's (socket_path, device and key, pin and chip, debounce)."""
-    try:
-        module_name, class_name = BUTTONS[kind].split(":")
-    except KeyError:
-        raise ConfigError(f"devices.button: {kind!r} is not a button kind; choose one of {sorted(BUTTONS)}") from None
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)
+    return load_class(BUTTONS, "devices.button", kind)(**options)
 
 
 class Debouncer:

@@ -8,7 +8,6 @@ while it is gone and works again once it is back.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -17,7 +16,8 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from edgevision.errors import ConfigError, DeviceError
+from edgevision.errors import DeviceError
+from edgevision.plugins import load_class
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,7 @@ def open_camera(kind: str, source: str, **options: Any) -> Camera:
     CSI camera where OpenCV was built with GStreamer; video: a video file, played at its frame rate,
     looping; image: a still image file (re-read when it changes).
     """
-    try:
-        module_name, class_name = CAMERAS[kind].split(":")
-    except KeyError:
-        raise ConfigError(f"devices.camera: {kind!r} is not a camera kind; choose one of {sorted(CAMERAS)}") from None
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(source, **options)
+    return load_class(CAMERAS, "devices.camera", kind)(source, **options)
 
 
 def open_configured_camera(devices: Any) -> Camera:

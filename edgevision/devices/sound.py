@@ -8,10 +8,9 @@ the queue (barge-in: the user pressed while it spoke).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Protocol
 
-from edgevision.errors import ConfigError
+from edgevision.plugins import load_class
 from edgevision.speech.audio import Audio
 
 
@@ -64,17 +63,9 @@ SPEAKERS: dict[str, str] = {
 
 def open_microphone(kind: str, **options: Any) -> Microphone:
     """sounddevice: options device (name or index; None = default), max_seconds; wav: files, loop, max_seconds."""
-    return _load(MICROPHONES, "devices.microphone", kind)(**options)
+    return load_class(MICROPHONES, "devices.microphone", kind)(**options)
 
 
 def open_speaker(kind: str, **options: Any) -> Speaker:
     """sounddevice: options device (name or index; None = default); wav: folder, realtime."""
-    return _load(SPEAKERS, "devices.speaker", kind)(**options)
-
-
-def _load(table: dict[str, str], key: str, kind: str) -> Any:
-    try:
-        module_name, class_name = table[kind].split(":")
-    except KeyError:
-        raise ConfigError(f"{key}: {kind!r} is not available; choose one of {sorted(table)}") from None
-    return getattr(importlib.import_module(module_name), class_name)
+    return load_class(SPEAKERS, "devices.speaker", kind)(**options)

@@ -49,7 +49,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 CAP_IPC_LOCK = 14
 NEVER = 2**62  # replan_every when online adaptation is off (prefetch only)
 _OVERRIDDEN = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
-_BUFFER = re.compile(r"(\S+) model buffer size = +([\d.]+) MiB")
 
 
 class MemlockError(EdgevisionError):
@@ -302,32 +301,12 @@ class DecoderPlacement:
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:
         """Around the decoder's load: read llama.cpp's own report of where each weight was placed."""
-        native = logging.getLogger("edgevision.decoder.native")
-        overridden: dict[str, str] = {}
-        buffers: dict[str, float] = {}
+        from edgevision.decoder.native import native_log_capture, weight_buffers
 
-        class Collect(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                text = record.getMessage()
-                if match := _OVERRIDDEN.search(text):
-                    overridden[match.group(1)] = match.group(2)
-                elif match := _BUFFER.search(text):
-                    buffers[match.group(1)] = buffers.get(match.group(1), 0.0) + float(match.group(2))
-
-        handler = Collect(logging.DEBUG)
-        level, propagate = native.level, native.propagate
-        quiet = not native.isEnabledFor(logging.DEBUG)
-        native.addHandler(handler)
-        native.setLevel(logging.DEBUG)
-        if quiet:
-            native.propagate = False  # the loader's hundreds of lines stay out of the log unless it is on debug
-        try:
+        with native_log_capture(logging.DEBUG) as lines:
             yield
-        finally:
-            native.removeHandler(handler)
-            native.setLevel(level)
-            native.propagate = propagate
-        self.placed = Placed(overridden, buffers)
+        overridden = {match.group(1): match.group(2) for line in lines if (match := _OVERRIDDEN.search(line))}
+        self.placed = Placed(overridden, weight_buffers(lines))
 
     def start(self, decoder: Any) -> None:
         """Check llama.cpp placed the weights as planned, start adaptation, and log the plan."""
