@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--interactions", type=int, default=2, help="questions per mode (default: 2)")
     parser.add_argument("--ram-budget", default="auto", help="the placement's ram_budget (default: auto)")
     parser.add_argument("--profile", help="router profile for the placement")
+    parser.add_argument("--headroom", default="512MiB", help="the placement's headroom (default: 512MiB)")
     args = parser.parse_args(argv)
     cap = args.cap_mib * 2**20
-    placement = {"ram_budget": args.ram_budget, "replan_every": 16}
+    placement = {"ram_budget": args.ram_budget, "headroom": args.headroom, "replan_every": 16}
     if args.profile:
         placement["router_profile"] = str(Path(args.profile).resolve())
     rows: dict[str, list[dict]] = {}

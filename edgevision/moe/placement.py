@@ -99,10 +99,11 @@ def major_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
 
 
-def _cgroup_limit() -> int | None:
+def _cgroup_limit() -> tuple[int, int] | None:
     """The tightest memory limit of this process's cgroup and its ancestors (v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``), None when there is none."""
-    limits = []
+    ``memory.limit_in_bytes``) and the anonymous memory charged there now (every process in it: a speech
+    synthesizer's child too); None when there is no limit."""
+    found: list[tuple[int, int]] = []
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
@@ -110,9 +111,11 @@ def _cgroup_limit() -> int | None:
     for line in lines:
         hid, controllers, path = line.split(":", 2)
         if hid == "0" and controllers == "":
-            base, name = Path("/sys/fs/cgroup"), "memory.max"
+            base, name, stat, keys = Path("/sys/fs/cgroup"), "memory.max", "memory.stat", ("anon",)
         elif "memory" in controllers.split(","):
-            base, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+            base, name, stat, keys = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.stat", (
+                "total_rss",
+            )
         else:
             continue
         parts = [part for part in path.split("/") if part]
@@ -122,11 +125,12 @@ def _cgroup_limit() -> int | None:
             with contextlib.suppress(OSError, ValueError):
                 text = (here / name).read_text().strip()
                 if text != "max" and int(text) < 2**60:
-                    limits.append(int(text))
+                    values = dict(row.split() for row in (here / stat).read_text().splitlines() if " " in row)
+                    found.append((int(text), sum(int(values.get(key, 0)) for key in keys)))
             if here == base or base not in here.parents:
                 break
             here = here.parent
-    return min(limits) if limits else None
+    return min(found) if found else None
 
 
 def _meminfo(field: str) -> int:
@@ -136,20 +140,21 @@ def _meminfo(field: str) -> int:
     raise EdgevisionError(f"/proc/meminfo has no {field}; set decoder.placement.ram_budget to a size")
 
 
-def auto_budget(kv_bytes: int, headroom: int) -> tuple[int, str]:
+def auto_budget(kv_bytes: int, headroom: int, working_set: int = 0) -> tuple[int, str]:
     """The RAM the decoder's weights may keep resident, measured now (after the other stages are loaded), and
-    how it was found."""
-    limit = _cgroup_limit()
-    if limit is not None:
-        anon = _status_kib("RssAnon") * 1024
-        return limit - anon - kv_bytes - headroom, (
-            f"cgroup limit {limit // MIB} MiB - {anon // MIB} MiB used by the loaded stages - KV cache "
-            f"{kv_bytes // MIB} MiB - headroom {headroom // MIB} MiB"
+    how it was found. `working_set` is left to the page cache for the experts one token may read from storage
+    (pinned pages cannot be reclaimed: without that room the paged experts would thrash, or the cgroup kill us)."""
+    terms = f"KV cache {kv_bytes // MIB} MiB - one token's paged experts {working_set // MIB} MiB - headroom " \
+        f"{headroom // MIB} MiB"
+    cgroup = _cgroup_limit()
+    if cgroup is not None:
+        limit, anon = cgroup
+        return limit - anon - kv_bytes - working_set - headroom, (
+            f"cgroup limit {limit // MIB} MiB - {anon // MIB} MiB anonymous memory of the loaded stages - {terms}"
         )
     available = _meminfo("MemAvailable")
-    return available - kv_bytes - headroom, (
-        f"MemAvailable {available // MIB} MiB (other stages already loaded) - KV cache {kv_bytes // MIB} MiB - "
-        f"headroom {headroom // MIB} MiB"
+    return available - kv_bytes - working_set - headroom, (
+        f"MemAvailable {available // MIB} MiB (other stages already loaded) - {terms}"
     )
 
 
@@ -271,7 +276,8 @@ class DecoderPlacement:
                 + "; set gpu_expert_budget to 0, or use a CUDA build of llama-cpp-python with gpu_layers -1"
             )
         if settings.ram_budget.strip().lower() == "auto":
-            budget, source = auto_budget(header.kv_cache_bytes(n_ctx), parse_size(settings.headroom))
+            one_token = layout.n_expert_used * sum(layout.expert_bytes(layer) for layer in layout.moe_layers)
+            budget, source = auto_budget(header.kv_cache_bytes(n_ctx), parse_size(settings.headroom), one_token)
         else:
             budget, source = parse_size(settings.ram_budget), "decoder.placement.ram_budget"
         prior = _prior(layout, settings.router_profile)

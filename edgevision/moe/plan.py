@@ -239,6 +239,7 @@ class Fit:
     kv_bytes: int
     stages: tuple[Stage, ...]
     weights_budget: int  # bytes of memory for the decoder's weights (RAM, plus GPU where unified)
+    paging_room: int  # of it, left to the page cache for one token's paged experts (boards, when experts page)
     gpu_budget: int
     plan: ResidencyPlan | None  # None: the non-expert weights alone do not fit
     hit_rate: float  # share of expert selections served from resident experts
@@ -319,10 +320,14 @@ def fit(
     bandwidth = memory_gbps or bandwidth
     unified = board is not None and board.unified
     plan: ResidencyPlan | None = None
+    capacity = budget + (0 if unified else gpu)  # RAM and GPU memory for weights, each byte counted once
+    # on a board, when experts page, the page cache must hold what one token may read (pins are not reclaimable)
+    paging = board is not None and layout.other_bytes + layout.expert_total > capacity
+    paging_room = layout.n_expert_used * sum(layout.expert_bytes(layer) for layer in layout.moe_layers) if paging else 0
     if budget >= layout.other_bytes:
         # GPU layers first; on unified memory they are paid for out of the same budget as the RAM pins
         probe = plan_residency(layout, routing.share, ram_budget=max(budget, layout.other_bytes), gpu_budget=gpu)
-        ram_budget = budget - (probe.gpu_bytes if unified else 0)
+        ram_budget = budget - (probe.gpu_bytes if unified else 0) - paging_room
         if ram_budget >= layout.other_bytes:
             plan = plan_residency(layout, routing.share, ram_budget=ram_budget, gpu_budget=gpu)
             if unified and plan.gpu_bytes != probe.gpu_bytes:
@@ -339,7 +344,6 @@ def fit(
     hit = 1.0 - misses / selections if selections else 1.0
 
     keep, dropped = None, 0.0
-    capacity = budget + (0 if unified else gpu)  # RAM and GPU memory for weights, each byte counted once
     if layout.other_bytes + layout.expert_total > capacity:
         per_expert = sum(layout.expert_bytes(layer) for layer in moe)
         room = capacity - layout.other_bytes
@@ -355,6 +359,7 @@ def fit(
         kv_bytes=kv,
         stages=tuple(listed),
         weights_budget=budget,
+        paging_room=paging_room,
         gpu_budget=gpu,
         plan=plan,
         hit_rate=hit if plan is not None else 0.0,
@@ -440,6 +445,11 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
             lines.append(f"  - {gib(stage.bytes):>10}  {stage.name}")
         lines.append(f"  - {gib(fit_.kv_bytes):>10}  KV cache, {fit_.n_ctx} tokens (F16, sliding layers kept whole)")
         lines.append(f"  = {gib(fit_.weights_budget):>10}  left for the decoder's weights")
+        if fit_.paging_room:
+            lines.append(
+                f"    of which {gib(fit_.paging_room)} stays page cache for the experts one token may read from "
+                f"storage ({lay.n_expert_used} per layer; pinned pages cannot be reclaimed)"
+            )
     else:
         lines.append(f"budget for the decoder's weights: {gib(fit_.weights_budget)} RAM, {gib(fit_.gpu_budget)} GPU")
         if fit_.stages:
@@ -519,7 +529,8 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
 
 def config_section(fit_: Fit, profile: str | None = None) -> str:
     assert fit_.plan is not None
-    ram = fit_.weights_budget - (fit_.plan.gpu_bytes if fit_.board is not None and fit_.board.unified else 0)
+    ram = fit_.weights_budget - fit_.paging_room
+    ram -= fit_.plan.gpu_bytes if fit_.board is not None and fit_.board.unified else 0
     return "\n".join(
         [
             "decoder:",
