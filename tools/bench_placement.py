@@ -61,8 +61,11 @@ def _run(config: Path, cap: int, n: int, out: Path, label: str) -> list[dict]:
         peak = cgroup.peak()
     if proc.returncode != 0:
         raise SystemExit(f"{label}: bench e2e failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    block = proc.stderr[proc.stderr.find("decoder placement for"):].split("\n\n")[0] if "decoder placement for" in \
+        proc.stderr else "no placement"
+    block = "\n".join(block.splitlines()[:8])
     print(f"--- {label}: page cache before {100 * still:.0f}% of the model, cgroup peak "
-          f"{(peak or 0) / 2**20:.0f} MiB\n{proc.stdout}", file=sys.stderr)
+          f"{(peak or 0) / 2**20:.0f} MiB\n{block}\n{proc.stdout}", file=sys.stderr)
     return json.loads(out.read_text())
 
 

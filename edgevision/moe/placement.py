@@ -281,7 +281,10 @@ class DecoderPlacement:
         else:
             budget, source = parse_size(settings.ram_budget), "decoder.placement.ram_budget"
         prior = _prior(layout, settings.router_profile)
-        plan = plan_residency(layout, prior, ram_budget=max(0, budget), gpu_budget=gpu_budget)
+        try:
+            plan = plan_residency(layout, prior, ram_budget=max(0, budget), gpu_budget=gpu_budget)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (decoder.placement budget: {source})") from None
         placement = cls(model, settings, layout, plan, prior, budget_source=source, gpu=gpu)
         # on a GPU the non-expert weights of offloaded layers live in GPU buffers: locking their file pages would
         # hold the same bytes twice
