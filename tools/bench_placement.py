@@ -61,11 +61,8 @@ def _run(config: Path, cap: int, n: int, out: Path, label: str) -> list[dict]:
         peak = cgroup.peak()
     if proc.returncode != 0:
         raise SystemExit(f"{label}: bench e2e failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    block = proc.stderr[proc.stderr.find("decoder placement for"):].split("\n\n")[0] if "decoder placement for" in \
-        proc.stderr else "no placement"
-    block = "\n".join(block.splitlines()[:8])
     print(f"--- {label}: page cache before {100 * still:.0f}% of the model, cgroup peak "
-          f"{(peak or 0) / 2**20:.0f} MiB\n{block}\n{proc.stdout}", file=sys.stderr)
+          f"{(peak or 0) / 2**20:.0f} MiB\n{proc.stdout}", file=sys.stderr)
     return json.loads(out.read_text())
 
 
@@ -99,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         ("major faults per answer", lambda r: r.get("placement", {}).get("major_faults")),
         ("MiB read from storage per answer", lambda r: (r.get("placement", {}).get("storage_bytes_read") or 0) / 2**20),
         ("expert hit rate", lambda r: r.get("placement", {}).get("hit_rate")),
+        ("pinned experts", lambda r: r.get("placement", {}).get("pinned_experts")),
+        ("MiB pinned (with non-expert weights)", lambda r: (r.get("placement", {}).get("locked_bytes") or 0) / 2**20),
     )
     print(f"daemon with vs without its decoder placement, cgroup cap {args.cap_mib} MiB, {args.interactions} "
           "questions per mode, medians over both modes")

@@ -412,7 +412,7 @@ class DecoderPlacement:
             "resident_bytes": plan.resident_bytes,
             "pinned_experts": len(plan.pinned),
             "pinned_bytes": plan.pinned_bytes,
-            "locked_bytes": self._pinner.locked_bytes if self._pinner is not None else 0,
+            "locked_bytes": self.locked_bytes,
             "covered_mass": round(plan.covered_mass, 4),
             "hit_rate": round(hits / selections, 4) if selections else None,
             "expert_selections": selections,
@@ -452,6 +452,10 @@ class DecoderPlacement:
                 f"routing counted on 1 step in {self.settings.observe_every}"),
             ]
         )
+
+    @property
+    def locked_bytes(self) -> int:
+        return self._pinner.locked_bytes if self._pinner is not None else 0
 
     def meter(self) -> PlacementMeter:
         return PlacementMeter(self)
@@ -501,5 +505,6 @@ class PlacementMeter:
                 expert_selections=asked,
                 hit_rate=round(served / asked, 4) if asked else None,
                 pinned_experts=len(self.placement.plan.pinned),
+                locked_bytes=self.placement.locked_bytes,
             )
         return record
