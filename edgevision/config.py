@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from edgevision.decoder.prompt import FORMATS as CHAT_FORMATS
-from edgevision.devices.button import BUTTONS
-from edgevision.devices.camera import CAMERAS
-from edgevision.devices.sound import MICROPHONES, SPEAKERS
+from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError
 from edgevision.schema import SettingDoc, check_declarations, load, section, setting
 from edgevision.schema import describe as describe_root

@@ -227,7 +227,7 @@ def daemon(demo_config: Path, tmp_path_factory: pytest.TempPathFactory):
     from edgevision.assistant import Assistant
     from edgevision.config import load_config
     from edgevision.daemon.daemon import Daemon
-    from edgevision.devices.camera import open_camera
+    from edgevision.devices.backends import open_camera
     from edgevision.devices.socket_button import SocketButton
     from edgevision.devices.wav_devices import WavMicrophone, WavSpeaker
     from edgevision.telemetry.log import InteractionLog

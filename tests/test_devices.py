@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgevision.devices.backends import open_camera, open_microphone, open_speaker
 from edgevision.devices.button import Debouncer, Pressed, Released
-from edgevision.devices.camera import open_camera
 from edgevision.devices.socket_button import SocketButton, send_button
-from edgevision.devices.sound import open_microphone, open_speaker
 from edgevision.errors import ConfigError, DeviceError
 from edgevision.speech.audio import Audio, read_wav, write_wav
 
@@ -208,7 +207,7 @@ def test_evdev_button_through_a_virtual_input_device():
     if not os.access("/dev/uinput", os.W_OK):
         pytest.skip("/dev/uinput is not usable here (no uinput module or no access), so no virtual key can be made")
     evdev = pytest.importorskip("evdev", reason="python-evdev is not installed (pip install edgevision[evdev])")
-    from edgevision.devices.button import open_button
+    from edgevision.devices.backends import open_button
 
     ui = evdev.UInput({evdev.ecodes.EV_KEY: [evdev.ecodes.KEY_F13]}, name="edgevision-test-button")
     try:
@@ -251,7 +250,7 @@ def test_csi_camera_through_gstreamer_on_the_board():
 def test_gpio_button_on_the_board():
     """Opens the configured pin and, with the button untouched, reports nothing (no floating input)."""
     pytest.importorskip("Jetson.GPIO", reason="Jetson.GPIO is board-only: run this on the Jetson")
-    from edgevision.devices.button import open_button
+    from edgevision.devices.backends import open_button
 
     async def scenario() -> list:
         button = open_button("gpio", pin=int(os.environ.get("EDGEVISION_TEST_PIN", "7")))
@@ -331,7 +330,7 @@ _SOUND_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np
-    from edgevision.devices.sound import open_microphone, open_speaker
+    from edgevision.devices.backends import open_microphone, open_speaker
     from edgevision.speech.audio import Audio
 
     def until(check, timeout=20):

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgevision.config import describe
-from edgevision.devices.button import BUTTONS
-from edgevision.devices.camera import CAMERAS
-from edgevision.devices.sound import MICROPHONES, SPEAKERS
+from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError, MissingDependencyError
 from edgevision.plugins import load_class
 from edgevision.telemetry.power import POWER_READERS

@@ -20,10 +20,8 @@ logger = logging.getLogger(__name__)
 def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
     """Open the devices and load the models the config names; on failure, what was opened is closed again."""
     from edgevision.assistant import Assistant
-    from edgevision.devices.button import open_button
-    from edgevision.devices.camera import open_configured_camera
+    from edgevision.devices.backends import open_button, open_configured_camera, open_microphone, open_speaker
     from edgevision.devices.socket_button import SocketButton
-    from edgevision.devices.sound import open_microphone, open_speaker
     from edgevision.telemetry.log import InteractionLog
     from edgevision.telemetry.memory import MemoryMeter
     from edgevision.telemetry.power import EnergyMeter, open_power_reader

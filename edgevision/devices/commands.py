@@ -131,7 +131,8 @@ def _cmd_devices(args: argparse.Namespace) -> int:
 
 def _snapshot(args: argparse.Namespace) -> str:
     from edgevision.config import find_config, load_config
-    from edgevision.devices.camera import open_configured_camera, take_frame
+    from edgevision.devices.backends import open_configured_camera
+    from edgevision.devices.camera import take_frame
 
     devices = load_config(find_config(args.config)).devices
     camera = open_configured_camera(devices)
