@@ -61,7 +61,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _camera_frame(config):
-    """One frame from the camera the config names (devices.camera, devices.camera_source)."""
+    """One frame from the camera the config names (devices.camera)."""
     from edgevision.devices.backends import open_configured_camera
     from edgevision.devices.camera import take_frame
 

@@ -12,14 +12,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from edgevision.decoder.prompt import FORMATS as CHAT_FORMATS
 from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError
-from edgevision.schema import SettingDoc, check_declarations, load, section, setting
-from edgevision.schema import describe as describe_root
-from edgevision.schema import render_example as render_root
+from edgevision.plugins import settings_of
+from edgevision.schema import Choice, check_declarations, kinds, load, section, setting
+from edgevision.schema_docs import SettingDoc
+from edgevision.schema_docs import describe as describe_root
+from edgevision.schema_docs import render_example as render_root
 from edgevision.telemetry.power import POWER_READERS
 from edgevision.vision.encoder import BACKENDS as VISION_BACKENDS
 
@@ -134,24 +136,11 @@ class DaemonSettings:
 class DevicesSettings:
     """The camera, the push-to-talk button, the microphone and the speaker."""
 
-    camera: str = setting(
-        "opencv",
-        "opencv: a live camera (USB/V4L2, or CSI through GStreamer); video: a video file; image: a photo.",
-        choices=CAMERAS,
-    )
-    camera_source: str = setting(
-        "0",
-        "opencv: a camera index (0), a device (/dev/video0) or a GStreamer pipeline; video/image: the file's path.",
-    )
-    camera_width: int = setting(1280, "Requested frame width for a live camera; 0 keeps the driver's.", min=0, max=8192)
-    camera_height: int = setting(
-        720, "Requested frame height for a live camera; 0 keeps the driver's.", min=0, max=8192
-    )
-    button: str = setting(
+    camera: Choice = kinds(settings_of(CAMERAS, "devices.camera"), "opencv", "The camera.")
+    button: Choice = kinds(
+        settings_of(BUTTONS, "devices.button"),
         "socket",
-        "socket: only the control socket (edgevision press/release); evdev: a USB button or keyboard key; "
-        "gpio: a button on the 40-pin header.",
-        choices=BUTTONS,
+        "The push-to-talk button (the control socket's press and release work with every kind).",
     )
     control_socket: Path = setting(
         "/run/edgevision/control.sock",
@@ -159,35 +148,26 @@ class DevicesSettings:
         path="file",
         must_exist=False,
     )
-    button_device: str = setting(
-        "", "evdev: the input device's path or part of its name; empty takes the first device with the key."
-    )
-    button_key: str = setting("KEY_SPACE", "evdev: the key code the button sends (`evtest` shows it).")
-    button_pin: int = setting(
-        7, "gpio: the BOARD pin number (Jetson.GPIO), or the line offset with button_chip.", min=0, max=1023
-    )
-    button_chip: str = setting("", "gpio: a gpiochip (/dev/gpiochip0) to use libgpiod; empty uses Jetson.GPIO.")
-    button_active_low: bool = setting(True, "gpio: the button connects the pin to ground (pull-up on).")
     debounce_ms: int = setting(
         30, "Edges this soon after a reported press or release are contact bounce.", min=0, max=500
     )
-    microphone: str = setting(
-        "sounddevice",
-        "sounddevice: a real microphone (PortAudio); wav: WAV files played in (tests, scripts).",
-        choices=MICROPHONES,
-    )
-    microphone_device: str = setting(
-        "", "sounddevice: the input device's name or index, empty for the default; wav: a WAV file or a folder."
-    )
-    speaker: str = setting(
-        "sounddevice",
-        "sounddevice: a real speaker (PortAudio); wav: write what is played into WAV files.",
-        choices=SPEAKERS,
-    )
-    speaker_device: str = setting(
-        "", "sounddevice: the output device's name or index, empty for the default; wav: the folder to write into."
-    )
-    speaker_realtime: bool = setting(True, "wav: take as long as the audio lasts (false: write at once).")
+    microphone: Choice = kinds(settings_of(MICROPHONES, "devices.microphone"), "sounddevice", "The microphone.")
+    speaker: Choice = kinds(settings_of(SPEAKERS, "devices.speaker"), "sounddevice", "The speaker.")
+
+    # the flat settings of earlier versions: where each one is written now
+    MOVED: ClassVar[dict[str, str]] = {
+        "camera_source": "write it as camera: {kind: ..., source: ...}",
+        "camera_width": "write it as camera: {kind: opencv, width: ...}",
+        "camera_height": "write it as camera: {kind: opencv, height: ...}",
+        "button_device": "write it as button: {kind: evdev, device: ...}",
+        "button_key": "write it as button: {kind: evdev, key: ...}",
+        "button_pin": "write it as button: {kind: gpio, pin: ...}",
+        "button_chip": "write it as button: {kind: gpio, chip: ...}",
+        "button_active_low": "write it as button: {kind: gpio, active_low: ...}",
+        "microphone_device": "write it as microphone: {kind: sounddevice, device: ...} or {kind: wav, source: ...}",
+        "speaker_device": "write it as speaker: {kind: sounddevice, device: ...} or {kind: wav, folder: ...}",
+        "speaker_realtime": "write it as speaker: {kind: wav, realtime: ...}",
+    }
 
 
 @dataclass(frozen=True)

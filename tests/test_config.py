@@ -92,7 +92,16 @@ def test_example_file_has_exactly_the_declared_keys():
                 yield prefix + k
 
     in_file = list(keys(yaml.safe_load(EXAMPLE.read_text())))
-    assert in_file == [doc.key for doc in describe()]
+    docs = describe()
+    default_kind = {doc.key.removesuffix(".kind"): doc.default for doc in docs if doc.key.endswith(".kind")}
+
+    def shown(doc) -> bool:  # the example spells out the default kind's settings of each back-end choice
+        parent = doc.key.rpartition(".")[0]
+        return parent not in default_kind or not doc.description.startswith("[") or (
+            doc.description.startswith(f"[{default_kind[parent]}]")
+        )
+
+    assert in_file == [doc.key for doc in docs if shown(doc)]
 
 
 def test_example_file_loads_and_equals_defaults(tree: Path):
@@ -419,3 +428,49 @@ def test_a_bad_declaration_fails_naming_the_field():
 
     with pytest.raises(TypeError, match=r"Broken\.n: default 0 does not fit its declaration: below the minimum"):
         check_declarations(Broken)
+
+
+# --- back-ends chosen by kind, each with its own settings ---------------------------------------------------
+
+
+def test_a_back_end_is_chosen_by_kind_with_its_own_settings(tree: Path):
+    path = write(
+        tree,
+        "devices:\n  camera: {kind: image, source: /srv/photo.jpg}\n  button:\n    kind: gpio\n    pin: 12\n"
+        "  microphone: wav\n",
+    )
+    devices = load_config(path).devices
+    assert (devices.camera.kind, devices.camera.options.source) == ("image", "/srv/photo.jpg")
+    assert (devices.button.kind, devices.button.options.pin, devices.button.options.active_low) == ("gpio", 12, True)
+    assert devices.microphone.kind == "wav" and devices.microphone.options.loop is True  # the kind's defaults
+    assert devices.speaker.kind == "sounddevice"  # not in the file: the default kind
+
+
+def test_a_setting_of_another_kind_says_whose_it_is(tree: Path):
+    path = write(tree, "devices:\n  camera:\n    kind: image\n    width: 640\n  button: {kind: gpio, key: KEY_A}\n")
+    assert errors_of(path) == [
+        f"{path}:4: devices.camera.width: is a setting of opencv, not of kind image — remove it, or set kind: opencv",
+        f"{path}:5: devices.button.key: is a setting of evdev, not of kind gpio — remove it, or set kind: evdev",
+    ]
+
+
+def test_an_unknown_kind_lists_the_registered_ones(tree: Path):
+    path = write(tree, "devices:\n  camera: {kind: webcam}\n  speaker: wave\n")
+    assert errors_of(path) == [
+        f"{path}:2: devices.camera.kind: 'webcam' is not one of opencv, video, image — set one of: opencv, video, image",
+        f"{path}:3: devices.speaker: 'wave' is not one of sounddevice, wav — did you mean 'wav'?",
+    ]
+
+
+def test_the_old_flat_device_settings_say_how_to_write_them_now(tree: Path):
+    path = write(tree, "devices:\n  camera: image\n  camera_source: photo.jpg\n  button_pin: 7\n")
+    assert errors_of(path) == [
+        f"{path}:3: devices.camera_source: this setting has moved — write it as camera: {{kind: ..., source: ...}}",
+        f"{path}:4: devices.button_pin: this setting has moved — write it as button: {{kind: gpio, pin: ...}}",
+    ]
+
+
+def test_every_kinds_settings_are_listed_with_their_kind():
+    docs = {(doc.key, doc.description.split("]")[0]) for doc in describe() if doc.key.startswith("devices.")}
+    assert ("devices.button.pin", "[gpio") in docs and ("devices.speaker.folder", "[wav") in docs
+    assert ("devices.camera.source", "[opencv") in docs and ("devices.camera.source", "[image") in docs

@@ -277,7 +277,7 @@ def test_wav_microphone_plays_one_file_per_press_at_16_khz(tmp_path: Path):
     folder.mkdir()
     write_wav(folder / "01.wav", _tone(0.5, 22050))
     write_wav(folder / "02.wav", _tone(3.0, 8000))
-    mic = open_microphone("wav", device=str(folder), max_seconds=2.0)
+    mic = open_microphone("wav", source=str(folder), max_seconds=2.0)
     assert mic.next_duration == pytest.approx(0.5)
     mic.start()
     first = mic.stop()
@@ -295,7 +295,7 @@ def test_wav_microphone_plays_one_file_per_press_at_16_khz(tmp_path: Path):
 
 
 def test_wav_speaker_plays_in_order_and_stop_is_immediate(tmp_path: Path):
-    speaker = open_speaker("wav", device=str(tmp_path / "out"), realtime=True)
+    speaker = open_speaker("wav", folder=str(tmp_path / "out"), realtime=True)
     try:
         speaker.play(_tone(0.2, 16000, 300))
         speaker.play(_tone(0.3, 22050, 500))

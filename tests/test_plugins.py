@@ -17,10 +17,10 @@ from edgevision.vision.encoder import BACKENDS
 
 def test_each_setting_offers_exactly_its_registry() -> None:
     allowed = {doc.key: doc.allowed for doc in describe() if doc.type == "choice"}
-    assert allowed["devices.camera"] == ", ".join(CAMERAS)
-    assert allowed["devices.button"] == ", ".join(BUTTONS)
-    assert allowed["devices.microphone"] == ", ".join(MICROPHONES)
-    assert allowed["devices.speaker"] == ", ".join(SPEAKERS)
+    assert allowed["devices.camera.kind"] == ", ".join(CAMERAS)
+    assert allowed["devices.button.kind"] == ", ".join(BUTTONS)
+    assert allowed["devices.microphone.kind"] == ", ".join(MICROPHONES)
+    assert allowed["devices.speaker.kind"] == ", ".join(SPEAKERS)
     assert allowed["vision.backend"] == ", ".join(BACKENDS)
     assert allowed["telemetry.power_reader"] == ", ".join(("auto", *POWER_READERS))
 

@@ -14,7 +14,7 @@ from typing import Any
 from edgevision.devices.button import Button
 from edgevision.devices.camera import Camera
 from edgevision.devices.sound import Microphone, Speaker
-from edgevision.plugins import load_class
+from edgevision.plugins import load_class, open_chosen
 
 # Camera kind → "module:class"; a module is imported only when its kind is chosen (cv2 is not needed for
 # a still image).
@@ -37,8 +37,7 @@ def open_camera(kind: str, source: str, **options: Any) -> Camera:
 
 def open_configured_camera(devices: Any) -> Camera:
     """The camera the config's `devices` section names (not started yet)."""
-    options = {"width": devices.camera_width, "height": devices.camera_height} if devices.camera == "opencv" else {}
-    return open_camera(devices.camera, devices.camera_source, **options)
+    return open_chosen(CAMERAS, "devices.camera", devices.camera)
 
 
 # Button kind → "module:class"; evdev and GPIO libraries are imported only when their kind is chosen.

@@ -141,7 +141,7 @@ def _snapshot(args: argparse.Namespace) -> str:
     finally:
         camera.close()
     frame.image.save(args.snapshot)
-    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera} {devices.camera_source})"
+    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera.kind} {getattr(devices.camera.options, 'source', '')})"
 
 
 def render(found: dict[str, Any]) -> str:
