@@ -16,11 +16,19 @@ import numpy as np
 
 from edgevision.config import Config
 from edgevision.decoder.llama import LlamaDecoder
-from edgevision.decoder.prompt import FORMATS, ChatFormat, build_turn, image_causal_for, run_prompt
+from edgevision.decoder.prompt import (
+    FORMATS,
+    ChatFormat,
+    build_turn,
+    format_for_architecture,
+    image_causal_for,
+    run_prompt,
+)
 from edgevision.errors import InputError, ModelError
 from edgevision.speech.audio import Audio
-from edgevision.speech.recognition import WhisperRecognizer
-from edgevision.speech.synthesis import PiperSynthesizer, split_sentences
+from edgevision.speech.engines import open_recognizer, open_synthesizer
+from edgevision.speech.recognition import Recognizer
+from edgevision.speech.synthesis import Synthesizer, split_sentences
 from edgevision.vision.encoder import VisionEncoder, encode_image, open_encoder
 
 logger = logging.getLogger(__name__)
@@ -79,10 +87,10 @@ class Assistant:
     def __init__(
         self,
         *,
-        recognizer: WhisperRecognizer,
+        recognizer: Recognizer,
         encoder: VisionEncoder,
         decoder: LlamaDecoder,
-        synthesizer: PiperSynthesizer | None,
+        synthesizer: Synthesizer | None,
         system_prompt: str,
         max_answer_tokens: int,
         temperature: float = 0.0,
@@ -105,14 +113,8 @@ class Assistant:
         """Load every stage named by the config; on failure, what was loaded is closed again."""
         clock = _Clock()
         with ExitStack() as stack:
-            recognizer = stack.enter_context(
-                WhisperRecognizer(
-                    config.speech.whisper_model,
-                    language=config.speech.language,
-                    beam_size=config.speech.beam_size,
-                    cpu_threads=config.speech.whisper_threads,
-                )
-            )
+            recognizer = open_recognizer(config.speech.recognizer)
+            stack.callback(recognizer.close)
             clock.lap("recognizer")
             encoder = open_encoder(config.vision.backend, config.vision.tower, threads=config.vision.threads)
             stack.callback(encoder.close)
@@ -130,9 +132,8 @@ class Assistant:
             clock.lap("decoder")
             synthesizer = None
             if speak:
-                synthesizer = stack.enter_context(
-                    PiperSynthesizer(config.speech.piper_voice, length_scale=config.speech.length_scale)
-                )
+                synthesizer = open_synthesizer(config.speech.synthesizer)
+                stack.callback(synthesizer.close)
                 clock.lap("synthesizer")
             assistant = cls(
                 recognizer=recognizer,
@@ -321,12 +322,13 @@ def chat_format_of(decoder: LlamaDecoder, name: str = "auto") -> ChatFormat:
     """The chat layout for the decoder: `name`, or with "auto" the one of its GGUF architecture."""
     if name == "auto":
         architecture = decoder.meta("general.architecture") or "unknown"
-        if architecture not in ("gemma3", "gemma4"):
+        fmt = format_for_architecture(architecture)
+        if fmt is None:
             raise ModelError(
                 f"decoder {decoder.path.name} is a {architecture!r} model, whose prompt layout edgevision cannot "
                 f"tell; set decoder.chat_format to one of {', '.join(sorted(FORMATS))}"
             )
-        name = architecture
+        return image_causal_for(fmt, decoder.n_embd)
     return image_causal_for(FORMATS[name], decoder.n_embd)
 
 

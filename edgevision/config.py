@@ -22,6 +22,7 @@ from edgevision.schema import Choice, check_declarations, kinds, load, section, 
 from edgevision.schema_docs import SettingDoc
 from edgevision.schema_docs import describe as describe_root
 from edgevision.schema_docs import render_example as render_root
+from edgevision.speech.engines import RECOGNIZERS, SYNTHESIZERS
 from edgevision.telemetry.power import POWER_READERS
 from edgevision.vision.encoder import BACKENDS as VISION_BACKENDS
 
@@ -36,20 +37,20 @@ __all__ = ["Config", "SettingDoc", "describe", "find_config", "load", "load_conf
 
 @dataclass(frozen=True)
 class SpeechSettings:
-    """Speech recognition (Whisper) and speech synthesis (Piper)."""
+    """Speech recognition (the question) and speech synthesis (the answer)."""
 
-    whisper_model: Path = setting(
-        "../models/whisper-tiny.en", "Whisper model directory (CTranslate2 format).", path="dir"
-    )
-    language: str = setting("en", "Language the user speaks, as a Whisper language code.")
-    beam_size: int = setting(1, "Whisper beam size; 1 is greedy decoding, the fastest.", min=1, max=10)
-    whisper_threads: int = setting(0, "CPU threads for Whisper; 0 picks automatically.", min=0, max=64)
-    piper_voice: Path = setting(
-        "../models/piper/en_US-joe-medium.onnx",
-        "Piper voice model (.onnx, with its .onnx.json beside it).",
-        path="file",
-    )
-    length_scale: float = setting(1.0, "Speaking rate: below 1 speaks faster, above 1 slower.", min=0.5, max=2.0)
+    recognizer: Choice = kinds(settings_of(RECOGNIZERS, "speech.recognizer"), "whisper", "Speech recognition.")
+    synthesizer: Choice = kinds(settings_of(SYNTHESIZERS, "speech.synthesizer"), "piper", "Speech synthesis.")
+
+    # the flat settings of earlier versions: where each one is written now
+    MOVED: ClassVar[dict[str, str]] = {
+        "whisper_model": "write it as recognizer: {kind: whisper, model: ...}",
+        "language": "write it as recognizer: {kind: whisper, language: ...}",
+        "beam_size": "write it as recognizer: {kind: whisper, beam_size: ...}",
+        "whisper_threads": "write it as recognizer: {kind: whisper, threads: ...}",
+        "piper_voice": "write it as synthesizer: {kind: piper, voice: ...}",
+        "length_scale": "write it as synthesizer: {kind: piper, length_scale: ...}",
+    }
 
 
 @dataclass(frozen=True)

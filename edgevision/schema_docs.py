@@ -105,7 +105,8 @@ def _render_section(cls: type, depth: int, lines: list[str]) -> None:
                 for kind, kind_cls in meta.kinds.items()
                 if kind != meta.default
             ]
-            lines.append(f"{indent}  # the other kinds' settings: {'; '.join(others)} (edgevision settings)")
+            if others:
+                lines.append(f"{indent}  # the other kinds' settings: {'; '.join(others)} (edgevision settings)")
             continue
         assert spec.meta is not None
         allowed = _allowed(spec)

@@ -11,6 +11,7 @@ from edgevision.config import describe
 from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError, MissingDependencyError
 from edgevision.plugins import load_class
+from edgevision.speech.engines import RECOGNIZERS, SYNTHESIZERS
 from edgevision.telemetry.power import POWER_READERS
 from edgevision.vision.encoder import BACKENDS
 
@@ -22,12 +23,14 @@ def test_each_setting_offers_exactly_its_registry() -> None:
     assert allowed["devices.microphone.kind"] == ", ".join(MICROPHONES)
     assert allowed["devices.speaker.kind"] == ", ".join(SPEAKERS)
     assert allowed["vision.backend"] == ", ".join(BACKENDS)
+    assert allowed["speech.recognizer.kind"] == ", ".join(RECOGNIZERS)
+    assert allowed["speech.synthesizer.kind"] == ", ".join(SYNTHESIZERS)
     assert allowed["telemetry.power_reader"] == ", ".join(("auto", *POWER_READERS))
 
 
 def test_every_registered_back_end_names_a_class_that_exists() -> None:
     """Registries hold "module:Class" strings; a typo would only show when a user picks that back-end."""
-    for registry in (CAMERAS, BUTTONS, MICROPHONES, SPEAKERS, BACKENDS, POWER_READERS):
+    for registry in (CAMERAS, BUTTONS, MICROPHONES, SPEAKERS, BACKENDS, POWER_READERS, RECOGNIZERS, SYNTHESIZERS):
         for name, target in registry.items():
             module, _, cls = target.partition(":")
             source = importlib.util.find_spec(module)

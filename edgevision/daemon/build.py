@@ -82,8 +82,14 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
 def model_names(config: Config) -> dict[str, str]:
     """The loaded models, for `edgevision status`."""
     return {
-        "recognizer": Path(config.speech.whisper_model).name,
+        "recognizer": _model_name(config.speech.recognizer),
         "vision": Path(config.vision.tower).name,
         "decoder": Path(config.decoder.model).name,
-        "voice": Path(config.speech.piper_voice).name,
+        "voice": _model_name(config.speech.synthesizer),
     }
+
+
+def _model_name(choice: Any) -> str:
+    """The file or folder an engine's first path setting names ("whisper-tiny.en"), else its kind."""
+    paths = [value for value in vars(choice.options).values() if isinstance(value, Path)]
+    return paths[0].name if paths else choice.kind
