@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,13 @@ import yaml
 from edgevision.errors import ConfigError
 
 MODELS_FIX = "run 'make models', or register your model with 'edgevision models register'"
+
+# A config file is a page of settings: anything much larger, or nested deeper, is not one of ours.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+
+# Folders a path that edgevision writes (a log, captures) may never be in, even through symbolic links.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
 
 _META = "edgevision"
 
@@ -46,6 +54,7 @@ class Meta:
     path: Literal["file", "dir"] | None = None
     must_exist: bool = True
     fix: str = MODELS_FIX  # said when a path that must exist is missing
+    writes: bool = False  # edgevision writes there: no '..' and no system folder
 
 
 def setting(
@@ -57,15 +66,17 @@ def setting(
     path: Literal["file", "dir"] | None = None,
     must_exist: bool = True,
     fix: str = MODELS_FIX,
+    writes: bool = False,
 ) -> Any:
     """Declare one setting: its default, a one-line description and its limits.
 
     For a path, `default` is written as in the YAML file (relative to the config file's directory) and
-    `path` says whether it names a file or a directory; it must exist unless `must_exist=False`.
+    `path` says whether it names a file or a directory; it must exist unless `must_exist=False`. A path that
+    edgevision `writes` may not climb out of its folder with '..' nor lie in a system folder (`SYSTEM_DIRS`).
     """
     if path is not None:
         default = Path(default)
-    meta = Meta(description, min, max, path, must_exist, fix)
+    meta = Meta(description, min, max, path, must_exist, fix, writes)
     return field(default=default, metadata={_META: meta})
 
 
@@ -263,13 +274,9 @@ _T = typing.TypeVar("_T")
 
 def load(path: Path, root: type[_T]) -> _T:
     """Load `path` into the settings tree `root` (normally `Config`)."""
+    text = read_text_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
-    try:
+        _check_depth(text, path)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -295,6 +302,51 @@ def load(path: Path, root: type[_T]) -> _T:
     config = loader.build(root, node, "")
     loader.raise_if_errors()
     return config
+
+
+def read_text_file(path: Path, *, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; a FIFO, a device or a huge file is refused
+    before it is read (a FIFO would block, /dev/zero never ends)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if not stat.S_ISREG(info.st_mode):
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, a device or a socket)"
+        raise ConfigError(f"{path}: is {what} — give the path of a YAML config file")
+    if info.st_size > limit:
+        raise ConfigError(
+            f"{path}: is {info.st_size / 2**20:.1f} MiB; a config file may be at most {limit // 1024} KiB — "
+            "check that this is the config file (config/edgevision.yaml is about 8 KiB)"
+        )
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if len(data) > limit:  # it grew after the check
+        raise ConfigError(f"{path}: more than {limit // 1024} KiB — check that this is the config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse YAML nested deeper than MAX_CONFIG_DEPTH, from the event stream (no recursion), before composing
+    it (PyYAML's composer recurses once per level)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(
+                    f"{path}:{line}: nested more than {MAX_CONFIG_DEPTH} levels deep — a config file has sections "
+                    "of settings, two levels: check the brackets and indentation near this line"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 class _Loader:
@@ -431,12 +483,19 @@ class _Loader:
     def _path(self, spec: _Spec, key: str, key_node: yaml.Node | None, raw: str, *, default: bool) -> Path | None:
         assert spec.meta is not None
         path = Path(os.path.abspath(self.base / Path(raw).expanduser()))
+        if spec.meta.writes and not self._writable_place(key, key_node, raw, path):
+            return None
         if not spec.meta.must_exist:
             return path
         want_file = spec.meta.path == "file"
         noun = "file" if want_file else "directory"
         note = f" (the default '{raw}'; set {key} to yours)" if default else ""
-        if not path.exists():
+        if not path.exists() and path.is_symlink():
+            self.error(
+                key_node, key, f"{path} is a symbolic link to nothing (broken, or a loop){note}",
+                "point it at the model itself, or fix the link",
+            )
+        elif not path.exists():
             self.error(key_node, key, f"{noun} not found: {path}{note}", spec.meta.fix)
         elif want_file and not path.is_file():
             self.error(key_node, key, f"{path} is a directory, not a file{note}", "point it at the model file itself")
@@ -448,6 +507,21 @@ class _Loader:
                 "point it at the directory that holds the model",
             )
         return path
+
+
+    def _writable_place(self, key: str, key_node: yaml.Node | None, raw: str, path: Path) -> bool:
+        """Whether `path`, which edgevision will write, stays out of '..' tricks and system folders."""
+        fix = "write the full path of a place edgevision owns, e.g. /var/log/edgevision/ or /var/lib/edgevision/"
+        if ".." in Path(raw).parts:
+            self.error(key_node, key, f"'{raw}' climbs out of its folder with '..'", fix)
+            return False
+        real = Path(os.path.realpath(path.parent)) / path.name  # where the folder's symbolic links lead
+        for place in (path, real):
+            system = next((d for d in SYSTEM_DIRS if place == Path(d) or Path(d) in place.parents), None)
+            if system is not None:
+                self.error(key_node, key, f"{path} is in the system folder {system}", fix)
+                return False
+        return True
 
 
 def _is_str(node: yaml.Node) -> bool:
