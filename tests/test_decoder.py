@@ -420,7 +420,7 @@ def gemma4_moe(tmp_path_factory):
 
 
 def test_gemma4_moe_takes_injected_rows_and_chat_markers(llama_mod, gemma4_moe) -> None:
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", reason="gguf is not installed: pip install gguf")
     table = next(t for t in gguf.GGUFReader(gemma4_moe).tensors if t.name == "token_embd.weight")
     with llama_mod.LlamaDecoder(gemma4_moe, n_ctx=256, n_batch=128) as moe:
         assert moe.meta("general.architecture") == "gemma4"

@@ -27,7 +27,7 @@ QUESTION = "What is in front of me?"
 SYSTEM = "Answer briefly."
 RESULTS: dict[str, dict[str, float]] = {}
 
-pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36")
 
 
 def _tools():
