@@ -63,7 +63,7 @@ def read_wav(path: str | Path) -> Audio:
     if not path.exists():
         raise InputError(f"Audio file not found: {path}. Check the path and that the recording was saved.")
     if not path.is_file():
-        raise InputError(f"Audio path is not a file: {path}.")
+        raise InputError(f"Audio path {path} is not a file; give the path of a WAV recording.")
     try:
         with wave.open(str(path), "rb") as wav:
             channels = wav.getnchannels()
@@ -72,7 +72,8 @@ def read_wav(path: str | Path) -> Audio:
             check_format(path, sample_rate, channels, wav.getnframes())
             data = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as error:
-        raise InputError(f"{path} is not a PCM WAV file ({error}); {_CONVERT_HINT}.") from error
+        reason = str(error) or "it ends inside its header"
+        raise InputError(f"{path} is not a PCM WAV file ({reason}); {_CONVERT_HINT}.") from error
     except OSError as error:
         raise InputError(f"cannot read {path} ({error.strerror}); check the file and its permissions.") from error
 

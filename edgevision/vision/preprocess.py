@@ -8,6 +8,7 @@ normalisation is hard-coded in a back-end.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,6 +90,8 @@ class TowerSpec:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{source}: preprocessing metadata is malformed ({exc}); re-export the tower") from exc
+        except ModelError as exc:  # out of its limits: say which tower
+            raise ModelError(f"{source}: {exc}") from exc
 
 
 def load_image(path: str | Path):
@@ -100,7 +103,10 @@ def load_image(path: str | Path):
         what = "is not a file" if path.exists() else "not found"
         raise InputError(f"image {path} {what}; give the path of a JPEG or PNG photo")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns of large images while opening; ours is the refusal below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             width, height = img.size  # from the header: nothing is decoded yet
             if width * height > MAX_IMAGE_PIXELS:
                 raise InputError(
