@@ -1,4 +1,4 @@
-"""The fault corpus, bad inputs: 56 distinct bad inputs run against the real CLI (`python -m edgevision ...` as
+"""The fault corpus, bad inputs: 58 distinct bad inputs run against the real CLI (`python -m edgevision ...` as
 a subprocess, with a timeout), plus SIGTERM in the middle of `ask` and an output on a full disk.
 
 For every case: the exit status is 2, stderr is exactly one line, `edgevision: error: ...`, that names the
@@ -6,7 +6,7 @@ problem and what to do (a per-case pattern), there is no traceback, no partial o
 file) is left, and ONNX Runtime wrote nothing under $HOME. Most cases fail before any model is loaded; the few
 that need a model to fail (a mislabelled or broken tower, a truncated GGUF) load only what comes before it.
 
-Cases by area: audio 12, image 9, question 4, --out 5, config 17, models and registry 9.
+Cases by area: audio 12, image 9, question 4, --out and --snapshot 7, config 17, models and registry 9.
 """
 
 from __future__ import annotations
@@ -218,6 +218,10 @@ CASES = [
     Case("out-in-proc", lambda tmp: ask(tmp, out="/proc/edgevision-answer.wav"), r"cannot be written.*writable folder"),
     Case("out-is-a-fifo", lambda tmp: ask(tmp, out=fifo(tmp)), r"not a regular file; choose another name"),
     Case("out-is-a-symlink", lambda tmp: ask(tmp, out=loop(tmp)), r"symbolic link; give the path of a regular file"),
+    Case("snapshot-folder-missing", lambda tmp: ["devices", "--snapshot", str(tmp / "no" / "frame.jpg")],
+         r"--snapshot .* does not exist; create it"),
+    Case("snapshot-unknown-format", lambda tmp: ["devices", "--snapshot", str(tmp / "frame.txt")],
+         r"name the file \.jpg or \.png"),
     # config
     Case("config-2-mib", check_config("# padding\n" * 220_000), r"MiB; a config file may be at most 1024 KiB"),
     Case("config-dev-zero", lambda tmp: ["check-config", "/dev/zero"], r"not a regular file.*YAML config file"),
