@@ -1,4 +1,4 @@
-"""The fault corpus, bad inputs: 58 distinct bad inputs run against the real CLI (`python -m edgevision ...` as
+"""The fault corpus, bad inputs: 60 distinct bad inputs run against the real CLI (`python -m edgevision ...` as
 a subprocess, with a timeout), plus SIGTERM in the middle of `ask` and an output on a full disk.
 
 For every case: the exit status is 2, stderr is exactly one line, `edgevision: error: ...`, that names the
@@ -6,7 +6,7 @@ problem and what to do (a per-case pattern), there is no traceback, no partial o
 file) is left, and ONNX Runtime wrote nothing under $HOME. Most cases fail before any model is loaded; the few
 that need a model to fail (a mislabelled or broken tower, a truncated GGUF) load only what comes before it.
 
-Cases by area: audio 12, image 9, question 4, --out and --snapshot 7, config 17, models and registry 9.
+Cases by area: audio 12, image 9, question 4, --out and --snapshot 7, config 17, models and registry 11.
 """
 
 from __future__ import annotations
@@ -177,6 +177,13 @@ def truncated_gguf(tmp: Path) -> list[str | bytes]:
     return ask(tmp, cfg=config(tmp, decoder={"model": str(write(tmp, "cut.gguf", head))}))
 
 
+def gguf_data_cut(tmp: Path) -> list[str | bytes]:
+    """The small synthetic MoE decoder with its header whole and its tensor data cut short."""
+    data = (MODELS / "synthetic" / "gemma4-moe-synthetic-l4-e8k2-q4_0.gguf").read_bytes()
+    cut = write(tmp, "cut.gguf", data[: len(data) * 9 // 10])
+    return ask(tmp, cfg=config(tmp, decoder={"model": str(cut)}))
+
+
 def deep_yaml(depth: int) -> str:
     return "speech: " + "[" * depth + "]" * depth + "\n"
 
@@ -264,6 +271,9 @@ CASES = [
     Case("tower-width-mislabelled", lambda tmp: ask(tmp, cfg=config(tmp, vision={"tower": str(
         relabelled_tower(tmp, n_embd=128))})), r"rows of width 128.*outputs.*re-export"),
     Case("gguf-truncated", truncated_gguf, r"could not load decoder model.*truncated or corrupt"),
+    Case("gguf-data-cut-short", gguf_data_cut, r"could not load decoder model.*truncated or corrupt"),
+    Case("gguf-version-99", lambda tmp: ask(tmp, cfg=config(tmp, decoder={"model": str(write(
+        tmp, "v99.gguf", b"GGUF" + struct.pack("<I", 99) + b"\0" * 64))})), r"GGUF version 99.*re-convert"),
 ]
 
 
