@@ -35,6 +35,26 @@ logger = logging.getLogger(__name__)
 
 # Speak the answer's first clause on its own once it has this many words (the rest sentence by sentence).
 FIRST_CLAUSE_WORDS = 4
+# A question longer than this is not a question (Whisper's 120 s of speech is about 2,000 characters).
+MAX_QUESTION_CHARS = 2000
+NO_QUESTION = "I didn't catch a question"
+
+
+def check_question(question: str) -> str:
+    """The question stripped, or InputError: empty or blank, not text (bytes that are not UTF-8), or too long."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, kept by Python as lone surrogates
+        raise InputError(
+            "the question is not UTF-8 text (its bytes cannot be decoded); type it again in a UTF-8 terminal"
+        ) from None
+    if not question.strip():
+        raise InputError(f"{NO_QUESTION}: the question is empty; ask it in words")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(
+            f"the question is {len(question)} characters long; ask it in at most {MAX_QUESTION_CHARS} characters"
+        )
+    return question.strip()
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,16 @@ class Assistant:
     @classmethod
     def from_config(cls, config: Config, *, speak: bool = True) -> Assistant:
         """Load every stage named by the config; on failure, what was loaded is closed again."""
+        from edgevision.registry import verify_registered
+
+        verify_registered(
+            {
+                "speech.whisper_model": config.speech.whisper_model,
+                "vision.tower": config.vision.tower,
+                "decoder.model": config.decoder.model,
+                **({"speech.piper_voice": config.speech.piper_voice} if speak else {}),
+            }
+        )
         clock = _Clock()
         with ExitStack() as stack:
             recognizer = open_recognizer(config.speech.recognizer)
@@ -231,6 +261,7 @@ class Assistant:
         if audio is not None:
             question = self.transcribe(audio)
             clock.lap("recognition")
+        question = check_question(question)
         if on_question:
             on_question(question)
         scene = self.look(image)
@@ -254,6 +285,7 @@ class Assistant:
         but the question. Timings of `first_token`, `first_audio` and `total` count from the call (or from the
         given clock's start). `should_stop` is asked before each token and each sentence: once it returns True
         nothing more is generated or spoken, and the answer comes back `interrupted`."""
+        question = check_question(question)
         clock = clock or _Clock()
         reused = self._prefill_question(question, scene, clock)
         interrupted = False

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from edgevision import __version__
@@ -29,22 +31,25 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from edgevision.assistant import Assistant
+    from edgevision.assistant import Assistant, check_question
     from edgevision.config import find_config, load_config
+    from edgevision.files import check_output
     from edgevision.speech.audio import read_wav, write_wav
     from edgevision.vision.preprocess import load_image
 
+    # Check the inputs and the output before loading models, so a bad one fails in a second, not after loading.
+    question = check_question(args.question) if args.question is not None else None
+    out = check_output(args.out, what="--out") if args.out is not None else None
     config = load_config(find_config(args.config))
     configure_logging(config.logging.level, args.debug)
-    # Read the inputs before loading models, so a bad file fails in a second, not after loading.
     image = load_image(args.image) if args.image else _camera_frame(config)
     audio = read_wav(args.audio) if args.audio else None
-    speak = args.out is not None
+    speak = out is not None
     with Assistant.from_config(config, speak=speak) as assistant:
         answer = assistant.ask(
             image,
             audio=audio,
-            question=args.question,
+            question=question,
             on_question=lambda text: print(f"question: {text}\nanswer:   ", end="", flush=True),
             on_text=lambda piece: print(piece, end="", flush=True),
         )
@@ -53,8 +58,8 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             if answer.speech is None:
                 print("(no answer to speak)")
             else:
-                write_wav(args.out, answer.speech)
-                print(f"spoken answer: {args.out} ({answer.speech.duration:.1f} s)")
+                write_wav(out, answer.speech)  # atomically: a full disk or a signal leaves no partial file
+                print(f"spoken answer: {out} ({answer.speech.duration:.1f} s)")
     print()
     print(_timings_table(assistant.load_timings, answer.timings, answer.n_tokens))
     return 0
@@ -174,9 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every `with` block closes (Piper stops, temporary
+    files go, a half-written output is removed)."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("warning", args.debug)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)  # the daemon's event loop installs its own
     try:
         return args.func(args)
     except EdgevisionError as exc:
@@ -185,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edgevision: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("edgevision: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as exc:
         if args.debug:
             raise

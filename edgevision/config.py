@@ -180,6 +180,7 @@ class TelemetrySettings:
         "Per-interaction log (JSON lines, one record per answer).",
         path="file",
         must_exist=False,
+        writes=True,
     )
     log_max_mb: float = setting(10.0, "Rotate the log when it would pass this size, in MiB.", min=0.01, max=10000)
     log_backups: int = setting(5, "Rotated logs kept (interactions.jsonl.1, .2, ...).", min=0, max=1000)
@@ -198,6 +199,7 @@ class TelemetrySettings:
         "Where stored recordings and frames go, when kept.",
         path="dir",
         must_exist=False,
+        writes=True,
     )
 
 
@@ -252,7 +254,12 @@ def find_config(
         )
     if path.is_file():
         return path
-    what = "is a directory, not a file" if path.is_dir() else "does not exist"
+    if path.is_dir():
+        what = "is a directory, not a file"
+    elif path.exists():
+        what = "is not a regular file (a pipe, a device or a socket)"
+    else:
+        what = "does not exist"
     raise ConfigError(f"config file {path} (from {origin}) {what} — check the path, or start from {example}")
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import stat
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -28,10 +29,18 @@ from typing import Any, Literal
 import yaml
 
 from edgevision.errors import ConfigError
+from edgevision.schema_words import _describe_node, _expectation, _num, _range_words, _show, _tag_word, _yaml_text
 
 MODELS_FIX = "run 'make models', or register your model with 'edgevision models register'"
 
 _KINDS = "edgevision.kinds"
+# A config file is a page of settings: anything much larger, or nested deeper, is not one of ours.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+
+# Folders a path that edgevision writes (a log, captures) may never be in, even through symbolic links.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
 _META = "edgevision"
 
 
@@ -49,6 +58,7 @@ class Meta:
     must_exist: bool = True
     fix: str = MODELS_FIX  # said when a path that must exist is missing
     choices: tuple[str, ...] = ()  # for a str setting: the allowed values (a back-end registry's names)
+    writes: bool = False  # edgevision writes there: no '..' and no system folder
 
 
 def setting(
@@ -61,17 +71,19 @@ def setting(
     must_exist: bool = True,
     fix: str = MODELS_FIX,
     choices: Iterable[str] = (),
+    writes: bool = False,
 ) -> Any:
     """Declare one setting: its default, a one-line description and its limits.
 
     For a path, `default` is written as in the YAML file (relative to the config file's directory) and
-    `path` says whether it names a file or a directory; it must exist unless `must_exist=False`.
+    `path` says whether it names a file or a directory; it must exist unless `must_exist=False`. A path that
+    edgevision `writes` may not climb out of its folder with '..' nor lie in a system folder (`SYSTEM_DIRS`).
     For a choice, declare the type `str` and pass `choices` (a back-end registry, so the list of choices is
     written once), or declare a ``Literal[...]`` type.
     """
     if path is not None:
         default = Path(default)
-    meta = Meta(description, min, max, path, must_exist, fix, tuple(choices))
+    meta = Meta(description, min, max, path, must_exist, fix, tuple(choices), writes)
     return field(default=default, metadata={_META: meta})
 
 
@@ -228,10 +240,6 @@ def kinds_described(meta: KindsMeta) -> str:
     return "; ".join(f"{kind}: {_first_line(cls.__doc__)}" for kind, cls in meta.kinds.items())
 
 
-def _num(x: float) -> str:
-    return str(x)
-
-
 def _first_line(doc: str | None) -> str:
     return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
@@ -241,13 +249,9 @@ _T = typing.TypeVar("_T")
 
 def load(path: Path, root: type[_T]) -> _T:
     """Load `path` into the settings tree `root` (normally `Config`)."""
+    text = read_text_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
-    try:
+        _check_depth(text, path)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -273,6 +277,51 @@ def load(path: Path, root: type[_T]) -> _T:
     config = loader.build(root, node, "")
     loader.raise_if_errors()
     return config
+
+
+def read_text_file(path: Path, *, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; a FIFO, a device or a huge file is refused
+    before it is read (a FIFO would block, /dev/zero never ends)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if not stat.S_ISREG(info.st_mode):
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, a device or a socket)"
+        raise ConfigError(f"{path}: is {what} — give the path of a YAML config file")
+    if info.st_size > limit:
+        raise ConfigError(
+            f"{path}: is {info.st_size / 2**20:.1f} MiB; a config file may be at most {limit // 1024} KiB — "
+            "check that this is the config file (config/edgevision.yaml is about 8 KiB)"
+        )
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if len(data) > limit:  # it grew after the check
+        raise ConfigError(f"{path}: more than {limit // 1024} KiB — check that this is the config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse YAML nested deeper than MAX_CONFIG_DEPTH, from the event stream (no recursion), before composing
+    it (PyYAML's composer recurses once per level)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(
+                    f"{path}:{line}: nested more than {MAX_CONFIG_DEPTH} levels deep — a config file has sections "
+                    "of settings, two levels: check the brackets and indentation near this line"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 class _Loader:
@@ -453,12 +502,19 @@ class _Loader:
     def _path(self, spec: _Spec, key: str, key_node: yaml.Node | None, raw: str, *, default: bool) -> Path | None:
         assert spec.meta is not None
         path = Path(os.path.abspath(self.base / Path(raw).expanduser()))
+        if spec.meta.writes and not self._writable_place(key, key_node, raw, path):
+            return None
         if not spec.meta.must_exist:
             return path
         want_file = spec.meta.path == "file"
         noun = "file" if want_file else "directory"
         note = f" (the default '{raw}'; set {key} to yours)" if default else ""
-        if not path.exists():
+        if not path.exists() and path.is_symlink():
+            self.error(
+                key_node, key, f"{path} is a symbolic link to nothing (broken, or a loop){note}",
+                "point it at the model itself, or fix the link",
+            )
+        elif not path.exists():
             self.error(key_node, key, f"{noun} not found: {path}{note}", spec.meta.fix)
         elif want_file and not path.is_file():
             self.error(key_node, key, f"{path} is a directory, not a file{note}", "point it at the model file itself")
@@ -472,80 +528,27 @@ class _Loader:
         return path
 
 
+    def _writable_place(self, key: str, key_node: yaml.Node | None, raw: str, path: Path) -> bool:
+        """Whether `path`, which edgevision will write, stays out of '..' tricks and system folders."""
+        fix = "write the full path of a place edgevision owns, e.g. /var/log/edgevision/ or /var/lib/edgevision/"
+        if ".." in Path(raw).parts:
+            self.error(key_node, key, f"'{raw}' climbs out of its folder with '..'", fix)
+            return False
+        real = Path(os.path.realpath(path.parent)) / path.name  # where the folder's symbolic links lead
+        for place in (path, real):
+            system = next((d for d in SYSTEM_DIRS if place == Path(d) or Path(d) in place.parents), None)
+            if system is not None:
+                self.error(key_node, key, f"{path} is in the system folder {system}", fix)
+                return False
+        return True
+
+
 def _is_str(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str"
 
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-def _describe_node(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return f"{_tag_word(node.tag.rsplit(':', 1)[-1])} {_show(node)}"
-
-
-def _tag_word(tag: str) -> str:
-    return {
-        "int": "a whole number",
-        "float": "a number",
-        "bool": "a boolean",
-        "null": "empty",
-        "str": "text",
-        "timestamp": "a date",
-        "binary": "binary data",
-    }.get(tag, f"a {tag}")
-
-
-def _show(node: yaml.Node) -> str:
-    raw = str(node.value)
-    if len(raw) > 60:
-        raw = raw[:57] + "..."
-    return f"'{raw}'" if node.tag.endswith(":str") else raw
-
-
-def _yaml_text(value: Any) -> str:
-    if isinstance(value, Path):
-        value = str(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).split("\n...")[0].strip()
-
-
-def _range_words(lo: float | None, hi: float | None) -> str:
-    if lo is not None and hi is not None:
-        return f"a value between {_num(lo)} and {_num(hi)}"
-    if lo is not None:
-        return f"a value of {_num(lo)} or more"
-    if hi is not None:
-        return f"a value of {_num(hi)} or less"
-    return "a number"
-
-
-def _expectation(spec: _Spec) -> str:
-    assert spec.meta is not None
-    match spec.kind:
-        case "int":
-            return "a whole number" + _range_tail(spec)
-        case "float":
-            return "a number" + _range_tail(spec)
-        case "bool":
-            return "true or false"
-        case "choice":
-            return "one of: " + ", ".join(spec.choices)
-        case "path":
-            return "the path of a " + ("file" if spec.meta.path == "file" else "directory")
-        case _:
-            return "some text"
-
-
-def _range_tail(spec: _Spec) -> str:
-    assert spec.meta is not None
-    lo, hi = spec.meta.min, spec.meta.max
-    if lo is None and hi is None:
-        return ""
-    return " (" + _range_words(lo, hi).removeprefix("a value ").removeprefix("of ") + ")"
 
 
 def check_declarations(root: type) -> None:

@@ -250,7 +250,7 @@ class PiperSynthesizer:
     def _start(self) -> None:
         self._stop()
         logger.debug("Starting Piper: %s", " ".join(self._command))
-        environment = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
+        environment = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1", ORT_DISABLE_TELEMETRY="1")
         self._process = subprocess.Popen(
             self._command,
             stdin=subprocess.PIPE,

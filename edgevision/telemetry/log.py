@@ -7,6 +7,7 @@ a SIGTERM or a power cut after an answer never loses or half-writes its record. 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -52,9 +53,10 @@ class InteractionLog:
         self._closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned by this object, closed by close()
+            self._file = _open_append(self.path)
         except OSError as error:
-            raise ConfigError(f"cannot write the interaction log {self.path}: {error.strerror} — set "
+            reason = "it is a symbolic link, which the log never follows" if error.errno == errno.ELOOP else error.strerror
+            raise ConfigError(f"cannot write the interaction log {self.path}: {reason} — set "
                               "telemetry.log_path to a writable file (systemd: LogsDirectory=edgevision)") from error
 
     def write(self, record: dict[str, Any]) -> bool:
@@ -69,7 +71,7 @@ class InteractionLog:
                 raise ValueError(f"interaction log {self.path} is closed")
             try:
                 if self._file.closed:  # a rotation failed half-way before: append to whatever is there now
-                    self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+                    self._file = _open_append(self.path)
                 size = self._file.tell()
                 if size > 0 and size + len(line) > self.max_bytes:
                     self._rotate()
@@ -92,7 +94,7 @@ class InteractionLog:
                 if older.exists():
                     os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
             os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        self._file = _open_append(self.path)
         logger.debug("interaction log rotated: %s", self.path)
 
     def close(self) -> None:
@@ -105,6 +107,14 @@ class InteractionLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_append(path: Path):
+    """Open the log for appending, unbuffered, never through a symbolic link (O_NOFOLLOW: a link planted in
+    the log's folder cannot make us append to another file)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, 0o640)
+    return os.fdopen(fd, "ab", buffering=0)
 
 
 def read(path: str | os.PathLike[str], *, rotated: bool = False) -> list[dict[str, Any]]:
