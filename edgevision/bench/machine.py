@@ -114,6 +114,18 @@ def _cpu_ticks() -> dict[int, tuple[str, int]]:
     return ticks
 
 
+def _command_line(pid: int, width: int = 60) -> str | None:
+    """The process's command line, program without its folder ("python -m pytest ..." says more than "python")."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return None
+    if not argv:
+        return None
+    text = " ".join([Path(argv[0]).name, *argv[1:]])
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def load_snapshot(window: float = 0.5, top: int = 5) -> dict[str, Any]:
     """Load average and the processes that used the most CPU over `window` seconds (this one excluded)."""
     loadavg = (_read("/proc/loadavg") or "0 0 0").split()
@@ -131,6 +143,8 @@ def load_snapshot(window: float = 0.5, top: int = 5) -> dict[str, Any]:
         if share > 0:
             busy.append({"pid": pid, "command": name, "cpu_percent": round(share, 1)})
     busy.sort(key=lambda p: -p["cpu_percent"])
+    for process in busy[:top]:
+        process["command"] = _command_line(process["pid"]) or process["command"]
     return {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "loadavg_1m": float(loadavg[0]), "loadavg_5m": float(loadavg[1]), "loadavg_15m": float(loadavg[2]),

@@ -42,34 +42,39 @@ def waterfall(results: dict) -> bytes | None:
     if not answers:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(WIDTH, 1.0 + 1.1 * len(answers)))
-    spans = (("press", "release", "question spoken (button held)", "hold"),
-             ("release", "first token", "recognise, look, prefill", "think"),
-             ("first token", "first audio", "first clause synthesised", "think"),
-             ("first audio", "last audio", "answer spoken", "speak"))
-    labels = []
-    for row, (mode, answer) in enumerate(answers.items()):
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.6 + 0.9 * len(answers)))
+    spans = (("press", "release", "hold"), ("release", "first token", "think"), ("first token", "first audio", "think"),
+             ("first audio", "last audio", "speak"))
+    longest = max(a["events_s"]["last audio"] for a in answers.values())
+    for row, answer in enumerate(answers.values()):
         events = answer["events_s"]
-        for start, end, _what, color in spans:
-            if start in events and end in events:
-                ax.barh(row, events[end] - events[start], left=events[start], height=0.5, color=COLORS[color],
-                        alpha=0.55 if start == "first token" else 0.9, edgecolor="white")
-        for name, t in events.items():
-            ax.plot([t, t], [row - 0.32, row + 0.32], color="black", lw=0.8)
+        for start, end, color in spans:
+            if start not in events or end not in events:
+                continue
+            width = events[end] - events[start]
+            ax.barh(row, width, left=events[start], height=0.55, color=COLORS[color],
+                    alpha=0.55 if start == "first token" else 0.95, edgecolor="white")
+            if width > 0.07 * longest:  # the stage's length inside its bar, where it fits
+                ax.annotate(f"{width:.1f} s", (events[start] + width / 2, row), ha="center", va="center", fontsize=8)
+        for t in events.values():
+            ax.plot([t, t], [row - 0.34, row + 0.34], color="black", lw=0.8)
         wait = events["first audio"] - events["release"]
-        ax.annotate(f"release → first audio {wait:.2f} s", (events["first audio"], row + 0.3),
-                    xytext=(4, 4), textcoords="offset points", fontsize=9)
-        labels.append(mode)
+        ax.annotate(f"waits {wait:.1f} s after release", (events["last audio"], row), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=9, fontweight="bold")
     first = next(iter(answers.values()))["events_s"]
-    for name, t in first.items():
-        ax.annotate(name, (t, -0.45), ha="center", va="top", fontsize=8, color="#333333")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_ylim(len(labels) - 0.4, -0.8)
+    for i, (name, t) in enumerate(first.items()):  # event names over the top row, staggered so close ones part
+        ax.annotate(name, (t, -0.36), xytext=(0, 3 + 11 * (i % 2)), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=8, color="#333333")
+    ax.set_yticks(range(len(answers)), list(answers))
+    ax.set_ylim(len(answers) - 0.5, -0.9)
+    ax.set_xlim(0, longest * 1.3)
     ax.set_xlabel("seconds since the button was pressed")
-    ax.set_title("One answer, stage by stage (the run's median answer in each mode)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[c]) for c in ("hold", "think", "speak")]
-    ax.legend(handles, ["question spoken", "thinking (to first token, then first audio)", "answer spoken"],
-              loc="lower right", fontsize=8, frameon=False, ncol=3, bbox_to_anchor=(1, -0.55 - 0.1 * len(labels)))
+    ax.set_title("One answer, stage by stage (the median answer of each mode)", pad=10)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[c], alpha=a) for c, a in
+               (("hold", 0.95), ("think", 0.95), ("think", 0.55), ("speak", 0.95))]
+    ax.legend(handles, ["question spoken (held)", "release → first token", "first token → first audio",
+                        "answer spoken"], loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False,
+              ncol=4)
     return _png(fig)
 
 
@@ -101,7 +106,7 @@ def power_over_answer(results: dict) -> bytes | None:
         ax.axvline(t, color="#555555", lw=0.7, ls="--")
         ax.annotate(name, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
                     fontsize=8, color="#333333")
-    ax.set_ylim(0, max(ws) * 1.25)
+    ax.set_ylim(0, max(ws) * 1.5)  # room above the curve for the stage names
     ax.set_xlabel("seconds since the button was pressed")
     ax.set_ylabel("W")
     ax.set_title(f"Power over one answer ({mode} mode; {series['power_source']})")
@@ -119,9 +124,9 @@ def memory_over_run(results: dict) -> bytes | None:
         if not series or not series["t_s"]:
             continue
         ts = [offset + t for t in series["t_s"]]
-        ax.axvspan(ts[0], ts[-1], color="#f0f0f0" if i % 2 else "#fafafa", zorder=0)
+        ax.axvspan(ts[0], ts[-1], color="#eef1f4" if i % 2 else "#f8f9fa", zorder=0)
         ax.annotate(name, ((ts[0] + ts[-1]) / 2, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                    fontsize=9, color="#333333")
+                    xytext=(0, 2 + 11 * (i % 2)), textcoords="offset points", fontsize=9, color="#333333")
         first = not drew
         ax.plot(ts, series["rss_mib"], color=COLORS["rss"], lw=1.4, label="benchmark process RSS" if first else None)
         if total_mib and any(v is not None for v in series["mem_available_mib"]):
@@ -138,31 +143,41 @@ def memory_over_run(results: dict) -> bytes | None:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds into the run")
     ax.set_ylabel("MiB")
-    ax.set_title("Memory through the run", pad=18)
+    ax.set_title("Memory through the run (suites one after another)", pad=28)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
     return _png(fig)
 
 
 def tokens_per_second(results: dict) -> bytes | None:
     """Decode (and prefill) speed of every configuration, median with the range over repeats."""
-    rows = [(f"{fig['config']} — {fig['name']}", fig) for _suite, fig in figures(results)
-            if fig["unit"] == "tok/s" and fig["median"] is not None]
+    rows = [(f"{suite}: {fig['config'].removeprefix(suite + ' ')} — {fig['name']}", fig)
+            for suite, fig in figures(results) if fig["unit"] == "tok/s" and fig["median"] is not None]
     if not rows:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(WIDTH, 0.9 + 0.36 * len(rows)))
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.0 + 0.36 * len(rows)))
     medians = [f["median"] for _, f in rows]
     lows = [f["median"] - f["min"] for _, f in rows]
     highs = [f["max"] - f["median"] for _, f in rows]
-    bars = ax.barh(range(len(rows)), medians, xerr=[lows, highs], color="#3d8fe8", ecolor="#333333", capsize=3)
-    for bar, value in zip(bars, medians, strict=True):
-        ax.annotate(f"{value:.1f}", (bar.get_width(), bar.get_y() + bar.get_height() / 2), xytext=(6, 0),
-                    textcoords="offset points", va="center", fontsize=8)
+    ax.barh(range(len(rows)), medians, xerr=[lows, highs], color="#3d8fe8", ecolor="#333333", capsize=3)
+    for i, (_label, f) in enumerate(rows):
+        ax.annotate(f"{f['median']:.3g}", (f["max"], i), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=8)
     ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=9)
     ax.invert_yaxis()
-    ax.set_xlabel("tokens per second (median; whiskers: min to max over the repeats)")
+    top = max(f["max"] for _, f in rows)
+    if top / max(min(medians), 1e-9) > 30:  # speeds that far apart: a log axis keeps the slow ones readable
+        ax.set_xscale("log")
+        ax.set_xlim(min(f["min"] for _, f in rows) / 2, top * 3)
+        from matplotlib.ticker import FuncFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        scale = "log scale; "
+    else:
+        ax.set_xlim(0, top * 1.18)
+        scale = ""
+    ax.set_xlabel(f"tokens per second ({scale}bar: median; whiskers: min to max over the repeats)")
     ax.set_title("Tokens per second per configuration")
-    ax.set_xlim(0, max(f["max"] for _, f in rows) * 1.18)
     return _png(fig)
 
 

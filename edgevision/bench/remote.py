@@ -178,7 +178,7 @@ def bench_board(
 ) -> Path:
     """Sync, run the suites on the board, bring the results folder back; `finish` (the report) runs on it
     before it takes its final name. Returns the local results folder."""
-    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    say = say or (lambda text: print(text, flush=True))
     run_id = f"{ssh.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     out = out or _local_tree() / "out" / "bench" / run_id
     if out.exists():

@@ -50,7 +50,7 @@ def _facts(results: dict) -> list[tuple[str, str]]:
     mode = (m.get("power_mode") or {}).get("mode")
     power = run.get("power", {})
     load = results.get("load_before", {})
-    busy = ", ".join(f"{p['command']} {p['cpu_percent']:.0f}%" for p in load.get("top_processes", [])) or "nothing"
+    busy = "; ".join(f"{p['command']} ({p['cpu_percent']:.0f}%)" for p in load.get("top_processes", [])) or "nothing"
     memory = m.get("memory_total", {}).get("value")
     return [
         ("run", f"{run['id']}: {run['started_utc']} → {run.get('finished_utc', '?')}, {run['rounds']} rounds"
@@ -132,7 +132,7 @@ body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#
 padding:0 16px}h1{font-size:24px;margin-bottom:4px}h2{font-size:19px;margin-top:32px;border-bottom:1px solid #dde;
 padding-bottom:4px}h3{font-size:16px;margin-bottom:4px}.sub{color:#5b6670;margin-top:0}
 table{border-collapse:collapse;width:100%;margin:8px 0 12px;font-size:14px}th,td{text-align:left;padding:4px 8px;
-border-bottom:1px solid #eceff2;vertical-align:top}th{background:#f5f7f9}td.n{text-align:right;
+border-bottom:1px solid #eceff2;vertical-align:top}th{background:#f5f7f9}td.n,th.n{text-align:right;
 font-variant-numeric:tabular-nums;white-space:nowrap}.facts td:first-child{color:#5b6670;width:210px}
 .headline{background:#f1f7ff;border:1px solid #cfe2ff;border-radius:6px;padding:8px 14px}
 .headline li{margin:2px 0}figure{margin:12px 0 20px}figure img{max-width:100%;display:block}
@@ -179,7 +179,7 @@ def _html(results: dict, old: dict | None, changed: list[Change] | None, reasons
         peak = mem.get("peak_rss", {}).get("value")
         parts.append(f"<h3>{e(name)}</h3><p class=sub>{e(suite['description'])}: {suite['seconds']['value']:.1f} s"
                      + (f", peak RSS {peak:.0f} MiB" if peak else "") + "</p>")
-        parts.append("<table><tr><th>figure</th><th>configuration</th><th>median</th><th>range</th><th>n</th>"
+        parts.append("<table><tr><th>figure</th><th>configuration</th><th class=n>median</th><th class=n>range</th><th class=n>n</th>"
                      "<th>unit</th></tr>" + "".join(
                          f"<tr><td>{e(f['name'])}</td><td>{e(f['config'])}</td><td class=n>{_value(f['median'])}</td>"
                          f"<td class=n>{_spread(f)}</td><td class=n>{f['n']}</td><td>{e(f['unit'])}</td></tr>"

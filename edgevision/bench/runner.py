@@ -92,7 +92,7 @@ def run_suites(
         raise EdgevisionError(f"{out} already exists; choose another --out")
     models = check_models(models_dir)
     config = load_config(config_path)
-    say = progress or (lambda text: print(text, file=sys.stderr, flush=True))
+    say = progress or (lambda text: print(text, flush=True))
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
