@@ -140,7 +140,8 @@ def test_bench_board_over_loopback_ssh_brings_back_results_and_a_report(sshd: Se
     data = json.loads((results_dir / "results.json").read_text())
 
     assert data["schema"] == SCHEMA and data["schema_version"] == SCHEMA_VERSION
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     assert data["source"]["git_commit"] == head  # the board has no .git: the commit came with the run
     assert set(data["suites"]) == {"idle", "vision", "e2e", "router", "moe"}
     registry = json.loads((ROOT / "models" / "registry.json").read_text())
@@ -160,7 +161,7 @@ def test_bench_board_over_loopback_ssh_brings_back_results_and_a_report(sshd: Se
         assert samples["units"]["power_w"] == "W" and samples["units"]["rss_mib"] == "MiB"
         assert len(samples["t_s"]) >= 2 and max(samples["rss_mib"]) > 0
     # the fixture's rails: VDD_IN 5.0 V x 1.0 A or so, the same reading every sample
-    idle = [f for f in data["suites"]["idle"]["figures"] if f["name"] == "idle power"][0]
+    idle = next(f for f in data["suites"]["idle"]["figures"] if f["name"] == "idle power")
     assert 1.0 < idle["median"] < 30.0
     e2e = {(f["name"], f["config"]): f for f in data["suites"]["e2e"]["figures"]}
     for mode in ("overlapped", "sequential"):

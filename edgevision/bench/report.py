@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevision.bench.plots import plots
-from edgevision.bench.results import Change, ResultsError, compare, comparability, figures, load_results, suites_run
+from edgevision.bench.results import Change, ResultsError, comparability, compare, figures, load_results, suites_run
 
 CAPTIONS = {
     "waterfall": "Each bar is one answer (the run's median by release → first audio) from the press of the button: "
@@ -53,10 +53,10 @@ def _facts(results: dict) -> list[tuple[str, str]]:
     busy = "; ".join(f"{p['command']} ({p['cpu_percent']:.0f}%)" for p in load.get("top_processes", [])) or "nothing"
     memory = m.get("memory_total", {}).get("value")
     return [
-        ("run", f"{run['id']}: {run['started_utc']} → {run.get('finished_utc', '?')}, {run['rounds']} rounds"
-                f"{' (quick)' if run['quick'] else ''}, suites {', '.join(run['suites'])}"),
-        ("commit", f"{src['git_commit']}{' (with uncommitted changes)' if src.get('git_dirty') else ''}, "
-                   f"edgevision {src.get('edgevision_version', '?')}"),
+        ("run", (f"{run['id']}: {run['started_utc']} → {run.get('finished_utc', '?')}, {run['rounds']} rounds"
+                f"{' (quick)' if run['quick'] else ''}, suites {', '.join(run['suites'])}")),
+        ("commit", (f"{src['git_commit']}{' (with uncommitted changes)' if src.get('git_dirty') else ''}, "
+                   f"edgevision {src.get('edgevision_version', '?')}")),
         ("board", m.get("board") or f"not a Jetson ({m.get('product') or 'unknown product'})"),
         ("CPU", f"{m['cpu_model']}, {m['cpu_count']} cores, {m['arch']}"
                 + (f", {memory / 1024:.1f} GiB RAM" if memory else "")),
@@ -65,8 +65,8 @@ def _facts(results: dict) -> list[tuple[str, str]]:
         ("power mode", mode or "not reported (no nvpmodel)"),
         ("clocks", "jetson_clocks --show recorded" if m.get("clocks") else "not reported (no jetson_clocks)"),
         ("power readings", f"{power.get('reader', '?')}" + (f" — {power['note']}" if power.get("note") else "")),
-        ("load before the run", f"load average {load.get('loadavg_1m', 0):.2f} on {load.get('cpu_count')} cores; "
-                                f"busiest: {busy}"),
+        ("load before the run", (f"load average {load.get('loadavg_1m', 0):.2f} on {load.get('cpu_count')} cores; "
+                                f"busiest: {busy}")),
     ]
 
 
@@ -146,8 +146,8 @@ def _html(results: dict, old: dict | None, changed: list[Change] | None, reasons
           images: dict[str, tuple[str, bytes | None]], threshold: float) -> str:
     e = html.escape
     ran = suites_run(results)
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>edgevision bench {e(results['run']['id'])}"
-             f"</title><meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>",
+    parts = [(f"<!doctype html><html lang=en><head><meta charset=utf-8><title>edgevision bench {e(results['run']['id'])}"
+             f"</title><meta name=viewport content='width=device-width'><style>{CSS}</style></head><body>"),
              f"<h1>edgevision benchmarks: {e(results['run']['id'])}</h1>",
              f"<p class=sub>Suites run: {e(', '.join(ran))}"
              + (f" · compared with {e(old['run']['id'])}" if old else "") + "</p>"]
@@ -195,9 +195,9 @@ def _html_compare(results: dict, old: dict, changed: list[Change], reasons: list
     e = html.escape
     counts = {v: sum(c.verdict == v for c in changed) for v in MARKS}
     out = [f"<h2>Against {e(old['run']['id'])}</h2>",
-           f"<p>{counts['regression']} regression(s), {counts['improvement']} improvement(s), "
+           (f"<p>{counts['regression']} regression(s), {counts['improvement']} improvement(s), "
            f"{counts['within noise']} within noise (threshold {threshold:.0%}, and the ranges must not overlap). "
-           f"Older run: commit {e(old['source']['git_commit'][:12])}, {e(old['run']['started_utc'])}.</p>"]
+           f"Older run: commit {e(old['source']['git_commit'][:12])}, {e(old['run']['started_utc'])}.</p>")]
     if reasons:
         out.append(f"<p class=warn>Compared with --force although: {e('; '.join(reasons))}.</p>")
     png = images.get("changes", ("", None))[1]
@@ -242,8 +242,8 @@ def _markdown(results: dict, old: dict | None, changed: list[Change] | None, rea
     if old is not None and changed is not None:
         counts = {v: sum(c.verdict == v for c in changed) for v in MARKS}
         lines += [f"## Against {old['run']['id']}", "",
-                  f"{counts['regression']} regression(s), {counts['improvement']} improvement(s), "
-                  f"{counts['within noise']} within noise (threshold {threshold:.0%}; ranges must not overlap).", ""]
+                  (f"{counts['regression']} regression(s), {counts['improvement']} improvement(s), "
+                  f"{counts['within noise']} within noise (threshold {threshold:.0%}; ranges must not overlap)."), ""]
         if reasons:
             lines += [f"Compared with --force although: {'; '.join(reasons)}.", ""]
         if images.get("changes", ("", None))[1]:

@@ -43,7 +43,7 @@ def figure(name: str, unit: str, values: Iterable[float | None], *, config: str 
     return out
 
 
-def quantity(value: float | int | None, unit: str) -> dict:
+def quantity(value: float | None, unit: str) -> dict:
     """A single value with its unit (sizes, durations of the run)."""
     return {"value": _round(value) if isinstance(value, float) else value, "unit": unit}
 

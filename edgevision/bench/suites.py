@@ -9,7 +9,6 @@ figure's median and range; the runner samples power and memory around it.
 from __future__ import annotations
 
 import importlib
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -105,7 +104,7 @@ def vision(ctx: SuiteContext) -> SuiteResult:
         rng = np.random.default_rng(0)
         image = Image.fromarray(rng.integers(0, 256, (spec.image_size, spec.image_size, 3), dtype=np.uint8))
         times: dict[str, list[float]] = {name: [] for name in encoders}
-        for name, encoder in encoders.items():
+        for encoder in encoders.values():
             encode_image(encoder, image)  # warm-up
         for _ in range(ctx.rounds):  # the back-ends take turns, so load hits them alike
             for name, encoder in encoders.items():
@@ -242,18 +241,6 @@ def moe(ctx: SuiteContext) -> SuiteResult:
                     speed[variant].append((n - 1) / (end - middle))
     figures = [figure("decode", "tok/s", speed[v], config=f"moe {v}") for v in paths]
     figures += [figure("prefill", "tok/s", prefill[v], config=f"moe {v}") for v in paths]
-    return SuiteResult(figures, [f"{', '.join(p.name for p in paths.values())}: {tokens} tokens after a "
-                                 f"{len(PROMPT.split())}-word prompt, median of {ctx.rounds}",
+    return SuiteResult(figures, [(f"{', '.join(p.name for p in paths.values())}: {tokens} tokens after a "
+                                 f"{len(PROMPT.split())}-word prompt, median of {ctx.rounds}"),
                                  "memory-capped residency is 'edgevision bench moe'"])
-
-
-def spread_text(fig: dict) -> str:
-    if fig["median"] is None:
-        return "—"
-    if fig["n"] < 2:
-        return f"{fig['median']:.4g}"
-    return f"{fig['median']:.4g} ({fig['min']:.4g}–{fig['max']:.4g})"
-
-
-def mean(values: list[float]) -> float | None:
-    return statistics.fmean(values) if values else None
