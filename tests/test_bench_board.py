@@ -193,7 +193,7 @@ def test_an_unreachable_board_is_one_line(tmp_path: Path, board_config: Path) ->
     port = _free_port()  # nothing listens there
     done = edgevision("bench", "board", "root@127.0.0.1", "-p", port, "-o", "ConnectTimeout=5", "--remote-dir",
                       tmp_path / "board", "--out", tmp_path / "results", "--suites", "idle", "--quick")
-    assert "cannot reach 127.0.0.1" in one_line_error(done) and "Connection refused" in done.stderr
+    assert "cannot reach root@127.0.0.1" in one_line_error(done) and "Connection refused" in done.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -291,3 +291,20 @@ def test_a_results_folder_from_a_newer_schema_is_one_line_and_nothing_is_written
     line = one_line_error(edgevision("report", newer))
     assert f"schema version {SCHEMA_VERSION + 1} is newer than this edgevision reads ({SCHEMA_VERSION})" in line
     assert sorted(p.name for p in newer.iterdir()) == ["results.json"]
+
+
+JETSON = Path("/proc/device-tree/model").is_file() and "Jetson" in Path("/proc/device-tree/model").read_text(
+    errors="replace")
+
+
+@pytest.mark.board
+@pytest.mark.skipif(not JETSON, reason="needs a Jetson: its power mode (nvpmodel), L4T release and INA3221 rails")
+def test_on_a_jetson_a_run_records_the_power_mode_the_release_and_real_rails(tmp_path: Path) -> None:
+    done = edgevision("bench", "suites", "--suites", "idle", "--quick", "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert data["machine"]["board"] and data["machine"]["l4t_release"]
+    assert data["machine"]["power_mode"]["mode"]  # nvpmodel -q
+    assert data["run"]["power"]["reader"] in ("ina3221", "tegrastats")
+    idle = data["suites"]["idle"]["figures"][0]
+    assert idle["unit"] == "W" and 1.0 < idle["median"] < 40.0  # an Orin NX idles at a few watts
