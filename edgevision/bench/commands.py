@@ -104,21 +104,29 @@ def _cmd_suites(args: argparse.Namespace) -> int:
 def _cmd_board(args: argparse.Namespace) -> int:
     from edgevision.bench.remote import Ssh, bench_board
     from edgevision.bench.report import build_report, write_report
+    from edgevision.bench.results import ResultsError, load_results
     from edgevision.bench.runner import parse_suites
+    from edgevision.errors import EdgevisionError
 
     parse_suites(args.suites)  # a typo fails here, not after the copy
     if args.compare:
-        from edgevision.bench.results import load_results
-
         load_results(args.compare)  # an unreadable older run fails before the board is busy
     ssh = Ssh(args.host, port=args.port, identity=args.identity, options=tuple(args.ssh_option))
+    refused: list[str] = []
 
     def finish(folder: Path) -> None:
-        write_report(folder, build_report(folder, older=args.compare, force=args.force))
+        try:
+            files = build_report(folder, older=args.compare, force=args.force)
+        except ResultsError as error:  # not comparable: the run is kept, its report made without the comparison
+            refused.append(str(error))
+            files = build_report(folder)
+        write_report(folder, files)
 
     folder = bench_board(ssh, suites_argv=_forwarded(args), out=args.out, remote_dir=args.remote_dir,
                          python=args.python, models=args.models, setup=not args.no_setup, finish=finish)
     print(f"results: {folder}\nreport:  {folder / 'report.html'}")
+    if refused:
+        raise EdgevisionError(f"{refused[0]}; the results and a report without the comparison are in {folder}")
     return 0
 
 
