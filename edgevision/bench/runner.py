@@ -52,7 +52,7 @@ def source_commit() -> dict[str, Any]:
 
 
 def check_models(models_dir: Path) -> list[dict[str, Any]]:
-    """The registered models (name, kind, sha256, size); ModelError where this machine has none."""
+    """The registered models (name, kind, path, sha256, size); ModelError where this machine has none."""
     if not (models_dir / REGISTRY_FILE).is_file():
         where = f"{models_dir} (→ {models_dir.resolve()})" if models_dir.is_symlink() else str(models_dir)
         raise ModelError(f"no models in {where} (no {REGISTRY_FILE}); run 'make models' on this machine")
@@ -62,8 +62,27 @@ def check_models(models_dir: Path) -> list[dict[str, Any]]:
     missing = [r.name for r in records if not Path(r.path).exists()]
     if missing:
         raise ModelError(f"registered models missing from {models_dir}: {', '.join(missing)}; run 'make models' again")
-    return [{"name": r.name, "kind": r.kind, "sha256": r.sha256, "size": quantity(r.size, "B"), "source": r.source}
-            for r in records]
+    return [{"name": r.name, "kind": r.kind, "path": r.path, "sha256": r.sha256, "size": quantity(r.size, "B"),
+             "source": r.source} for r in records]
+
+
+def used_models(paths: list[Path], registered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The models the suites measured: their registry records (hashed here where a file is not registered)."""
+    from edgevision.registry import sha256_of
+
+    by_path = {str(Path(r["path"]).resolve()): r for r in registered}
+    out: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        key = str(Path(path).resolve())
+        if key in out:
+            continue
+        record = by_path.get(key)
+        if record is None:
+            sha, size = sha256_of(Path(key))
+            record = {"name": Path(key).stem, "kind": "unregistered", "path": key, "sha256": sha,
+                      "size": quantity(size, "B"), "source": "not in the registry"}
+        out[key] = record
+    return sorted(out.values(), key=lambda r: (r["kind"], r["name"]))
 
 
 def run_suites(
@@ -105,7 +124,7 @@ def run_suites(
             },
             "source": {**(commit or source_commit()), "edgevision_version": __version__},
             "machine": machine_facts(),
-            "models": models,
+            "models": [],  # the models the suites used, filled in as they run
             "load_before": load_snapshot(),
             "suites": {},
         }
@@ -116,13 +135,16 @@ def run_suites(
                      if power_root else getattr(reader, "reason", "")),
         }
         context = SuiteContext(config, models_dir, rounds, quick, threads)
+        used: list[Path] = []
         try:
             for name in suites:
                 say(f"bench: {name}: {SUITES[name][1]} ({rounds} round{'s' * (rounds > 1)})")
-                results["suites"][name] = _run_one(name, context, reader, interval)
+                results["suites"][name], paths = _run_one(name, context, reader, interval)
+                used.extend(paths)
                 say(f"bench: {name}: done in {results['suites'][name]['seconds']['value']:.1f} s")
         finally:
             reader.close()
+        results["models"] = used_models(used, models)
         results["load_after"] = load_snapshot()
         results["run"]["finished_utc"] = _utc()
         write_json_atomic(partial / RESULTS_FILE, results)
@@ -133,7 +155,7 @@ def run_suites(
     return out
 
 
-def _run_one(name: str, context: SuiteContext, reader: Any, interval: float) -> dict[str, Any]:
+def _run_one(name: str, context: SuiteContext, reader: Any, interval: float) -> tuple[dict[str, Any], list[Path]]:
     run = suite_function(name)
     load = load_snapshot(window=0.3)
     sampler = Sampler(reader, interval=interval)
@@ -156,7 +178,8 @@ def _run_one(name: str, context: SuiteContext, reader: Any, interval: float) -> 
     return {
         "status": "ok", "description": SUITES[name][1], "seconds": quantity(seconds, "s"), "figures": figures,
         "notes": result.notes, "answer": result.answer, "memory": memory, "load_before": load, "samples": series,
-    }
+        "models": sorted({Path(p).name for p in result.models}),
+    }, [Path(p) for p in result.models]
 
 
 def _utc() -> str:

@@ -50,6 +50,7 @@ class SuiteResult:
     figures: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     answer: dict[str, Any] | None = None  # one answer's stage times (e2e)
+    models: list[Path] = field(default_factory=list)  # the model files measured (their sha256 go in the results)
     # figures that need the power and memory sampled through the suite (energy per answer)
     after: Callable[[dict[str, Any]], list[dict]] | None = None
 
@@ -116,7 +117,8 @@ def vision(ctx: SuiteContext) -> SuiteResult:
             encoder.close()
     figures = [figure("encode one frame", "ms", t, config=name) for name, t in times.items()]
     figures += [figure("frames per second", "frames/s", [1000 / v for v in t], config=name) for name, t in times.items()]
-    return SuiteResult(figures, [f"{tower.name}: {spec.image_size} px → {spec.n_tokens} image tokens"])
+    return SuiteResult(figures, [f"{tower.name}: {spec.image_size} px → {spec.n_tokens} image tokens"],
+                       models=list(paths.values()))
 
 
 # --- e2e ---------------------------------------------------------------------------------------------------------
@@ -164,7 +166,9 @@ def e2e(ctx: SuiteContext) -> SuiteResult:
 
     notes = [f"questions: {', '.join(sorted({r['question'] or '' for r in report.records}))}",
              f"scenes: {', '.join(report.images)}"]
-    return SuiteResult(figures, notes, answer=answers, after=after)
+    speech, config = ctx.config.speech, ctx.config
+    models = [speech.whisper_model, speech.piper_voice, config.vision.tower, config.decoder.model]
+    return SuiteResult(figures, notes, answer=answers, after=after, models=models)
 
 
 def waterfall(records: list[dict]) -> dict[str, Any] | None:
@@ -209,7 +213,7 @@ def router(ctx: SuiteContext) -> SuiteResult:
     for name, rows in runs.items():
         figures.append(figure("decode", "tok/s", [r[1] for r in rows], config=f"router {name}"))
         figures.append(figure("decode CPU time per token", "ms", [r[2] * 1000 for r in rows], config=f"router {name}"))
-    return SuiteResult(figures, [f"{decoder.name}, {tokens} tokens, {ctx.threads or 1} thread(s)"])
+    return SuiteResult(figures, [f"{decoder.name}, {tokens} tokens, {ctx.threads or 1} thread(s)"], models=[decoder])
 
 
 def moe(ctx: SuiteContext) -> SuiteResult:
@@ -243,4 +247,4 @@ def moe(ctx: SuiteContext) -> SuiteResult:
     figures += [figure("prefill", "tok/s", prefill[v], config=f"moe {v}") for v in paths]
     return SuiteResult(figures, [(f"{', '.join(p.name for p in paths.values())}: {tokens} tokens after a "
                                  f"{len(PROMPT.split())}-word prompt, median of {ctx.rounds}"),
-                                 "memory-capped residency is 'edgevision bench moe'"])
+                                 "memory-capped residency is 'edgevision bench moe'"], models=list(paths.values()))
