@@ -18,7 +18,8 @@ from edgevision.bench.plots import plots
 from edgevision.bench.results import Change, ResultsError, comparability, compare, figures, load_results, suites_run
 
 CAPTIONS = {
-    "waterfall": "Each bar is one answer (the run's median by release → first audio) from the press of the button: "
+    "waterfall": "Each bar is one answer (the middle one of its mode by release → first audio; the lower middle one "
+                 "when the count is even) from the press of the button: "
                  "grey while the question is spoken, orange from the release to the first token and on to the "
                  "first spoken audio (the wait the user feels), blue while the answer is spoken.",
     "power": "Board input power sampled through that answer; the shaded area under the curve from press to last "
