@@ -191,6 +191,22 @@ def test_bench_board_over_loopback_ssh_brings_back_results_and_a_report(sshd: Se
 
 
 @needs_sshd
+def test_without_rsync_the_tree_and_results_travel_by_tar(sshd: Server, board_config: Path, tmp_path: Path) -> None:
+    stale = tmp_path / "board" / "edgevision" / "gone.py"  # a file deleted here since the last copy
+    stale.parent.mkdir(parents=True)
+    stale.write_text("raise SystemExit('a stale file ran')\n")
+    done = _board(sshd, tmp_path, board_config, "--copy", "tar", suites="idle")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "(tar over ssh" in done.stdout
+    data = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert list(data["suites"]) == ["idle"] and data["suites"]["idle"]["figures"][0]["n"] == 2
+    assert (tmp_path / "results" / "report.html").is_file()
+    assert not stale.exists()
+    assert (tmp_path / "board" / "Makefile").read_bytes() == (ROOT / "Makefile").read_bytes()
+    assert (tmp_path / "board" / "models").is_symlink() and not (tmp_path / "board" / ".git").exists()
+
+
+@needs_sshd
 def test_an_unreachable_board_is_one_line(tmp_path: Path, board_config: Path) -> None:
     port = _free_port()  # nothing listens there
     done = edgevision("bench", "board", "root@127.0.0.1", "-p", port, "-o", "ConnectTimeout=5", "--remote-dir",

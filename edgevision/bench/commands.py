@@ -54,6 +54,9 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
                                         "none (default: make models there)")
     board.add_argument("--no-setup", action="store_true",
                        help="never run make venv / make models on the board: a missing environment is an error")
+    board.add_argument("--copy", choices=["auto", "rsync", "tar"], default="auto",
+                       help="how the tree and results travel: rsync over ssh, tar over ssh, or auto (rsync where both "
+                            "sides have it)")
     board.add_argument("--out", type=Path, help="local results folder (default: out/bench/HOST-UTCTIME)")
     board.add_argument("--compare", type=Path, help="an older results folder for the report to compare with")
     board.add_argument("--force", action="store_true", help="compare even across hardware, power modes or models")
@@ -123,7 +126,8 @@ def _cmd_board(args: argparse.Namespace) -> int:
         write_report(folder, files)
 
     folder = bench_board(ssh, suites_argv=_forwarded(args), out=args.out, remote_dir=args.remote_dir,
-                         python=args.python, models=args.models, setup=not args.no_setup, finish=finish)
+                         python=args.python, models=args.models, setup=not args.no_setup, copy=args.copy,
+                         finish=finish)
     print(f"results: {folder}\nreport:  {folder / 'report.html'}")
     if refused:
         raise EdgevisionError(f"{refused[0]}; the results and a report without the comparison are in {folder}")

@@ -172,6 +172,7 @@ def bench_board(
     python: str = DEFAULT_PYTHON,
     models: str | None = None,
     setup: bool = True,
+    copy: str = "auto",
     say: Callable[[str], None] | None = None,
     finish: Callable[[Path], None] | None = None,
 ) -> Path:
@@ -185,7 +186,11 @@ def bench_board(
     partial = out.with_name(out.name + ".partial")
 
     probe = ssh.run("command -v rsync >/dev/null && echo rsync || echo no-rsync")
-    use_rsync = shutil.which("rsync") is not None and probe.stdout.decode().strip() == "rsync"
+    have_rsync = shutil.which("rsync") is not None and probe.stdout.decode().strip() == "rsync"
+    if copy == "rsync" and not have_rsync:
+        raise EdgevisionError(f"--copy rsync: rsync is missing {'here' if shutil.which('rsync') is None else 'on ' + ssh.name}"
+                              "; install it, or use --copy auto")
+    use_rsync = have_rsync and copy != "tar"
     sync(ssh, remote_dir, use_rsync=use_rsync, say=say)
 
     from edgevision.bench.runner import source_commit
