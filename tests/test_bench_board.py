@@ -326,3 +326,30 @@ def test_on_a_jetson_a_run_records_the_power_mode_the_release_and_real_rails(tmp
     assert data["run"]["power"]["reader"] in ("ina3221", "tegrastats")
     idle = data["suites"]["idle"]["figures"][0]
     assert idle["unit"] == "W" and 1.0 < idle["median"] < 40.0  # an Orin NX idles at a few watts
+
+
+# --- pure logic ---------------------------------------------------------------------------------------------------
+
+
+def test_energy_between_holds_each_reading_until_the_next() -> None:
+    from edgevision.bench.sampler import energy_between
+
+    series = {"start_unix_s": 100.0, "t_s": [0.0, 1.0, 2.0, 3.0], "power_w": [5.0, 10.0, None, 4.0]}
+    # 100.5-101: 5 W; 101-103: 10 W (the missing reading does not end it); 103-103.5: 4 W
+    assert energy_between(series, 100.5, 103.5) == pytest.approx(0.5 * 5 + 2 * 10 + 0.5 * 4)
+    assert energy_between({**series, "power_w": [None] * 4}, 100.0, 103.0) is None
+
+
+@pytest.mark.parametrize(("stderr", "code", "says"), [
+    ("ssh: connect to host jetson port 22: Connection refused\n", 255, "cannot reach me@jetson: ssh: connect"),
+    ("ssh: Could not resolve hostname jetson: Name or service not known\n", 255, "cannot reach me@jetson"),
+    ("me@jetson: Permission denied (publickey,password).\n", 255, "me@jetson refused the key"),
+    ("Host key verification failed.\n", 255, "host key not known or changed"),
+    ("bench: idle\nedgevision: error: no models in models (no registry.json); run 'make models'\n", 2,
+     "jetson: no models in models"),
+    ("Traceback ...\nKeyError: 'x'\n", 1, "jetson: the command failed (exit 1): KeyError: 'x'"),
+])
+def test_ssh_failures_become_one_line_that_says_what_to_do(stderr: str, code: int, says: str) -> None:
+    from edgevision.bench.remote import Ssh
+
+    assert says in str(Ssh("me@jetson").error(code, stderr))
