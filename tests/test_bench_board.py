@@ -291,6 +291,19 @@ def test_report_marks_a_slower_stage_a_regression_and_a_faster_one_an_improvemen
     assert "report-changes.png" in markdown and (newer / "report-changes.png").stat().st_size > 1000
 
 
+def test_two_quick_runs_are_too_few_rounds_to_call_and_a_busy_machine_is_named(tmp_path: Path) -> None:
+    older = stored_results(tmp_path / "older", first_audio=[1.0, 1.1], decode=[20.0, 21.0], idle_w=[4.0, 4.1])
+    newer = stored_results(tmp_path / "newer", first_audio=[2.0, 2.1], decode=[20.5, 21.5], idle_w=[4.0, 4.1])
+    data = json.loads((newer / "results.json").read_text())
+    data["load_before"] = {"loadavg_1m": 6.5, "cpu_count": 8, "top_processes": []}
+    write_json_atomic(newer / "results.json", data)
+    assert edgevision("report", newer, "--compare", older).returncode == 0
+    markdown = (newer / "report.md").read_text()
+    assert "too few rounds to tell" in _row(markdown, "e2e: release → first audio (overlapped)")  # 2 rounds each
+    assert "0 regression(s)" in markdown
+    assert "Other work was running: newer started at load 6.5 on 8 cores" in markdown
+
+
 def test_report_refuses_runs_from_other_hardware_or_power_modes_unless_forced(tmp_path: Path) -> None:
     older = stored_results(tmp_path / "older", first_audio=[1.0], decode=[20.0], idle_w=[4.0], mode="25W")
     newer = stored_results(tmp_path / "newer", first_audio=[1.2], decode=[21.0], idle_w=[4.0])

@@ -13,7 +13,7 @@ from edgevision.bench.results import Change, figures
 
 COLORS = {"hold": "#9aa5b1", "think": "#e8a33d", "speak": "#3d8fe8", "power": "#c0392b", "rss": "#2c7fb8",
           "used": "#7f7f7f", "gpu": "#41ab5d", "regression": "#c0392b", "improvement": "#2e8b57",
-          "within noise": "#9aa5b1"}
+          "within noise": "#9aa5b1", "too few rounds": "#d5dade", "changed": "#d5dade"}
 WIDTH = 9.0  # inches at 100 dpi: 900 px, the report's column
 
 

@@ -28,10 +28,11 @@ CAPTIONS = {
               "system RAM in use, and on a Jetson the GPU's NvMap memory (CPU and GPU share the RAM).",
     "tokens": "Median decode and prefill speed of each configuration; whiskers span the repeats.",
     "changes": "Per cent change of each figure's median against the older run. Red: a regression (worse by more "
-               "than the threshold, and the two runs' ranges do not overlap); green: an improvement; grey: within "
-               "the noise.",
+               "than the threshold, the two runs' ranges apart, at least 3 rounds each); green: an improvement; "
+               "grey: within the noise; light grey: too few rounds to tell, or a count with no better side.",
 }
-MARKS = {"regression": "▲ regression", "improvement": "▼ improvement", "within noise": "within noise"}
+MARKS = {"regression": "▲ regression", "improvement": "▼ improvement", "within noise": "within noise",
+         "too few rounds": "too few rounds to tell", "changed": "changed"}
 
 
 def _value(v: float | None) -> str:
@@ -83,6 +84,34 @@ def _headlines(results: dict) -> list[str]:
         if peak and name == "e2e":
             out.append(f"peak RSS during e2e: {peak:.0f} MiB")
     return out
+
+
+def _busy(results: dict) -> str | None:
+    """A note where something else kept the machine busy when the run started (load above half the cores)."""
+    load = results.get("load_before") or {}
+    cores = load.get("cpu_count") or results["machine"].get("cpu_count") or 1
+    if load.get("loadavg_1m", 0) <= cores / 2:
+        return None
+    return f"{results['run']['id']} started at load {load['loadavg_1m']:.1f} on {cores} cores"
+
+
+def _load_warning(new: dict, old: dict) -> str | None:
+    busy = [b for b in (_busy(new), _busy(old)) if b]
+    if not busy:
+        return None
+    return (f"Other work was running: {'; '.join(busy)}. Figures move with the machine's load; compare runs made "
+            "on an otherwise idle board.")
+
+
+def _counts(changed: list[Change]) -> str:
+    counts = {v: sum(c.verdict == v for c in changed) for v in MARKS}
+    text = (f"{counts['regression']} regression(s), {counts['improvement']} improvement(s), "
+            f"{counts['within noise']} within noise")
+    if counts["too few rounds"]:
+        text += f", {counts['too few rounds']} beyond the threshold but with too few rounds to tell"
+    if counts["changed"]:
+        text += f", {counts['changed']} changed count(s)"
+    return text
 
 
 def _check(new: dict, old: dict, force: bool) -> list[str]:
@@ -194,13 +223,14 @@ def _html(results: dict, old: dict | None, changed: list[Change] | None, reasons
 def _html_compare(results: dict, old: dict, changed: list[Change], reasons: list[str],
                   images: dict[str, tuple[str, bytes | None]], threshold: float) -> str:
     e = html.escape
-    counts = {v: sum(c.verdict == v for c in changed) for v in MARKS}
     out = [f"<h2>Against {e(old['run']['id'])}</h2>",
-           (f"<p>{counts['regression']} regression(s), {counts['improvement']} improvement(s), "
-           f"{counts['within noise']} within noise (threshold {threshold:.0%}, and the ranges must not overlap). "
-           f"Older run: commit {e(old['source']['git_commit'][:12])}, {e(old['run']['started_utc'])}.</p>")]
+           (f"<p>{e(_counts(changed))} (threshold {threshold:.0%}; the ranges must not overlap; at least 3 rounds "
+            f"each). Older run: commit {e(old['source']['git_commit'][:12])}, {e(old['run']['started_utc'])}.</p>")]
     if reasons:
         out.append(f"<p class=warn>Compared with --force although: {e('; '.join(reasons))}.</p>")
+    warning = _load_warning(results, old)
+    if warning:
+        out.append(f"<p class=warn>{e(warning)}</p>")
     png = images.get("changes", ("", None))[1]
     if png:
         out.append(f"<figure><img alt='changes' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
@@ -241,12 +271,14 @@ def _markdown(results: dict, old: dict | None, changed: list[Change] | None, rea
               *[f"| {m['name']} | {m['kind']} | {m['size']['value'] / 2**20:.1f} MiB | `{m['sha256'][:16]}` |"
                 for m in results["models"]], ""]
     if old is not None and changed is not None:
-        counts = {v: sum(c.verdict == v for c in changed) for v in MARKS}
         lines += [f"## Against {old['run']['id']}", "",
-                  (f"{counts['regression']} regression(s), {counts['improvement']} improvement(s), "
-                  f"{counts['within noise']} within noise (threshold {threshold:.0%}; ranges must not overlap)."), ""]
+                  f"{_counts(changed)} (threshold {threshold:.0%}; ranges must not overlap; at least 3 rounds each).",
+                  ""]
         if reasons:
             lines += [f"Compared with --force although: {'; '.join(reasons)}.", ""]
+        warning = _load_warning(results, old)
+        if warning:
+            lines += [warning, ""]
         if images.get("changes", ("", None))[1]:
             lines += ["![changes](report-changes.png)", ""]
         lines += ["| figure | older | this run | change | verdict |", "|---|---:|---:|---:|---|",

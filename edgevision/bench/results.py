@@ -20,6 +20,7 @@ from edgevision.errors import EdgevisionError
 SCHEMA = "edgevision.bench.results"
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
+MIN_ROUNDS = 3  # repeats a figure needs on both sides before a change in it is called a regression or improvement
 
 # Units whose figures are better when lower; the others (tok/s, images/s) when higher.
 LOWER_IS_BETTER = {"s", "ms", "J", "W", "MiB"}
@@ -134,7 +135,7 @@ class Change:
     unit: str
     old: float
     new: float
-    verdict: str  # "regression", "improvement" or "within noise"
+    verdict: str  # "regression", "improvement", "within noise", "too few rounds" or "changed" (no better side)
 
     @property
     def ratio(self) -> float:
@@ -149,7 +150,8 @@ def compare(new: dict, old: dict, *, threshold: float = 0.05) -> list[Change]:
     """Each figure the two runs share, and whether it got worse (a regression), better, or stayed within noise.
 
     A change counts when the medians differ by more than `threshold` (relative) and the two runs' ranges
-    (min to max over the repeats) do not overlap; otherwise it is within noise.
+    (min to max over the repeats) do not overlap; otherwise it is within noise. With fewer than
+    `MIN_ROUNDS` repeats on either side a range says little, so such a change is "too few rounds", not a verdict.
     """
     olds = {_figure_id(s, f): f for s, f in figures(old)}
     changes = []
@@ -168,6 +170,10 @@ def _verdict(new: dict, old: dict, threshold: float) -> str:
         return "within noise"
     if new["min"] <= old["max"] and old["min"] <= new["max"]:  # the ranges overlap
         return "within noise"
+    if min(new["n"], old["n"]) < MIN_ROUNDS:
+        return "too few rounds"
+    if new["better"] not in ("lower", "higher"):  # a count such as answer tokens: neither way is better
+        return "changed"
     worse = b > a if new["better"] == "lower" else b < a
     return "regression" if worse else "improvement"
 
