@@ -115,7 +115,7 @@ def board_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text(
         f"speech:\n  whisper_model: {models / 'whisper-tiny.en'}\n  piper_voice: {models / 'piper/en_US-joe-medium.onnx'}\n"
         f"vision:\n  tower: {models / 'synthetic/tower-gemma3-270m.onnx'}\n"
-        f"decoder:\n  model: {models / 'gemma-3-270m-q4_k_m.gguf'}\n  n_ctx: 1024\n  max_answer_tokens: 12\n"
+        f"decoder:\n  model: {models / 'gemma-3-270m-q4_k_m.gguf'}\n  n_ctx: 1024\n  max_answer_tokens: 6\n"
         "telemetry:\n  power_reader: none\n",
         encoding="utf-8",
     )
@@ -154,7 +154,7 @@ def test_bench_board_over_loopback_ssh_brings_back_results_and_a_report(sshd: Se
     assert "loadavg_1m" in data["load_before"] and "top_processes" in data["load_after"]
 
     for name, suite in data["suites"].items():
-        assert suite["status"] == "ok" and suite["seconds"]["unit"] == "s"
+        assert suite["status"] == "ok" and suite["seconds"]["unit"] == "s" and suite["cpu_seconds"]["unit"] == "s"
         assert suite["figures"], name
         for fig in suite["figures"]:
             assert fig["unit"] in UNITS, fig

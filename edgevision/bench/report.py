@@ -207,7 +207,9 @@ def _html(results: dict, old: dict | None, changed: list[Change] | None, reasons
     for name, suite in results["suites"].items():
         mem = suite.get("memory", {})
         peak = mem.get("peak_rss", {}).get("value")
+        cpu = suite.get("cpu_seconds", {}).get("value")
         parts.append(f"<h3>{e(name)}</h3><p class=sub>{e(suite['description'])}: {suite['seconds']['value']:.1f} s"
+                     + (f" ({cpu:.1f} s of CPU)" if cpu is not None else "")
                      + (f", peak RSS {peak:.0f} MiB" if peak else "") + "</p>")
         parts.append("<table><tr><th>figure</th><th>configuration</th><th class=n>median</th><th class=n>range</th><th class=n>n</th>"
                      "<th>unit</th></tr>" + "".join(
@@ -292,7 +294,9 @@ def _markdown(results: dict, old: dict | None, changed: list[Change] | None, rea
         lines += [f"![{title}](report-{name}.png)", "", CAPTIONS[name], ""] if png else [_missing(name, results), ""]
     lines += ["## Suites", ""]
     for name, suite in results["suites"].items():
-        lines += [f"### {name}", "", f"{suite['description']}: {suite['seconds']['value']:.1f} s", "",
+        cpu = suite.get("cpu_seconds", {}).get("value")
+        lines += [f"### {name}", "", f"{suite['description']}: {suite['seconds']['value']:.1f} s"
+                  + (f" ({cpu:.1f} s of CPU)" if cpu is not None else ""), "",
                   "| figure | configuration | median | range | n | unit |", "|---|---|---:|---:|---:|---|",
                   *[f"| {_md(f['name'])} | {_md(f['config'])} | {_value(f['median'])} | {_spread(f)} | {f['n']} | "
                     f"{f['unit']} |" for f in suite["figures"]], "", *suite.get("notes", []), ""]

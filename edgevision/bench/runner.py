@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -159,6 +160,7 @@ def _run_one(name: str, context: SuiteContext, reader: Any, interval: float) -> 
     run = suite_function(name)
     load = load_snapshot(window=0.3)
     sampler = Sampler(reader, interval=interval)
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     sampler.start()
     try:
@@ -168,6 +170,7 @@ def _run_one(name: str, context: SuiteContext, reader: Any, interval: float) -> 
     finally:
         series = sampler.stop()
     seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_start
     figures = result.figures + (result.after(series) if result.after else [])
     rss = [v for v in series["rss_mib"] if v is not None]
     available = [v for v in series["mem_available_mib"] if v is not None]
@@ -176,10 +179,17 @@ def _run_one(name: str, context: SuiteContext, reader: Any, interval: float) -> 
               "min_mem_available": quantity(min(available, default=None), "MiB"),
               "peak_gpu": quantity(max(gpu, default=None), "MiB")}
     return {
-        "status": "ok", "description": SUITES[name][1], "seconds": quantity(seconds, "s"), "figures": figures,
+        "status": "ok", "description": SUITES[name][1], "seconds": quantity(seconds, "s"),
+        # CPU time of this process and its finished children (Piper): what the suite costs, whatever else ran
+        "cpu_seconds": quantity(cpu, "s"), "figures": figures,
         "notes": result.notes, "answer": result.answer, "memory": memory, "load_before": load, "samples": series,
         "models": sorted({Path(p).name for p in result.models}),
     }, [Path(p) for p in result.models]
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _utc() -> str:
