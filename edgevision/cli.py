@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgevision.vision.commands",
     "edgevision.devices.commands",
     "edgevision.telemetry.commands",
+    "edgevision.bench.commands",
 )
 
 
