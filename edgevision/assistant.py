@@ -133,12 +133,14 @@ class Assistant:
         """Load every stage named by the config; on failure, what was loaded is closed again."""
         from edgevision.registry import verify_registered
 
+        recognizer_paths = {f"speech.recognizer.{k}": v for k, v in config.speech.recognizer.paths().items()}
+        voice_paths = {f"speech.synthesizer.{k}": v for k, v in config.speech.synthesizer.paths().items()}
         verify_registered(
             {
-                "speech.whisper_model": config.speech.whisper_model,
+                **recognizer_paths,
                 "vision.tower": config.vision.tower,
                 "decoder.model": config.decoder.model,
-                **({"speech.piper_voice": config.speech.piper_voice} if speak else {}),
+                **(voice_paths if speak else {}),
             }
         )
         clock = _Clock()

@@ -99,6 +99,10 @@ class Choice:
     kind: str
     options: Any
 
+    def paths(self) -> dict[str, Path]:
+        """The back-end's path settings by name (a model file or folder), for checks and status lines."""
+        return {name: value for name, value in vars(self.options).items() if isinstance(value, Path)}
+
 
 @dataclass(frozen=True)
 class KindsMeta:

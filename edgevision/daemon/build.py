@@ -91,5 +91,5 @@ def model_names(config: Config) -> dict[str, str]:
 
 def _model_name(choice: Any) -> str:
     """The file or folder an engine's first path setting names ("whisper-tiny.en"), else its kind."""
-    paths = [value for value in vars(choice.options).values() if isinstance(value, Path)]
+    paths = list(choice.paths().values())
     return paths[0].name if paths else choice.kind
