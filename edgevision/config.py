@@ -170,6 +170,13 @@ class DevicesSettings:
         "", "sounddevice: the output device's name or index, empty for the default; wav: the folder to write into."
     )
     speaker_realtime: bool = setting(True, "wav: take as long as the audio lasts (false: write at once).")
+    wait_s: float = setting(
+        120.0,
+        "At start-up, how long to wait (retrying with backoff) for a microphone or speaker that is not there yet "
+        "before exiting with status 3 for systemd to start again.",
+        min=0,
+        max=3600,
+    )
 
 
 @dataclass(frozen=True)

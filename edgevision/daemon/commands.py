@@ -86,7 +86,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from edgevision.devices.socket_button import send_button
 
-    reply = json.loads(send_button(_socket_path(args), "status"))
+    path = _socket_path(args)
+    reply = _status_reply(path, send_button(path, "status"))
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -100,11 +101,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"last:    {last['time']} ({last['kind']})")
     print(f"  question: {last['question']}")
-    print(f"  answer:   {last['answer'] if last['answer'] is not None else '(none: ' + str(last['error']) + ')'}")
+    print(f"  answer:   {last['answer'] if last['answer'] is not None else '(none: ' + str(last.get('error')) + ')'}")
     for stage, seconds in last["durations_s"].items():
         unit = "tokens/s" if stage.endswith("_per_s") else "s"
         print(f"  {stage:<24} {seconds:9.3f} {unit}")
     return 0
+
+
+_STATUS_KEYS = {"state": str, "mode": str, "ready": bool, "uptime_s": int | float, "interactions": int,
+                "models": dict, "last": dict | None}
+_LAST_KEYS = {"time": str, "kind": str, "question": str | None, "answer": str | None,
+              "durations_s": dict}
+
+
+def _status_reply(path: Path, line: str) -> dict:
+    """The daemon's status reply, checked: anything else on the socket is one clear error, not a traceback."""
+    from edgevision.errors import DeviceError
+
+    def wrong(why: str) -> DeviceError:
+        return DeviceError(f"{path} answered `status` with {why}, not edgevision's status — is it edgevision's "
+                           "control socket, and the same version as this command? (check --socket)")
+
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise wrong(f"{line[:40]!r}" if line else "nothing") from None
+    if not isinstance(reply, dict):
+        raise wrong(f"a JSON {type(reply).__name__}")
+    for keys, where in ((_STATUS_KEYS, reply), (_LAST_KEYS, reply.get("last"))):
+        for key, kind in keys.items() if where is not None else ():
+            if not isinstance(where.get(key), kind):
+                raise wrong(f"no {key!r}" if key not in where else f"a {key!r} that is {type(where[key]).__name__}")
+    if reply["last"] and not all(isinstance(v, int | float) for v in reply["last"]["durations_s"].values()):
+        raise wrong("durations that are not numbers")
+    return reply
 
 
 def _cmd_button(args: argparse.Namespace) -> int:

@@ -143,6 +143,8 @@ class Daemon:
         """Warm up, tell systemd READY, then serve until `stop()`; closes every component on the way out."""
         self._loop = asyncio.get_running_loop()
         try:
+            if self.control is not None:  # no READY without the control socket: a broken one is a lasting fault
+                await self.control.start()
             self.notifier.status("warming up the models")
             await self._in_worker(self._warm_up)
             self._start_camera()
