@@ -1,4 +1,4 @@
-"""`edgevision run`, `status`, `press`, `release` and `edgevision bench e2e`."""
+"""`edgevision run`, `status`, `press`, `release`, `edgevision bench e2e` and `edgevision bench soak`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
                      help="seconds the scripted user stays quiet after each question before letting go "
                           "(default: %(default)s: the button is let go as the spoken clip ends)")
     e2e.set_defaults(func=_cmd_bench_e2e)
+
+    soak = bench.add_parser(
+        "soak", help="many spoken questions through one daemon: RSS, open descriptors and threads, first vs last tenth"
+    )
+    soak.add_argument("--config", help=_CONFIG_HELP)
+    soak.add_argument("-n", "--answers", type=int, default=500, help="questions to answer (default: %(default)s)")
+    soak.add_argument("--tokens", type=int, default=8, help="longest answer, in tokens (default: %(default)s)")
+    soak.add_argument("--json", type=Path, help="also write the summary and every sample to this JSON file")
+    soak.set_defaults(func=_cmd_bench_soak)
 
 
 def _socket_arguments(parser: argparse.ArgumentParser) -> None:
@@ -159,4 +168,22 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report.records, indent=1), encoding="utf-8")
         print(f"records: {args.json}")
+    return 0
+
+
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from edgevision.cli import _configure_logging
+    from edgevision.config import find_config, load_config
+    from edgevision.daemon.soak import run_soak
+    from edgevision.errors import EdgevisionError
+
+    config = load_config(find_config(args.config))
+    _configure_logging("warning", args.debug)
+    if args.tokens < 1:
+        raise EdgevisionError("bench soak: --tokens must be at least 1")
+    report = run_soak(config, n=args.answers, tokens=args.tokens)
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=1), encoding="utf-8")
+        print(f"samples: {args.json}")
     return 0
