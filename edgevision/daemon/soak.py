@@ -87,8 +87,8 @@ class SoakReport:
         s = self.summary()
         n = s["tenth"]
         lines = [
-            f"edgevision bench soak: {s['answers']} spoken questions through one daemon in {s['seconds']:.0f} s "
-            f"(answers of up to {s['answer_tokens']} tokens; {s['errors']} without an answer)",
+            (f"edgevision bench soak: {s['answers']} spoken questions through one daemon in {s['seconds']:.0f} s "
+             f"(answers of up to {s['answer_tokens']} tokens; {s['errors']} without an answer)"),
             f"{'':<26} {f'first {n}':>12} {f'last {n}':>12} {'change':>10}",
         ]
         for label, key, fmt in (("RSS, median (MB)", "rss_mb", "{:12.1f}"), ("Piper RSS, median (MB)", "piper_rss_mb",

@@ -285,6 +285,11 @@ def send_button(socket_path: str | os.PathLike[str], command: str, *, timeout: f
                 raise DeviceError(f"no edgevision is listening on {path} ({error.strerror}) — start it "
                                   "(`systemctl start edgevision`) or pass the right --socket") from None
             time.sleep(0.05)
+        except BlockingIOError:  # its queue of connections is full (a flood): it may take ours in a moment
+            if time.monotonic() >= deadline:
+                raise DeviceError(f"edgevision on {path} is too busy to take a connection (its queue stayed full "
+                                  f"for {timeout:g} s) — is something flooding the control socket?") from None
+            time.sleep(0.05)
         except PermissionError:
             raise DeviceError(f"not allowed to use {path} — add this user to the edgevision group") from None
         except TimeoutError:
