@@ -220,7 +220,8 @@ def test_a_microphone_that_comes_late_is_waited_for_and_one_that_never_comes_exi
 
 # --- one daemon in this process ------------------------------------------------------------------------------
 
-SETTINGS = DaemonSettings(follow_up_s=0.0, max_recording_s=5.0, worker_timeout_s=10.0)
+SETTINGS = DaemonSettings(follow_up_s=0.0, max_recording_s=5.0, worker_timeout_s=45.0)  # over a normal step here,
+# under a loaded CI host too; under the 60 s after which Piper gives up on a sentence
 WATCHDOG_USEC = 1_000_000
 
 
@@ -357,10 +358,11 @@ def test_a_flood_of_idle_clients_long_lines_and_garbage_leaves_status_and_the_bu
 
     caplog.set_level(logging.DEBUG, "edgevision.devices.socket_button")
     idle = []
-    for _ in range(300):  # far past the 16 served at once
+    for _ in range(300):  # far past the 16 served at once (and, for a moment, past the queue of 64)
         client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        client.settimeout(10)
-        client.connect(str(service.control.path))
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.connect(str(service.control.path))
         idle.append(client)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as long_line:
         long_line.settimeout(30)
@@ -394,7 +396,7 @@ def _still_open(client: socket.socket) -> bool:
         return client.recv(1) != b""
     except TimeoutError:
         return True
-    except OSError:
+    except OSError:  # never connected (the queue was full), or reset
         return False
 
 
@@ -405,21 +407,35 @@ def test_a_full_disk_drops_only_the_records_that_do_not_fit_and_never_glues_a_fr
     first = service.ask()
     assert first["answer"]
     filler = disk / "filler"
-    free = shutil.disk_usage(disk).free
-    filler.write_bytes(b"\0" * max(0, free - 200))  # 200 bytes left: less than one record
+    _fill(filler, service.log_path)
     try:
         n_files = len(service.speaker.played)
         dropped = service.ask()  # the user still gets the answer ...
         assert dropped["answer"] and service.said_since(n_files)
-        assert any("record dropped" in r.message and "No space left" in r.message for r in caplog.records)
+        assert any("record dropped" in r.getMessage() and "No space left" in r.getMessage() for r in caplog.records)
+        assert service.log_path.read_bytes().endswith(b"\n")  # the fragment written before the disk filled: gone
     finally:
         filler.unlink()
     after = service.ask()  # ... and once there is room again, the log goes on
     lines = service.log_path.read_bytes().splitlines(keepends=True)
     assert all(line.endswith(b"\n") for line in lines)
     records = [json.loads(line) for line in lines]  # every line a whole record: nothing glued, nothing torn
+    records = [r for r in records if "padding" not in r]
     assert records[-2:] == [_as_logged(first), _as_logged(after)]  # the dropped one is simply absent
     assert read(service.log_path)[-1] == json.loads(json.dumps(after))
+
+
+def _fill(filler: Path, log: Path, left: int = 100) -> None:
+    """Fill the disk; then leave only `left` bytes in the log's last page (a tmpfs allocates whole pages), taken
+    up by a whole padding line, so the next record starts to be written and then finds the disk full."""
+    with open(filler, "wb") as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0" * 4096)
+            out.flush()
+    slack = (-log.stat().st_size) % os.sysconf("SC_PAGE_SIZE")
+    if slack - left >= 16:
+        with open(log, "ab") as pad:
+            pad.write(b'{"padding": "' + b"x" * (slack - left - 16) + b'"}\n')
 
 
 def _as_logged(record: dict) -> dict:
@@ -469,17 +485,17 @@ def test_a_hung_stage_stops_the_watchdog_and_a_recovered_one_feeds_it_again(serv
     """Piper stopped (SIGSTOP) while the answer waits for its speech: the model step hangs; after
     daemon.worker_timeout_s the watchdog is no longer fed, so systemd would restart the service."""
     service.wait_state("idle")
+    idle_from = time.monotonic()
+    time.sleep(2 * WATCHDOG_USEC / 1e6)
+    assert service.pings_after(idle_from)  # fed while all is well
     piper = _piper(service)
     service.send("press")
     time.sleep(HOLD_S)
     os.kill(piper, signal.SIGSTOP)
     try:
         service.send("release")
-        hung_at = time.monotonic()
-        time.sleep(2 * WATCHDOG_USEC / 1e6)
-        assert service.pings_after(hung_at)  # fed while the step is young
-        deadline = hung_at + SETTINGS.worker_timeout_s + 30
-        while not any("model step has run for over" in r.message for r in caplog.records):
+        deadline = time.monotonic() + TIMEOUT
+        while not any("model step has run for over" in r.getMessage() for r in caplog.records):
             assert time.monotonic() < deadline, "the hung step was not noticed"
             time.sleep(0.2)
         silent_from = time.monotonic()
