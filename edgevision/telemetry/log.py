@@ -10,6 +10,7 @@ power cut mid-write) is cut off the same way, and the cut bytes are logged. When
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -82,13 +83,14 @@ class InteractionLog:
             except OSError as error:
                 logger.error("interaction log %s: record dropped: %s", self.path, error)
                 return False
+            view = memoryview(line)
             try:
-                view = memoryview(line)
                 while view:  # unbuffered: one write() call normally takes the whole line
                     view = view[self._file.write(view):]
                 os.fsync(self._file.fileno())
             except OSError as error:
-                self._cut(size)
+                if len(view) < len(line) or error.errno != errno.ENOSPC:  # some of it may be on disk
+                    self._cut(size)
                 logger.error("interaction log %s: record dropped: %s", self.path, error)
                 return False
         return True
