@@ -550,9 +550,8 @@ class Run:
         self.notify.settimeout(0.5)
         self.messages: list[str] = []
         self.stderr = open(where / f"stderr-{time.monotonic_ns()}", "w+")  # noqa: SIM115 - closed in close()
-        env = dict(ENV, NOTIFY_SOCKET=str(self.notify_dir / "notify"), WATCHDOG_USEC="5000000",
-                   TMPDIR=str(where / "tmp"))
-        (where / "tmp").mkdir(exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=where))  # its own: what it leaves there is its own
+        env = dict(ENV, NOTIFY_SOCKET=str(self.notify_dir / "notify"), WATCHDOG_USEC="5000000", TMPDIR=str(self.tmp))
         self.process = subprocess.Popen([sys.executable, "-m", "edgevision", "run", "--config", str(config)],
                                         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr,
                                         preexec_fn=preexec)  # noqa: PLW1509 - rlimit/cgroup before exec
@@ -635,8 +634,13 @@ def test_late_microphone_sigkill_and_sigterm_mid_answer_and_a_client_flood_under
         shutil.copy(SPOKEN, staging / "question.wav")
         staging.rename(microphone)  # plugged in
         first.until("READY=1")
-        _press_and_wait_for(control, "idle")
+        _press_and_wait_for(control, "listening", "thinking", "speaking", "idle")
+        deadline = time.monotonic() + TIMEOUT
+        while not read(tmp_path / "interactions.jsonl"):
+            assert time.monotonic() < deadline and first.process.poll() is None, first.tail()
+            time.sleep(0.2)
         (answered,) = read(tmp_path / "interactions.jsonl")
+        assert _status(control)["state"] == "idle"
         assert answered["answer"] and "table" in answered["question"].lower()
         _press_and_wait_for(control, "thinking", "speaking")
         first.process.send_signal(signal.SIGKILL)
@@ -678,7 +682,7 @@ def test_late_microphone_sigkill_and_sigterm_mid_answer_and_a_client_flood_under
     records = read(tmp_path / "interactions.jsonl")
     assert records[0] == answered  # kept, whole, through the SIGKILL
     assert len(records) == 2 and records[1]["interrupted"] == "shutdown"
-    assert not list((tmp_path / "tmp").glob("edgevision-piper-*"))  # Piper's files removed on SIGTERM
+    assert not list(second.tmp.glob("edgevision-piper-*"))  # Piper's files removed on SIGTERM
     assert not control.exists()
     with pytest.raises(Exception, match="no edgevision is listening"):
         send_button(control, "status", timeout=0.2)
