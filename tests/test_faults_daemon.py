@@ -218,6 +218,31 @@ def test_a_microphone_that_comes_late_is_waited_for_and_one_that_never_comes_exi
     assert missing.value.exit_status == 3  # not the unit's RestartPreventExitStatus=2: systemd tries again
 
 
+def test_a_record_torn_by_a_crash_is_cut_off_at_the_next_start_and_the_next_record_stands_alone(tmp_path: Path,
+                                                                                                 caplog) -> None:
+    """A process killed (or the power cut) in the middle of writing a record leaves a line without its end;
+    the next start must not append its first record to that fragment (read() would then skip both)."""
+    from edgevision.telemetry.log import InteractionLog, read
+
+    path = tmp_path / "interactions.jsonl"
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal
+        from edgevision.telemetry.log import InteractionLog
+        log = InteractionLog({str(path)!r})
+        log.write({{"question": "first", "answer": "kept"}})
+        with open({str(path)!r}, "ab", buffering=0) as raw:  # the start of the next record, as write() sends it
+            raw.write(b'{{"question": "second", "answer": "cut sho')
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)], env=ENV, cwd=ROOT)
+    assert writer.wait(timeout=60) == -signal.SIGKILL
+    caplog.set_level(logging.WARNING, "edgevision.telemetry.log")
+    with InteractionLog(path) as log:  # the next start
+        assert log.write({"question": "third", "answer": "whole"})
+    assert [r["question"] for r in read(path)] == ["first", "third"]
+    assert path.read_bytes().count(b"\n") == 2 and b"cut sho" not in path.read_bytes()
+    assert any("torn last record" in r.getMessage() and "cut sho" in r.getMessage() for r in caplog.records)
+
+
 # --- one daemon in this process ------------------------------------------------------------------------------
 
 SETTINGS = DaemonSettings(follow_up_s=0.0, max_recording_s=5.0, worker_timeout_s=45.0)  # over a normal step here,
