@@ -293,7 +293,9 @@ def send_button(socket_path: str | os.PathLike[str], command: str, *, timeout: f
         except PermissionError:
             raise DeviceError(f"not allowed to use {path} — add this user to the edgevision group") from None
         except TimeoutError:
-            raise DeviceError(f"edgevision on {path} did not answer within {timeout:g} s") from None
+            raise DeviceError(f"edgevision on {path} did not answer within {timeout:g} s — it takes the socket "
+                              "before loading its models, so it may still be starting (`journalctl -u edgevision`)"
+                              ) from None
         except OSError as error:
             raise DeviceError(f"cannot talk to {path}: {error.strerror or error} — is it edgevision's "
                               "control socket?") from None
