@@ -114,9 +114,10 @@ CMAKE_ARGS ?=
 install:
 	@test "$$(id -u)" = 0 || { echo "make install: run it as root: sudo make install"; exit 1; }
 	getent group gpio >/dev/null || groupadd --system gpio
+	getent group input >/dev/null || groupadd --system input
 	id -u edgevision >/dev/null 2>&1 || useradd --system --user-group --home-dir $(STATE) --no-create-home \
 		--shell /usr/sbin/nologin edgevision
-	usermod --append --groups video,audio,gpio edgevision
+	usermod --append --groups video,audio,input,gpio edgevision
 	test -x $(OPT)/venv/bin/python || $(INSTALL_PYTHON) -m venv --system-site-packages $(OPT)/venv
 	$(OPT)/venv/bin/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(CMAKE_ARGS)" $(OPT)/venv/bin/python -m pip install --quiet '.$(if $(INSTALL_EXTRAS),[$(INSTALL_EXTRAS)])'
