@@ -172,13 +172,13 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
-    from edgevision.cli import _configure_logging
+    from edgevision.logs import configure_logging
     from edgevision.config import find_config, load_config
     from edgevision.daemon.soak import run_soak
     from edgevision.errors import EdgevisionError
 
     config = load_config(find_config(args.config))
-    _configure_logging("warning", args.debug)
+    configure_logging("warning", args.debug)
     if args.tokens < 1:
         raise EdgevisionError("bench soak: --tokens must be at least 1")
     report = run_soak(config, n=args.answers, tokens=args.tokens)
