@@ -172,10 +172,10 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_soak(args: argparse.Namespace) -> int:
-    from edgevision.logs import configure_logging
     from edgevision.config import find_config, load_config
     from edgevision.daemon.soak import run_soak
     from edgevision.errors import EdgevisionError
+    from edgevision.logs import configure_logging
 
     config = load_config(find_config(args.config))
     configure_logging("warning", args.debug)
