@@ -7,6 +7,7 @@ PortAudio never imports them. A new back-end is one module and one registry line
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
 from typing import Any
@@ -35,3 +36,17 @@ def load_class(registry: Mapping[str, str], setting: str, name: str) -> Any:
             f"it (see the README) or choose another of {', '.join(registry)}"
         ) from error
     return getattr(module, class_name)
+
+
+def settings_of(registry: Mapping[str, str], setting: str) -> dict[str, type]:
+    """Each kind's settings dataclass: the ``Settings`` its back-end class declares (for `schema.kinds`).
+
+    This imports every back-end module of the registry; they import their heavy libraries only when opened.
+    """
+    return {name: load_class(registry, setting, name).Settings for name in registry}
+
+
+def open_chosen(registry: Mapping[str, str], setting: str, choice: Any, **runtime: Any) -> Any:
+    """The back-end a config `Choice` names, made from its settings plus the `runtime` arguments."""
+    options = {f.name: getattr(choice.options, f.name) for f in dataclasses.fields(choice.options)}
+    return load_class(registry, setting, choice.kind)(**options, **runtime)

@@ -27,7 +27,7 @@ def test_gemma3_turn_folds_system_into_user_turn_and_puts_image_before_question(
         Image(4, causal=False),
         Text("<end_of_image>\n\n"),
     )
-    assert turn.question == (Text(f"{QUESTION}<end_of_turn>\n<start_of_turn>model\n"),)
+    assert turn.question == (Text(QUESTION, special=False), Text("<end_of_turn>\n<start_of_turn>model\n"))
     assert turn.segments == turn.prefix + turn.question
     assert turn.image_tokens == 4
 
@@ -35,7 +35,7 @@ def test_gemma3_turn_folds_system_into_user_turn_and_puts_image_before_question(
 def test_turn_without_image_or_system_is_plain_chat() -> None:
     turn = build_turn("Hi")
     assert turn.prefix == (Text("<bos><start_of_turn>user\n"),)
-    assert turn.question == (Text("Hi<end_of_turn>\n<start_of_turn>model\n"),)
+    assert turn.question == (Text("Hi", special=False), Text("<end_of_turn>\n<start_of_turn>model\n"))
     assert turn.image_tokens == 0
 
 
@@ -46,12 +46,15 @@ def test_gemma4_turn_has_system_role_and_image_markers() -> None:
         Image(2, causal=False),
         Text("<image|>"),
     )
-    assert turn.question == (Text(f"{QUESTION}<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),)
+    assert turn.question == (Text(QUESTION, special=False), Text("<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"))
 
 
 def test_merge_text_joins_neighbours_and_drops_empty() -> None:
     merged = merge_text([Text("a"), Text(""), Text("b"), Image(1), Text(""), Image(2), Text("c")])
     assert merged == (Text("ab"), Image(1), Image(2), Text("c"))
+    assert merge_text([Text("a"), Text("b", special=False), Text("c")]) == (
+        Text("a"), Text("b", special=False), Text("c")
+    )  # the user's text is never joined into the template's
 
 
 def test_image_needs_a_token() -> None:
@@ -417,7 +420,7 @@ def gemma4_moe(tmp_path_factory):
 
 
 def test_gemma4_moe_takes_injected_rows_and_chat_markers(llama_mod, gemma4_moe) -> None:
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", reason="gguf is not installed: pip install gguf")
     table = next(t for t in gguf.GGUFReader(gemma4_moe).tensors if t.name == "token_embd.weight")
     with llama_mod.LlamaDecoder(gemma4_moe, n_ctx=256, n_batch=128) as moe:
         assert moe.meta("general.architecture") == "gemma4"

@@ -295,7 +295,8 @@ def moe_config(tmp_path_factory, moe_q8: Path, whisper_dir, piper_voice, make_to
     layout = read_layout(moe_q8)
     budget = layout.other_bytes + 10 * layout.expert_bytes(0)
     common = (
-        f"speech:\n  whisper_model: {whisper_dir}\n  piper_voice: {piper_voice}\n"
+        f"speech:\n  recognizer: {{kind: whisper, model: {whisper_dir}}}\n"
+        f"  synthesizer: {{kind: piper, voice: {piper_voice}}}\n"
         f"vision:\n  tower: {tower}\n"
         f"decoder:\n  model: {moe_q8}\n  n_ctx: 1024\n  max_answer_tokens: 12\n  n_threads: 1\n"
     )
@@ -337,9 +338,10 @@ def test_edgevision_run_with_a_placement_shows_it_in_status_and_in_every_record(
     config = tmp_path / "config.yaml"
     config.write_text(
         placed.read_text()
-        + f"devices:\n  camera: image\n  camera_source: {PHOTO}\n  button: socket\n  control_socket: {control}\n"
-        f"  microphone: wav\n  microphone_device: {SPOKEN}\n  speaker: wav\n  speaker_device: {tmp_path / 'spoken'}\n"
-        f"  speaker_realtime: false\ntelemetry:\n  log_path: {log}\n  power_reader: none\n"
+        + f"devices:\n  camera: {{kind: image, source: {PHOTO}}}\n  button: socket\n  control_socket: {control}\n"
+        f"  microphone: {{kind: wav, source: {SPOKEN}}}\n"
+        f"  speaker: {{kind: wav, folder: {tmp_path / 'spoken'}, realtime: false}}\n"
+        f"telemetry:\n  log_path: {log}\n  power_reader: none\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("EDGEVISION_CONFIG", "INVOCATION_ID", "NOTIFY_SOCKET")}
     with open(tmp_path / "stderr", "w+") as stderr:

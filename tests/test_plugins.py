@@ -8,28 +8,29 @@ from pathlib import Path
 import pytest
 
 from edgevision.config import describe
-from edgevision.devices.button import BUTTONS
-from edgevision.devices.camera import CAMERAS
-from edgevision.devices.sound import MICROPHONES, SPEAKERS
+from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError, MissingDependencyError
 from edgevision.plugins import load_class
+from edgevision.speech.engines import RECOGNIZERS, SYNTHESIZERS
 from edgevision.telemetry.power import POWER_READERS
 from edgevision.vision.encoder import BACKENDS
 
 
 def test_each_setting_offers_exactly_its_registry() -> None:
     allowed = {doc.key: doc.allowed for doc in describe() if doc.type == "choice"}
-    assert allowed["devices.camera"] == ", ".join(CAMERAS)
-    assert allowed["devices.button"] == ", ".join(BUTTONS)
-    assert allowed["devices.microphone"] == ", ".join(MICROPHONES)
-    assert allowed["devices.speaker"] == ", ".join(SPEAKERS)
+    assert allowed["devices.camera.kind"] == ", ".join(CAMERAS)
+    assert allowed["devices.button.kind"] == ", ".join(BUTTONS)
+    assert allowed["devices.microphone.kind"] == ", ".join(MICROPHONES)
+    assert allowed["devices.speaker.kind"] == ", ".join(SPEAKERS)
     assert allowed["vision.backend"] == ", ".join(BACKENDS)
+    assert allowed["speech.recognizer.kind"] == ", ".join(RECOGNIZERS)
+    assert allowed["speech.synthesizer.kind"] == ", ".join(SYNTHESIZERS)
     assert allowed["telemetry.power_reader"] == ", ".join(("auto", *POWER_READERS))
 
 
 def test_every_registered_back_end_names_a_class_that_exists() -> None:
     """Registries hold "module:Class" strings; a typo would only show when a user picks that back-end."""
-    for registry in (CAMERAS, BUTTONS, MICROPHONES, SPEAKERS, BACKENDS, POWER_READERS):
+    for registry in (CAMERAS, BUTTONS, MICROPHONES, SPEAKERS, BACKENDS, POWER_READERS, RECOGNIZERS, SYNTHESIZERS):
         for name, target in registry.items():
             module, _, cls = target.partition(":")
             source = importlib.util.find_spec(module)

@@ -8,7 +8,7 @@ the cgroup's limit less what the other stages use, the KV cache and the headroom
 release → first audio, decode tokens/s, and per answer the major faults, bytes read from storage and the expert
 hit rate (from the records' ``placement`` meter).
 
-    sudo python tools/bench_placement.py --config bench.yaml --cap-mib 1400 -n 2
+    sudo python tools/bench_placement.py --config bench.yaml --cap-mib 1200 -n 2   # absolute model paths
 
 Needs root and a memory cgroup (v1 or v2). Storage settings matter: say what the disk and its readahead are
 (``blockdev --getra``) when quoting the numbers.
@@ -33,8 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _variant(config: Path, folder: Path, name: str, placement: dict) -> Path:
     data = yaml.safe_load(config.read_text()) or {}
     base = config.resolve().parent
-    for section, key in (("speech", "whisper_model"), ("speech", "piper_voice"), ("vision", "tower"),
-                         ("decoder", "model")):
+    for section, key in (("vision", "tower"), ("decoder", "model")):
         value = data.get(section, {}).get(key)
         if value is not None and not Path(value).is_absolute():
             data[section][key] = str((base / value).resolve())

@@ -31,7 +31,8 @@ class NativeLog:
     """A process-wide native log callback (llama.cpp/ggml's, mtmd's), forwarding whole lines to `logger`.
 
     The callback is global in the native library, so one instance lives for the process. While
-    `capture` is active, error lines are also collected, so a failed load can say why.
+    `capture` is active, error lines are collected instead of logged as errors (they are logged at debug
+    level), so a failed load says why in its own one-line error and nothing else is printed before it.
     """
 
     def __init__(self, logger: logging.Logger) -> None:
@@ -52,10 +53,15 @@ class NativeLog:
                 return  # progress dots and other partial lines wait for their end
             *lines, self._buffer = self._buffer.split("\n")
             lines = [line.rstrip() for line in lines if line.strip()]
+            level_now = self._level
+            reported = False  # taken by a capture of errors, whose caller puts them in its one-line error
             for lowest, capture in self._captures:
                 if self._level >= lowest:
                     capture.extend(lines)
-            level_now = self._level
+                    reported = reported or lowest >= logging.ERROR
+            if reported:
+                # the code that captures them says why in its one-line error: here they are detail (--debug)
+                level_now = logging.DEBUG
         for line in lines:
             self._logger.log(level_now, "%s", line)
 

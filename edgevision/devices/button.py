@@ -15,8 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from edgevision.plugins import load_class
-
 
 @dataclass(frozen=True)
 class Pressed:
@@ -42,19 +40,6 @@ class Button(Protocol):
         """Debounced presses and releases, in order, until `close()`."""
 
     async def close(self) -> None: ...
-
-
-# Button kind → "module:class"; evdev and GPIO libraries are imported only when their kind is chosen.
-BUTTONS: dict[str, str] = {
-    "socket": "edgevision.devices.socket_button:SocketButton",
-    "evdev": "edgevision.devices.evdev_button:EvdevButton",
-    "gpio": "edgevision.devices.gpio_button:GpioButton",
-}
-
-
-def open_button(kind: str, **options: Any) -> Button:
-    """The button of `kind`; options are the back-end's (socket_path, device and key, pin and chip, debounce)."""
-    return load_class(BUTTONS, "devices.button", kind)(**options)
 
 
 class Debouncer:

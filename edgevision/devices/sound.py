@@ -8,9 +8,8 @@ the queue (barge-in: the user pressed while it spoke).
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
-from edgevision.plugins import load_class
 from edgevision.speech.audio import Audio
 
 
@@ -49,23 +48,3 @@ class Speaker(Protocol):
     def close(self) -> None: ...
 
 
-# Kind → "module:class"; sounddevice (PortAudio) is imported only when its kind is chosen.
-MICROPHONES: dict[str, str] = {
-    "sounddevice": "edgevision.devices.portaudio:SounddeviceMicrophone",
-    "wav": "edgevision.devices.wav_devices:WavMicrophone",
-}
-
-SPEAKERS: dict[str, str] = {
-    "sounddevice": "edgevision.devices.portaudio:SounddeviceSpeaker",
-    "wav": "edgevision.devices.wav_devices:WavSpeaker",
-}
-
-
-def open_microphone(kind: str, **options: Any) -> Microphone:
-    """sounddevice: options device (name or index; None = default), max_seconds; wav: files, loop, max_seconds."""
-    return load_class(MICROPHONES, "devices.microphone", kind)(**options)
-
-
-def open_speaker(kind: str, **options: Any) -> Speaker:
-    """sounddevice: options device (name or index; None = default); wav: folder, realtime."""
-    return load_class(SPEAKERS, "devices.speaker", kind)(**options)
