@@ -167,7 +167,8 @@ def e2e(ctx: SuiteContext) -> SuiteResult:
     notes = [f"questions: {', '.join(sorted({r['question'] or '' for r in report.records}))}",
              f"scenes: {', '.join(report.images)}"]
     speech, config = ctx.config.speech, ctx.config
-    models = [speech.whisper_model, speech.piper_voice, config.vision.tower, config.decoder.model]
+    models = [*speech.recognizer.paths().values(), *speech.synthesizer.paths().values(), config.vision.tower,
+              config.decoder.model]
     return SuiteResult(figures, notes, answer=answers, after=after, models=models)
 
 
