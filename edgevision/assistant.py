@@ -6,21 +6,31 @@ questions. It measures every stage; the measurements come back with the answer.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from edgevision.config import Config
 from edgevision.decoder.llama import LlamaDecoder
-from edgevision.decoder.prompt import FORMATS, ChatFormat, build_turn, image_causal_for, run_prompt
+from edgevision.decoder.prompt import (
+    FORMATS,
+    ChatFormat,
+    build_turn,
+    format_for_architecture,
+    image_causal_for,
+    run_prompt,
+)
 from edgevision.errors import InputError, ModelError
 from edgevision.speech.audio import Audio
-from edgevision.speech.recognition import WhisperRecognizer
-from edgevision.speech.synthesis import PiperSynthesizer, split_sentences
+from edgevision.speech.engines import open_recognizer, open_synthesizer
+from edgevision.speech.recognition import Recognizer
+from edgevision.speech.synthesis import Synthesizer, split_sentences
 from edgevision.vision.encoder import VisionEncoder, encode_image, open_encoder
 
 logger = logging.getLogger(__name__)
@@ -99,10 +109,10 @@ class Assistant:
     def __init__(
         self,
         *,
-        recognizer: WhisperRecognizer,
+        recognizer: Recognizer,
         encoder: VisionEncoder,
         decoder: LlamaDecoder,
-        synthesizer: PiperSynthesizer | None,
+        synthesizer: Synthesizer | None,
         system_prompt: str,
         max_answer_tokens: int,
         temperature: float = 0.0,
@@ -125,24 +135,11 @@ class Assistant:
         """Load every stage named by the config; on failure, what was loaded is closed again."""
         from edgevision.registry import verify_registered
 
-        verify_registered(
-            {
-                "speech.whisper_model": config.speech.whisper_model,
-                "vision.tower": config.vision.tower,
-                "decoder.model": config.decoder.model,
-                **({"speech.piper_voice": config.speech.piper_voice} if speak else {}),
-            }
-        )
+        verify_registered(_model_paths(config, speak=speak))
         clock = _Clock()
         with ExitStack() as stack:
-            recognizer = stack.enter_context(
-                WhisperRecognizer(
-                    config.speech.whisper_model,
-                    language=config.speech.language,
-                    beam_size=config.speech.beam_size,
-                    cpu_threads=config.speech.whisper_threads,
-                )
-            )
+            recognizer = open_recognizer(config.speech.recognizer)
+            stack.callback(recognizer.close)
             clock.lap("recognizer")
             encoder = open_encoder(config.vision.backend, config.vision.tower, threads=config.vision.threads)
             stack.callback(encoder.close)
@@ -153,15 +150,15 @@ class Assistant:
                     n_ctx=config.decoder.n_ctx,
                     n_threads=config.decoder.n_threads,
                     seed=config.decoder.seed,
+                    extra_buffer_types=config.decoder.extra_buffer_types,
                 )
             )
             check_pairing(encoder, decoder, config.vision.tower)
             clock.lap("decoder")
             synthesizer = None
             if speak:
-                synthesizer = stack.enter_context(
-                    PiperSynthesizer(config.speech.piper_voice, length_scale=config.speech.length_scale)
-                )
+                synthesizer = open_synthesizer(config.speech.synthesizer)
+                stack.callback(synthesizer.close)
                 clock.lap("synthesizer")
             assistant = cls(
                 recognizer=recognizer,
@@ -352,13 +349,29 @@ def chat_format_of(decoder: LlamaDecoder, name: str = "auto") -> ChatFormat:
     """The chat layout for the decoder: `name`, or with "auto" the one of its GGUF architecture."""
     if name == "auto":
         architecture = decoder.meta("general.architecture") or "unknown"
-        if architecture not in ("gemma3", "gemma4"):
+        fmt = format_for_architecture(architecture)
+        if fmt is None:
             raise ModelError(
                 f"decoder {decoder.path.name} is a {architecture!r} model, whose prompt layout edgevision cannot "
                 f"tell; set decoder.chat_format to one of {', '.join(sorted(FORMATS))}"
             )
-        name = architecture
+        return image_causal_for(fmt, decoder.n_embd)
     return image_causal_for(FORMATS[name], decoder.n_embd)
+
+
+def _model_paths(config: Config, *, speak: bool) -> dict[str, Path]:
+    """The model files the config names, by setting: the tower, the decoder, and the chosen speech engines'
+    files (each engine declares its own settings; every path among them is a model)."""
+    paths: dict[str, Path] = {"vision.tower": config.vision.tower, "decoder.model": config.decoder.model}
+    engines = [("speech.recognizer", config.speech.recognizer)]
+    if speak:
+        engines.append(("speech.synthesizer", config.speech.synthesizer))
+    for key, choice in engines:
+        for f in dataclasses.fields(choice.options):
+            value = getattr(choice.options, f.name)
+            if isinstance(value, Path):
+                paths[f"{key}.{f.name}"] = value
+    return paths
 
 
 def check_pairing(encoder: VisionEncoder, decoder: LlamaDecoder, tower_path) -> None:

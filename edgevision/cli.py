@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import sys
 import threading
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from edgevision import __version__
 from edgevision.errors import EdgevisionError
+from edgevision.logs import configure_logging
 
 logger = logging.getLogger("edgevision")
 
@@ -30,25 +30,6 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-_CHATTY_LOGGERS = {
-    "edgevision.decoder.native": logging.ERROR,
-    "edgevision.vision.mtmd.native": logging.ERROR,
-    "faster_whisper": logging.WARNING,
-}
-
-
-def _configure_logging(level: str, debug: bool) -> None:
-    # Under systemd journald adds the timestamps; elsewhere a short time helps.
-    under_systemd = "INVOCATION_ID" in os.environ
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    level_no = logging.DEBUG if debug else getattr(logging, level.upper())
-    logging.basicConfig(level=level_no, format=fmt, stream=sys.stderr, force=True)
-    # Libraries narrate their work (llama.cpp's loader warns about quirks of the bundled models it fixes
-    # itself; faster-whisper logs every utterance): a user sees them with --debug only.
-    for name, quiet in _CHATTY_LOGGERS.items():
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else max(level_no, quiet))
-
-
 def _cmd_ask(args: argparse.Namespace) -> int:
     from edgevision.assistant import Assistant, check_question
     from edgevision.config import find_config, load_config
@@ -60,7 +41,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     question = check_question(args.question) if args.question is not None else None
     out = check_output(args.out, what="--out") if args.out is not None else None
     config = load_config(find_config(args.config))
-    _configure_logging(config.logging.level, args.debug)
+    configure_logging(config.logging.level, args.debug)
     image = load_image(args.image) if args.image else _camera_frame(config)
     audio = read_wav(args.audio) if args.audio else None
     speak = out is not None
@@ -85,8 +66,9 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _camera_frame(config):
-    """One frame from the camera the config names (devices.camera, devices.camera_source)."""
-    from edgevision.devices.camera import open_configured_camera, take_frame
+    """One frame from the camera the config names (devices.camera)."""
+    from edgevision.devices.backends import open_configured_camera
+    from edgevision.devices.camera import take_frame
 
     camera = open_configured_camera(config.devices)
     try:
@@ -208,7 +190,7 @@ def _raise_terminated(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging("warning", args.debug)
+    configure_logging("warning", args.debug)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)  # the daemon's event loop installs its own
     try:

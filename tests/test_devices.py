@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edgevision.devices.backends import open_camera, open_microphone, open_speaker
 from edgevision.devices.button import Debouncer, Pressed, Released
-from edgevision.devices.camera import open_camera
 from edgevision.devices.socket_button import SocketButton, send_button
-from edgevision.devices.sound import open_microphone, open_speaker
 from edgevision.errors import ConfigError, DeviceError
 from edgevision.speech.audio import Audio, read_wav, write_wav
 
@@ -208,7 +207,7 @@ def test_evdev_button_through_a_virtual_input_device():
     if not os.access("/dev/uinput", os.W_OK):
         pytest.skip("/dev/uinput is not usable here (no uinput module or no access), so no virtual key can be made")
     evdev = pytest.importorskip("evdev", reason="python-evdev is not installed (pip install edgevision[evdev])")
-    from edgevision.devices.button import open_button
+    from edgevision.devices.backends import open_button
 
     ui = evdev.UInput({evdev.ecodes.EV_KEY: [evdev.ecodes.KEY_F13]}, name="edgevision-test-button")
     try:
@@ -251,7 +250,7 @@ def test_csi_camera_through_gstreamer_on_the_board():
 def test_gpio_button_on_the_board():
     """Opens the configured pin and, with the button untouched, reports nothing (no floating input)."""
     pytest.importorskip("Jetson.GPIO", reason="Jetson.GPIO is board-only: run this on the Jetson")
-    from edgevision.devices.button import open_button
+    from edgevision.devices.backends import open_button
 
     async def scenario() -> list:
         button = open_button("gpio", pin=int(os.environ.get("EDGEVISION_TEST_PIN", "7")))
@@ -278,7 +277,7 @@ def test_wav_microphone_plays_one_file_per_press_at_16_khz(tmp_path: Path):
     folder.mkdir()
     write_wav(folder / "01.wav", _tone(0.5, 22050))
     write_wav(folder / "02.wav", _tone(3.0, 8000))
-    mic = open_microphone("wav", device=str(folder), max_seconds=2.0)
+    mic = open_microphone("wav", source=str(folder), max_seconds=2.0)
     assert mic.next_duration == pytest.approx(0.5)
     mic.start()
     first = mic.stop()
@@ -296,7 +295,7 @@ def test_wav_microphone_plays_one_file_per_press_at_16_khz(tmp_path: Path):
 
 
 def test_wav_speaker_plays_in_order_and_stop_is_immediate(tmp_path: Path):
-    speaker = open_speaker("wav", device=str(tmp_path / "out"), realtime=True)
+    speaker = open_speaker("wav", folder=str(tmp_path / "out"), realtime=True)
     try:
         speaker.play(_tone(0.2, 16000, 300))
         speaker.play(_tone(0.3, 22050, 500))
@@ -331,7 +330,7 @@ _SOUND_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     import numpy as np
-    from edgevision.devices.sound import open_microphone, open_speaker
+    from edgevision.devices.backends import open_microphone, open_speaker
     from edgevision.speech.audio import Audio
 
     def until(check, timeout=20):

@@ -87,8 +87,8 @@ class Case:
 def config_text(tmp: Path, **overrides: dict) -> str:
     """A valid config naming the provisioned models (absolute paths), with sections overridden."""
     sections = {
-        "speech": {"whisper_model": str(MODELS / "whisper-tiny.en"),
-                   "piper_voice": str(MODELS / "piper" / "en_US-joe-medium.onnx")},
+        "speech": {"recognizer": {"kind": "whisper", "model": str(MODELS / "whisper-tiny.en")},
+                   "synthesizer": {"kind": "piper", "voice": str(MODELS / "piper" / "en_US-joe-medium.onnx")}},
         "vision": {"tower": str(MODELS / "synthetic" / "tower-gemma3-270m.onnx"), "threads": 1},
         "decoder": {"model": str(MODELS / "gemma-3-270m-q4_k_m.gguf"), "n_threads": 1, "max_answer_tokens": 8},
         "logging": {"level": "warning"},

@@ -20,10 +20,9 @@ logger = logging.getLogger(__name__)
 def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
     """Open the devices and load the models the config names; on failure, what was opened is closed again."""
     from edgevision.assistant import Assistant
-    from edgevision.devices.button import open_button
-    from edgevision.devices.camera import open_configured_camera
+    from edgevision.devices.backends import BUTTONS, MICROPHONES, SPEAKERS, open_configured_camera
     from edgevision.devices.socket_button import SocketButton
-    from edgevision.devices.sound import open_microphone, open_speaker
+    from edgevision.plugins import open_chosen
     from edgevision.telemetry.log import InteractionLog
     from edgevision.telemetry.memory import MemoryMeter
     from edgevision.telemetry.power import EnergyMeter, open_power_reader
@@ -35,26 +34,15 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
         # The control socket serves `edgevision status`, and press/release, whatever the button is.
         control = SocketButton(devices.control_socket, debounce=debounce)
         buttons: list[Any] = [control]
-        if devices.button != "socket":
-            options = {
-                "evdev": {"device": devices.button_device, "key": devices.button_key},
-                "gpio": {"pin": devices.button_pin, "chip": devices.button_chip,
-                         "active_low": devices.button_active_low},
-            }[devices.button]
-            buttons.append(open_button(devices.button, debounce=debounce, **options))
+        if devices.button.kind != "socket":  # the socket is always there; another kind is a second button
+            buttons.append(open_chosen(BUTTONS, "devices.button", devices.button, debounce=debounce))
         camera = open_configured_camera(devices)
         stack.callback(camera.close)
-        microphone = open_microphone(
-            devices.microphone,
-            **({"device": devices.microphone_device or None} if devices.microphone == "sounddevice"
-               else {"device": devices.microphone_device, "loop": True}),
-            max_seconds=config.daemon.max_recording_s + 1,
+        microphone = open_chosen(
+            MICROPHONES, "devices.microphone", devices.microphone, max_seconds=config.daemon.max_recording_s + 1
         )
         stack.callback(microphone.close)
-        speaker_options: dict[str, Any] = {"device": devices.speaker_device or None}
-        if devices.speaker == "wav":
-            speaker_options["realtime"] = devices.speaker_realtime
-        speaker = open_speaker(devices.speaker, **speaker_options)
+        speaker = open_chosen(SPEAKERS, "devices.speaker", devices.speaker)
         stack.callback(speaker.close)
 
         log = InteractionLog(telemetry.log_path, max_bytes=int(telemetry.log_max_mb * 2**20),
@@ -94,8 +82,14 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
 def model_names(config: Config) -> dict[str, str]:
     """The loaded models, for `edgevision status`."""
     return {
-        "recognizer": Path(config.speech.whisper_model).name,
+        "recognizer": _model_name(config.speech.recognizer),
         "vision": Path(config.vision.tower).name,
         "decoder": Path(config.decoder.model).name,
-        "voice": Path(config.speech.piper_voice).name,
+        "voice": _model_name(config.speech.synthesizer),
     }
+
+
+def _model_name(choice: Any) -> str:
+    """The file or folder an engine's first path setting names ("whisper-tiny.en"), else its kind."""
+    paths = [value for value in vars(choice.options).values() if isinstance(value, Path)]
+    return paths[0].name if paths else choice.kind

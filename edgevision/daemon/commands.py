@@ -63,13 +63,13 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgevision.cli import _configure_logging
     from edgevision.config import find_config, load_config
     from edgevision.daemon.build import build_daemon
     from edgevision.daemon.notify import Notifier
+    from edgevision.logs import configure_logging
 
     config = load_config(find_config(args.config))
-    _configure_logging(config.logging.level, args.debug)
+    configure_logging(config.logging.level, args.debug)
     notifier = Notifier()
     daemon = build_daemon(config, notifier=notifier)
 
@@ -115,13 +115,13 @@ def _cmd_button(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_e2e(args: argparse.Namespace) -> int:
-    from edgevision.cli import _configure_logging
     from edgevision.config import find_config, load_config
     from edgevision.daemon.bench import run_e2e
     from edgevision.errors import EdgevisionError
+    from edgevision.logs import configure_logging
 
     config = load_config(find_config(args.config))
-    _configure_logging("warning", args.debug)
+    configure_logging("warning", args.debug)
     if args.pause < 0:
         raise EdgevisionError("bench e2e: --pause must be 0 or more seconds")
     report = run_e2e(config, n=args.interactions, images=args.image, pause=args.pause)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgevision.decoder.native import llama_cpp_library, native_log_capture
+from edgevision.decoder.native import llama_cpp_library, native_log_capture, weight_buffers
 from edgevision.errors import EdgevisionError, InputError, ModelError
 
 if TYPE_CHECKING:
@@ -121,6 +121,11 @@ class LlamaDecoder:
         tensor_overrides: ``(regex, buffer type)`` pairs placing matching weights in that buffer type (llama.cpp's
             ``tensor_buft_overrides``, e.g. ``[("^blk[.](0|1)[.].*_exps", "CPU")]`` keeps two layers' experts
             in system RAM on a CUDA build); see `edgevision.moe.buft`.
+        extra_buffer_types: let llama.cpp's CPU back-end copy weights into its extra buffer types (``AMX`` on
+            x86 with AMX, ``CPU_REPACK`` for Q4_0 on AVX2 and Arm dot-product CPUs, ...). Off by default: the AMX
+            buffer type crashes on some hosts, and repacked weights leave the file mapping, so expert
+            residency (pinning, prefetch, the page cache) no longer manages them. `weight_buffers` says where
+            the weights went.
 
     Raises:
         ModelError: the file is missing, not GGUF, corrupt or of an unsupported architecture.
@@ -141,6 +146,7 @@ class LlamaDecoder:
         swa_full: bool = True,
         n_gpu_layers: int | None = None,
         tensor_overrides: Sequence[tuple[str, str]] = (),
+        extra_buffer_types: bool = False,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx and n_batch must be positive, got n_ctx={n_ctx} n_batch={n_batch}")
@@ -155,7 +161,7 @@ class LlamaDecoder:
         self._has_logits = False
         self._stack = ExitStack()
         try:
-            self._model = self._load_model(use_mmap, use_mlock, n_gpu_layers, tensor_overrides)
+            self._model = self._load_model(use_mmap, use_mlock, n_gpu_layers, tensor_overrides, extra_buffer_types)
             self._stack.callback(ll.llama_model_free, self._model)
             self._vocab = ll.llama_model_get_vocab(self._model)
             if not self._vocab:
@@ -183,7 +189,12 @@ class LlamaDecoder:
     # -- construction -----------------------------------------------------------------------------
 
     def _load_model(
-        self, use_mmap: bool, use_mlock: bool, n_gpu_layers: int | None, tensor_overrides: Sequence[tuple[str, str]]
+        self,
+        use_mmap: bool,
+        use_mlock: bool,
+        n_gpu_layers: int | None,
+        tensor_overrides: Sequence[tuple[str, str]],
+        extra_buffer_types: bool,
     ) -> int:
         ll = self._ll
         params = ll.llama_model_default_params()
@@ -193,6 +204,7 @@ class LlamaDecoder:
             (True, False): ll.LLAMA_LOAD_MODE_MMAP,
             (False, False): ll.LLAMA_LOAD_MODE_NONE,
         }[(use_mmap, use_mlock)]
+        params.use_extra_bufts = extra_buffer_types
         if n_gpu_layers is not None:
             params.n_gpu_layers = n_gpu_layers
         if tensor_overrides:
@@ -200,8 +212,10 @@ class LlamaDecoder:
 
             self._overrides = TensorOverrides(tensor_overrides)  # must outlive the model
             params.tensor_buft_overrides = self._overrides.address
-        with native_log_capture() as problems:
+        with native_log_capture() as problems, native_log_capture(logging.DEBUG) as load_log:
             model = ll.llama_model_load_from_file(os.fsencode(self.path), params)
+        #: where llama.cpp put the weights, MiB per buffer type (``{"CPU_Mapped": 241.6}``); see `weight_buffers`
+        self.weight_buffers = weight_buffers(load_log)
         if not model:
             reason = "; ".join(problems[:2]) or "no reason given"
             raise ModelError(

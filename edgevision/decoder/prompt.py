@@ -76,6 +76,8 @@ class ChatFormat:
     image_end: str = ""
     image_causal: bool = True
     answer_prefix: str = ""  # opens the model's answer after its role line (e.g. an empty thought channel)
+    architectures: tuple[str, ...] = ()  # GGUF general.architecture values that `chat_format: auto` maps here
+    causal_image_widths: tuple[int, ...] = ()  # decoder widths (n_embd) whose images attend causally after all
 
 
 # Markers around the image follow Gemma 3's processor: "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n";
@@ -88,6 +90,7 @@ GEMMA3 = ChatFormat(
     image_start="\n\n<start_of_image>",
     image_end="<end_of_image>\n\n",
     image_causal=False,
+    architectures=("gemma3",),
 )
 
 # Gemma 4: a real system role, <|turn>/<turn|> markers and an empty thought channel when thinking is off
@@ -106,6 +109,8 @@ GEMMA4 = ChatFormat(
     image_end="<image|>",
     image_causal=False,
     answer_prefix="<|channel>thought\n<channel|>",
+    architectures=("gemma4",),
+    causal_image_widths=(1536, 2560),  # E2B, E4B
 )
 
 # LLaVA-1.5 (vicuna_v1 layout) and the MoE-LLaVA / LLaVA-GM models built on it: the image's rows replace
@@ -124,12 +129,19 @@ LLAVA = ChatFormat(
     image_causal=True,
 )
 
+# The chat layouts `decoder.chat_format` can name. A new layout is one ChatFormat and one entry here; with
+# `architectures` set, `chat_format: auto` picks it for those GGUF architectures.
 FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4, LLAVA)}
+
+
+def format_for_architecture(architecture: str) -> ChatFormat | None:
+    """The registered layout that claims this GGUF architecture, if one does."""
+    return next((fmt for fmt in FORMATS.values() if architecture in fmt.architectures), None)
 
 
 def image_causal_for(fmt: ChatFormat, n_embd: int) -> ChatFormat:
     """`fmt` with the image attention mtmd uses for a decoder of width `n_embd` (Gemma 4 E2B/E4B: causal)."""
-    if fmt.name == "gemma4" and n_embd in (1536, 2560):
+    if n_embd in fmt.causal_image_widths:
         return dataclasses.replace(fmt, image_causal=True)
     return fmt
 

@@ -146,7 +146,8 @@ def _snapshot_format(path: Path) -> str:
 
 def _snapshot(args: argparse.Namespace, image_format: str) -> str:
     from edgevision.config import find_config, load_config
-    from edgevision.devices.camera import open_configured_camera, take_frame
+    from edgevision.devices.backends import open_configured_camera
+    from edgevision.devices.camera import take_frame
     from edgevision.files import atomic_write
 
     devices = load_config(find_config(args.config)).devices
@@ -157,7 +158,7 @@ def _snapshot(args: argparse.Namespace, image_format: str) -> str:
         camera.close()
     with atomic_write(args.snapshot) as file:
         frame.image.save(file, format=image_format)
-    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera} {devices.camera_source})"
+    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera.kind} {getattr(devices.camera.options, 'source', '')})"
 
 
 def render(found: dict[str, Any]) -> str:

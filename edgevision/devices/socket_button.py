@@ -16,6 +16,7 @@ import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from edgevision.devices.button import CLOSED, ButtonEvent, debounced
@@ -30,6 +31,10 @@ Command = Callable[[str], "str | Awaitable[str]"]  # the rest of the line → th
 
 class SocketButton:
     """A button pressed through a local Unix socket; also serves extra commands given in `commands`."""
+
+    @dataclass(frozen=True)
+    class Settings:
+        """only the control socket (edgevision press / release), which every kind also serves"""
 
     def __init__(
         self,
