@@ -6,13 +6,11 @@ questions. It measures every stage; the measurements come back with the answer.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -135,7 +133,16 @@ class Assistant:
         """Load every stage named by the config; on failure, what was loaded is closed again."""
         from edgevision.registry import verify_registered
 
-        verify_registered(_model_paths(config, speak=speak))
+        recognizer_paths = {f"speech.recognizer.{k}": v for k, v in config.speech.recognizer.paths().items()}
+        voice_paths = {f"speech.synthesizer.{k}": v for k, v in config.speech.synthesizer.paths().items()}
+        verify_registered(
+            {
+                **recognizer_paths,
+                "vision.tower": config.vision.tower,
+                "decoder.model": config.decoder.model,
+                **(voice_paths if speak else {}),
+            }
+        )
         clock = _Clock()
         with ExitStack() as stack:
             recognizer = open_recognizer(config.speech.recognizer)
@@ -357,21 +364,6 @@ def chat_format_of(decoder: LlamaDecoder, name: str = "auto") -> ChatFormat:
             )
         return image_causal_for(fmt, decoder.n_embd)
     return image_causal_for(FORMATS[name], decoder.n_embd)
-
-
-def _model_paths(config: Config, *, speak: bool) -> dict[str, Path]:
-    """The model files the config names, by setting: the tower, the decoder, and the chosen speech engines'
-    files (each engine declares its own settings; every path among them is a model)."""
-    paths: dict[str, Path] = {"vision.tower": config.vision.tower, "decoder.model": config.decoder.model}
-    engines = [("speech.recognizer", config.speech.recognizer)]
-    if speak:
-        engines.append(("speech.synthesizer", config.speech.synthesizer))
-    for key, choice in engines:
-        for f in dataclasses.fields(choice.options):
-            value = getattr(choice.options, f.name)
-            if isinstance(value, Path):
-                paths[f"{key}.{f.name}"] = value
-    return paths
 
 
 def check_pairing(encoder: VisionEncoder, decoder: LlamaDecoder, tower_path) -> None:

@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgevision.vision.commands",
     "edgevision.devices.commands",
     "edgevision.telemetry.commands",
+    "edgevision.bench.commands",
 )
 
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except EdgevisionError as exc:
         print(f"edgevision: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("edgevision: interrupted", file=sys.stderr)
         return 130

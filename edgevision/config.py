@@ -154,6 +154,13 @@ class DevicesSettings:
     )
     microphone: Choice = kinds(settings_of(MICROPHONES, "devices.microphone"), "sounddevice", "The microphone.")
     speaker: Choice = kinds(settings_of(SPEAKERS, "devices.speaker"), "sounddevice", "The speaker.")
+    wait_s: float = setting(
+        120.0,
+        "At start-up, how long to wait (retrying with backoff) for a microphone or speaker that is not there yet "
+        "before exiting with status 3 for systemd to start again.",
+        min=0,
+        max=3600,
+    )
 
     # the flat settings of earlier versions: where each one is written now
     MOVED: ClassVar[dict[str, str]] = {

@@ -29,9 +29,11 @@ from typing import Any, Literal
 import yaml
 
 from edgevision.errors import ConfigError
+from edgevision.schema_words import _describe_node, _expectation, _num, _range_words, _show, _tag_word, _yaml_text
 
 MODELS_FIX = "run 'make models', or register your model with 'edgevision models register'"
 
+_KINDS = "edgevision.kinds"
 # A config file is a page of settings: anything much larger, or nested deeper, is not one of ours.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_DEPTH = 16
@@ -39,7 +41,6 @@ MAX_CONFIG_DEPTH = 16
 # Folders a path that edgevision writes (a log, captures) may never be in, even through symbolic links.
 SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
 
-_KINDS = "edgevision.kinds"
 _META = "edgevision"
 
 
@@ -97,6 +98,10 @@ class Choice:
 
     kind: str
     options: Any
+
+    def paths(self) -> dict[str, Path]:
+        """The back-end's path settings by name (a model file or folder), for checks and status lines."""
+        return {name: value for name, value in vars(self.options).items() if isinstance(value, Path)}
 
 
 @dataclass(frozen=True)
@@ -237,10 +242,6 @@ def _kind_spec(meta: KindsMeta) -> _Spec:
 def kinds_described(meta: KindsMeta) -> str:
     """"opencv: a live camera ...; image: a still photo ..." from each kind's settings docstring."""
     return "; ".join(f"{kind}: {_first_line(cls.__doc__)}" for kind, cls in meta.kinds.items())
-
-
-def _num(x: float) -> str:
-    return str(x)
 
 
 def _first_line(doc: str | None) -> str:
@@ -552,74 +553,6 @@ def _is_str(node: yaml.Node) -> bool:
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-def _describe_node(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return f"{_tag_word(node.tag.rsplit(':', 1)[-1])} {_show(node)}"
-
-
-def _tag_word(tag: str) -> str:
-    return {
-        "int": "a whole number",
-        "float": "a number",
-        "bool": "a boolean",
-        "null": "empty",
-        "str": "text",
-        "timestamp": "a date",
-        "binary": "binary data",
-    }.get(tag, f"a {tag}")
-
-
-def _show(node: yaml.Node) -> str:
-    raw = str(node.value)
-    if len(raw) > 60:
-        raw = raw[:57] + "..."
-    return f"'{raw}'" if node.tag.endswith(":str") else raw
-
-
-def _yaml_text(value: Any) -> str:
-    if isinstance(value, Path):
-        value = str(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).split("\n...")[0].strip()
-
-
-def _range_words(lo: float | None, hi: float | None) -> str:
-    if lo is not None and hi is not None:
-        return f"a value between {_num(lo)} and {_num(hi)}"
-    if lo is not None:
-        return f"a value of {_num(lo)} or more"
-    if hi is not None:
-        return f"a value of {_num(hi)} or less"
-    return "a number"
-
-
-def _expectation(spec: _Spec) -> str:
-    assert spec.meta is not None
-    match spec.kind:
-        case "int":
-            return "a whole number" + _range_tail(spec)
-        case "float":
-            return "a number" + _range_tail(spec)
-        case "bool":
-            return "true or false"
-        case "choice":
-            return "one of: " + ", ".join(spec.choices)
-        case "path":
-            return "the path of a " + ("file" if spec.meta.path == "file" else "directory")
-        case _:
-            return "some text"
-
-
-def _range_tail(spec: _Spec) -> str:
-    assert spec.meta is not None
-    lo, hi = spec.meta.min, spec.meta.max
-    if lo is None and hi is None:
-        return ""
-    return " (" + _range_words(lo, hi).removeprefix("a value ").removeprefix("of ") + ")"
 
 
 def check_declarations(root: type) -> None:

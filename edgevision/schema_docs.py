@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from edgevision.schema import _first_line, _leaves, _num, _Spec, _specs, kinds_described
+from edgevision.schema import _first_line, _leaves, _Spec, _specs, kinds_described
+from edgevision.schema_words import _num
 
 # --- describing the settings --------------------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """The package's modules import each other without cycles, counting imports inside functions and the back-ends
-that registries and the command list name as strings (loaded with importlib)."""
+that registries and the command list name as strings (loaded with importlib); imports for type checkers only
+(`if TYPE_CHECKING:`) do not run, so they do not count."""
 
 from __future__ import annotations
 
@@ -24,7 +25,17 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in modules.items():
         targets: set[str] = set()
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        typing_only = {  # `if TYPE_CHECKING:` blocks import nothing when the program runs
+            id(inner)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for stmt in block.body
+            for inner in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):

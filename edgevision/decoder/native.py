@@ -54,12 +54,14 @@ class NativeLog:
             *lines, self._buffer = self._buffer.split("\n")
             lines = [line.rstrip() for line in lines if line.strip()]
             level_now = self._level
+            reported = False  # taken by a capture of errors, whose caller puts them in its one-line error
             for lowest, capture in self._captures:
                 if self._level >= lowest:
                     capture.extend(lines)
-                    if self._level >= logging.ERROR:
-                        # the code that captures them says why in its one-line error: here they are detail
-                        level_now = logging.DEBUG
+                    reported = reported or lowest >= logging.ERROR
+            if reported:
+                # the code that captures them says why in its one-line error: here they are detail (--debug)
+                level_now = logging.DEBUG
         for line in lines:
             self._logger.log(level_now, "%s", line)
 

@@ -158,7 +158,8 @@ def _snapshot(args: argparse.Namespace, image_format: str) -> str:
         camera.close()
     with atomic_write(args.snapshot) as file:
         frame.image.save(file, format=image_format)
-    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera.kind} {getattr(devices.camera.options, 'source', '')})"
+    source = getattr(devices.camera.options, "source", "")
+    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera.kind} {source})"
 
 
 def render(found: dict[str, Any]) -> str:

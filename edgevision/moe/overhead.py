@@ -25,23 +25,34 @@ def _no_nodes(_tensor: int, _ask: bool) -> bool:
     return False
 
 
-def bench_router(decoder_path: Path, *, tokens: int = 64, repeats: int = 5, n_threads: int = 1) -> str:
-    """Run the benchmark and return its table.
+def measure_router(
+    decoder_path: Path,
+    *,
+    tokens: int = 64,
+    repeats: int = 5,
+    n_threads: int = 1,
+    variants: tuple[str, ...] = ("plain", "callback", "observer"),
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Per variant, one (prefill tok/s, decode tok/s, CPU s per decoded token) per repeat, interleaved.
 
-    Wall-clock speed is what a user sees, but on a shared machine it swings with other load; CPU time per
-    token (the process's, so worker threads count too) is steadier, and is what the overhead column uses.
+    Raises AssertionError if the observer changed the generated text (it only reads; that would be a bug).
     """
+    return _measure(decoder_path, tokens, repeats, n_threads, variants)[0]
+
+
+def _measure(decoder_path: Path, tokens: int, repeats: int, n_threads: int, wanted: tuple[str, ...]) -> tuple:
     from edgevision.decoder.llama import LlamaDecoder
 
     observer = RouterObserver.for_model(decoder_path)
-    variants = {"plain": None, "callback": _no_nodes, "observer": observer}
+    variants = {name: cb for name, cb in {"plain": None, "callback": _no_nodes, "observer": observer}.items()
+                if name in wanted}
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     with ExitStack() as stack:
         decoders = {
             name: stack.enter_context(LlamaDecoder(decoder_path, n_ctx=512, n_threads=n_threads, cb_eval=cb))
             for name, cb in variants.items()
         }
-        prompt = decoders["plain"].tokenize(PROMPT)
+        prompt = next(iter(decoders.values())).tokenize(PROMPT)
         texts = {}
         for repeat in range(repeats + 1):  # the first round warms up and is not counted
             for name, decoder in decoders.items():
@@ -57,7 +68,18 @@ def bench_router(decoder_path: Path, *, tokens: int = 64, repeats: int = 5, n_th
                     n = tokens - 1  # the first token comes from the prefill's logits
                     runs[name].append((len(prompt) / (middle - start), n / (end - middle), (cpu_end - cpu_start) / n))
     if len(set(texts.values())) != 1:
-        raise AssertionError("the observer changed the generated text")  # it only reads; this would be a bug
+        raise AssertionError("the observer changed the generated text")
+    return runs, observer, prompt
+
+
+def bench_router(decoder_path: Path, *, tokens: int = 64, repeats: int = 5, n_threads: int = 1) -> str:
+    """Run the benchmark and return its table.
+
+    Wall-clock speed is what a user sees, but on a shared machine it swings with other load; CPU time per
+    token (the process's, so worker threads count too) is steadier, and is what the overhead column uses.
+    """
+    variants = ("plain", "callback", "observer")
+    runs, observer, prompt = _measure(decoder_path, tokens, repeats, n_threads, variants)
 
     def median(name: str, i: int) -> float:
         return statistics.median(run[i] for run in runs[name])
