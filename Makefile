@@ -5,6 +5,7 @@
 #   make engines - on the board: build TensorRT plans from the ONNX towers in engines/ (PRECISION=int8 for INT8)
 #   make bench-e2e - spoken questions through the daemon: overlapped vs sequential, release → first audio
 #   make bench-board HOST=user@jetson - the benchmark suites on a board over SSH: results folder and report
+#   make lint   - ruff check, ruff format --check and mypy (CI runs it before the tests)
 #   sudo make install   - the daemon as a systemd service (user edgevision, /opt/edgevision, /etc/edgevision)
 #   sudo make uninstall - remove the service and /opt/edgevision (keeps config, models, logs and the user)
 SHELL := /bin/bash
@@ -89,6 +90,8 @@ $(BENCH_MOE): tools/make_synthetic.py | $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgevision tools tests
+	$(BIN)/ruff format --check edgevision tools tests
+	$(BIN)/mypy edgevision
 
 bench-e2e: models
 	$(EDGEVISION) bench e2e --config $(CONFIG)

@@ -113,7 +113,8 @@ def board_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("the models are not provisioned: run 'make models'")
     path = tmp_path_factory.mktemp("board-config") / "edgevision.yaml"
     path.write_text(
-        f"speech:\n  whisper_model: {models / 'whisper-tiny.en'}\n  piper_voice: {models / 'piper/en_US-joe-medium.onnx'}\n"
+        f"speech:\n  recognizer: {{kind: whisper, model: {models / 'whisper-tiny.en'}}}\n"
+        f"  synthesizer: {{kind: piper, voice: {models / 'piper/en_US-joe-medium.onnx'}}}\n"
         f"vision:\n  tower: {models / 'synthetic/tower-gemma3-270m.onnx'}\n"
         f"decoder:\n  model: {models / 'gemma-3-270m-q4_k_m.gguf'}\n  n_ctx: 1024\n  max_answer_tokens: 6\n"
         "telemetry:\n  power_reader: none\n",
