@@ -46,8 +46,13 @@ def _tool(name: str):
 
 def _cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "edgevision", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-        check=False, env=env,
+        [sys.executable, "-m", "edgevision", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
     )
 
 
@@ -185,8 +190,14 @@ def test_a_failed_replan_is_logged_and_retried_after_a_back_off_and_gpu_layers_a
     layout = ExpertLayout(Path("m.gguf"), 10**6, 3, 4, 2, tensors, 1000)
     pinner = _FlakyPinner()
     online = OnlineResidency(
-        layout, pinner, np.ones((3, 4)), ram_budget=1000 + 3 * 100, gpu_budget=400, replan_every=1,
-        backoff=(30.0, 60.0), prior_tokens=1e-3,
+        layout,
+        pinner,
+        np.ones((3, 4)),
+        ram_budget=1000 + 3 * 100,
+        gpu_budget=400,
+        replan_every=1,
+        backoff=(30.0, 60.0),
+        prior_tokens=1e-3,
     )
     with online:
         online.start()
@@ -267,8 +278,12 @@ def moe_q8(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_locking_under_a_small_rlimit_memlock_fails_in_one_line_and_leaves_nothing_locked(moe_q8: Path):
     limit = 64 * 1024
     proc = subprocess.run(
-        [sys.executable, "-c", _LOCK_SCRIPT, str(moe_q8), str(limit)], capture_output=True, text=True, timeout=120,
-        cwd=ROOT, check=False,
+        [sys.executable, "-c", _LOCK_SCRIPT, str(moe_q8), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -345,9 +360,15 @@ def test_edgevision_run_with_a_placement_shows_it_in_status_and_in_every_record(
     )
     env = {k: v for k, v in os.environ.items() if k not in ("EDGEVISION_CONFIG", "INVOCATION_ID", "NOTIFY_SOCKET")}
     with open(tmp_path / "stderr", "w+") as stderr:
-        daemon = subprocess.Popen([sys.executable, "-m", "edgevision", "run", "--config", str(config)], env=env,
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edgevision", "run", "--config", str(config)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         try:
+
             def status() -> dict:
                 proc = _cli("status", "--json", "--socket", str(control), env=env, timeout=30)
                 assert proc.returncode == 0, proc.stderr
@@ -399,8 +420,18 @@ def test_plan_measures_what_prune_to_fit_costs_on_held_out_questions_with_images
 
     layout = read_layout(model)
     budget = layout.other_bytes + 12 * 4 * layout.expert_bytes(0)  # room for 12 of 32 experts in each of 4 layers
-    proc = _cli("plan", str(model), "--ram", str(budget), "--measure", str(ROOT / "calibration"), "--tower",
-                str(tower), "--threads", "1")
+    proc = _cli(
+        "plan",
+        str(model),
+        "--ram",
+        str(budget),
+        "--measure",
+        str(ROOT / "calibration"),
+        "--tower",
+        str(tower),
+        "--threads",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "prune-to-fit: keep 12 of 32 experts per layer" in proc.stdout
     line = next(line for line in proc.stdout.splitlines() if line.startswith("prune-to-fit measured (keep 12"))

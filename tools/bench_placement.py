@@ -53,15 +53,33 @@ def _run(config: Path, cap: int, n: int, out: Path, label: str) -> list[dict]:
     with MemoryCgroup.create(f"ev-placement-{label}-{os.getpid()}", cap) as cgroup:
         cgroup.reset_peak()
         proc = subprocess.run(
-            [sys.executable, "-m", "edgevision", "bench", "e2e", "--config", str(config), "-n", str(n), "--json",
-             str(out)],
-            cwd=ROOT, preexec_fn=cgroup.enter, capture_output=True, text=True, check=False,
+            [
+                sys.executable,
+                "-m",
+                "edgevision",
+                "bench",
+                "e2e",
+                "--config",
+                str(config),
+                "-n",
+                str(n),
+                "--json",
+                str(out),
+            ],
+            cwd=ROOT,
+            preexec_fn=cgroup.enter,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         peak = cgroup.peak()
     if proc.returncode != 0:
         raise SystemExit(f"{label}: bench e2e failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    print(f"--- {label}: page cache before {100 * still:.0f}% of the model, cgroup peak "
-          f"{(peak or 0) / 2**20:.0f} MiB\n{proc.stdout}", file=sys.stderr)
+    print(
+        f"--- {label}: page cache before {100 * still:.0f}% of the model, cgroup peak "
+        f"{(peak or 0) / 2**20:.0f} MiB\n{proc.stdout}",
+        file=sys.stderr,
+    )
     return json.loads(out.read_text())
 
 
@@ -98,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         ("pinned experts", lambda r: r.get("placement", {}).get("pinned_experts")),
         ("MiB pinned (with non-expert weights)", lambda r: (r.get("placement", {}).get("locked_bytes") or 0) / 2**20),
     )
-    print(f"daemon with vs without its decoder placement, cgroup cap {args.cap_mib} MiB, {args.interactions} "
-          "questions per mode, medians over both modes")
+    print(
+        f"daemon with vs without its decoder placement, cgroup cap {args.cap_mib} MiB, {args.interactions} "
+        "questions per mode, medians over both modes"
+    )
     print(f"{'':<34} {'no plan':>10} {'plan':>10}")
     for name, pick in measures:
         cells = [_median(rows[label], pick) for label in ("no plan", "plan")]

@@ -42,9 +42,7 @@ def _cmd_plan(args) -> int:
         quality = measure_prune(
             header.path, result.keep_per_layer, args.measure, tower=args.tower, n_threads=args.threads
         )
-        print(
-            f"prune-to-fit measured (keep {result.keep_per_layer}, REAP-ranked on {args.measure}): {quality.text}"
-        )
+        print(f"prune-to-fit measured (keep {result.keep_per_layer}, REAP-ranked on {args.measure}): {quality.text}")
     return 0 if result.plan is not None else 1
 
 
@@ -78,27 +76,17 @@ def measure_prune(
         kept = prune_file(model, out, scores, keep, observer.mass.sum(axis=0))
         rows = None
         if tower is not None and calibration_set.images:
-            images = ImageSource(tower, observer_width(model))
+            images = ImageSource(tower, read_header(model).n_embd)
             try:
                 rows = [images.embeddings(image) for image in calibration_set.images]
             finally:
                 images.close()
         quality = compare_models(model, out, heldout, n_threads=n_threads, image_rows=rows)
     totals = scores.sum(axis=1)
-    dropped = [
-        1 - scores[il, kept[il]].sum() / totals[il] if totals[il] > 0 else 0.0 for il in range(scores.shape[0])
-    ]
+    dropped = [1 - scores[il, kept[il]].sum() / totals[il] if totals[il] > 0 else 0.0 for il in range(scores.shape[0])]
     share = float(np.mean(dropped))
     images_note = "with image rows" if rows else "text only"
     return PruneQuality(share, f"drops {100 * share:.1f}% of the REAP score; held-out ({images_note}): {quality}")
-
-
-def observer_width(model: Path) -> int:
-    import gguf
-
-    reader = gguf.GGUFReader(model)
-    arch = reader.get_field("general.architecture").contents()
-    return int(reader.get_field(f"{arch}.embedding_length").contents())
 
 
 def add_commands(sub, bench) -> None:
@@ -113,18 +101,23 @@ def add_commands(sub, bench) -> None:
     plan.add_argument("--gpu", help="GPU memory for expert tensors, e.g. 2GiB (default: none)")
     plan.add_argument("--profile", help="router profile from 'edgevision calibrate' (default: an assumed skew)")
     plan.add_argument(
-        "--skew", type=float, default=DEFAULT_SKEW,
+        "--skew",
+        type=float,
+        default=DEFAULT_SKEW,
         help="without a profile: Zipf exponent of each layer's routing (default: %(default)s)",
     )
     plan.add_argument("--ctx", type=int, default=2048, help="context tokens for the KV cache (default: %(default)s)")
     plan.add_argument("--stages", help="memory of everything but the decoder, instead of the board's list")
     plan.add_argument(
-        "--storage-gbps", type=float, default=DEFAULT_STORAGE_GBPS,
+        "--storage-gbps",
+        type=float,
+        default=DEFAULT_STORAGE_GBPS,
         help="storage read speed for whole experts, GB/s (default: %(default)s)",
     )
     plan.add_argument("--memory-gbps", type=float, help="memory bandwidth, GB/s (default: the board's, 102.4)")
     plan.add_argument(
-        "--measure", metavar="CALIBRATION",
+        "--measure",
+        metavar="CALIBRATION",
         help="prune to the planned experts per layer (REAP on this calibration folder) and measure top-1 agreement "
         "and KL on its heldout.txt against the unpruned model (needs the real weights)",
     )

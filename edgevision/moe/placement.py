@@ -113,8 +113,11 @@ def _cgroup_limit() -> tuple[int, int] | None:
         if hid == "0" and controllers == "":
             base, name, stat, keys = Path("/sys/fs/cgroup"), "memory.max", "memory.stat", ("anon",)
         elif "memory" in controllers.split(","):
-            base, name, stat, keys = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes", "memory.stat", (
-                "total_rss",
+            base, name, stat, keys = (
+                Path("/sys/fs/cgroup/memory"),
+                "memory.limit_in_bytes",
+                "memory.stat",
+                ("total_rss",),
             )
         else:
             continue
@@ -144,8 +147,10 @@ def auto_budget(kv_bytes: int, headroom: int, working_set: int = 0) -> tuple[int
     """The RAM the decoder's weights may keep resident, measured now (after the other stages are loaded), and
     how it was found. `working_set` is left to the page cache for the experts one token may read from storage
     (pinned pages cannot be reclaimed: without that room the paged experts would thrash, or the cgroup kill us)."""
-    terms = f"KV cache {kv_bytes // MIB} MiB - one token's paged experts {working_set // MIB} MiB - headroom " \
+    terms = (
+        f"KV cache {kv_bytes // MIB} MiB - one token's paged experts {working_set // MIB} MiB - headroom "
         f"{headroom // MIB} MiB"
+    )
     cgroup = _cgroup_limit()
     if cgroup is not None:
         limit, anon = cgroup
@@ -265,7 +270,9 @@ class DecoderPlacement:
         try:
             header = read_header(model)
         except ModelError as exc:
-            raise ModelError(f"{exc} (decoder.placement is for mixture-of-experts decoders: set ram_budget: none)") from exc
+            raise ModelError(
+                f"{exc} (decoder.placement is for mixture-of-experts decoders: set ram_budget: none)"
+            ) from exc
         layout = header.layout
         gpu_budget = parse_size(settings.gpu_expert_budget)
         gpu = has_gpu() and settings.gpu_layers != 0
@@ -338,10 +345,7 @@ class DecoderPlacement:
         logger.info("%s", self.describe())
 
     def _verify(self) -> None:
-        expected = {
-            t.name: ("GPU" if t.layer in self.plan.gpu_layers else "CPU")
-            for t in self.layout.tensors
-        }
+        expected = {t.name: ("GPU" if t.layer in self.plan.gpu_layers else "CPU") for t in self.layout.tensors}
         placed = self.placed.overridden if self.placed else {}
         wrong = [
             f"{name} in {placed.get(name, 'its default buffer')}"
@@ -442,14 +446,20 @@ class DecoderPlacement:
                 f"  resident        {plan.resident_bytes / MIB:.1f} MiB non-expert weights"
                 + (" (locked)" if self.settings.lock_resident and not self.gpu else ""),
                 f"  GPU             {len(plan.gpu_layers)} MoE layers, {plan.gpu_bytes / MIB:.1f} MiB of experts",
-                (f"  pinned          {len(plan.pinned)} of {n_experts} experts, {plan.pinned_bytes / MIB:.1f} MiB "
-                f"({100 * plan.covered_mass:.1f}% of the prior's routing mass)"),
+                (
+                    f"  pinned          {len(plan.pinned)} of {n_experts} experts, {plan.pinned_bytes / MIB:.1f} MiB "
+                    f"({100 * plan.covered_mass:.1f}% of the prior's routing mass)"
+                ),
                 f"  paged           {paged} experts, from storage when routed",
-                (f"  llama.cpp       {len(placed.overridden) if placed else 0} expert tensors overridden to the CPU "
-                f"buffer type; buffers: {buffers}"),
-                (f"  adaptation      online {'on' if self.settings.online else 'off'} (every "
-                f"{self.settings.replan_every} tokens), prefetch {'on' if self.settings.prefetch else 'off'}, "
-                f"routing counted on 1 step in {self.settings.observe_every}"),
+                (
+                    f"  llama.cpp       {len(placed.overridden) if placed else 0} expert tensors overridden to the CPU "
+                    f"buffer type; buffers: {buffers}"
+                ),
+                (
+                    f"  adaptation      online {'on' if self.settings.online else 'off'} (every "
+                    f"{self.settings.replan_every} tokens), prefetch {'on' if self.settings.prefetch else 'off'}, "
+                    f"routing counted on 1 step in {self.settings.observe_every}"
+                ),
             ]
         )
 

@@ -224,7 +224,9 @@ def profile_routing(layout: ExpertLayout, profile_path: str | os.PathLike[str]) 
     counts = profile.counts.sum(axis=0).astype(np.float64)
     per_layer = counts.sum(axis=1, keepdims=True) / max(1, profile.n_expert_used)
     rate = np.divide(counts, per_layer, out=np.zeros_like(counts), where=per_layer > 0)
-    return Routing(f"router profile {Path(profile_path).name} ({int(profile.tokens.sum())} rows)", rate, profile.share())
+    return Routing(
+        f"router profile {Path(profile_path).name} ({int(profile.tokens.sum())} rows)", rate, profile.share()
+    )
 
 
 # -- the fit -------------------------------------------------------------------------------------------------
@@ -432,15 +434,18 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
     per_expert = fit_.mean_expert_bytes()
     lines = [
         f"{h.path.name}: {h.arch}, {h.n_layer} layers ({n_moe} MoE) of {lay.n_expert} experts, top {lay.n_expert_used}",
-        (f"  weights: {_count(h.parameters)} ({_count(h.active_parameters)} per token); "
-        f"file {gib(lay.file_size)}"),
-        (f"  experts: {n_moe} x {lay.n_expert} x {mb(per_expert)} = {gib(lay.expert_total)}; "
-        f"other weights (always resident) {gib(lay.other_bytes)}"),
+        (f"  weights: {_count(h.parameters)} ({_count(h.active_parameters)} per token); file {gib(lay.file_size)}"),
+        (
+            f"  experts: {n_moe} x {lay.n_expert} x {mb(per_expert)} = {gib(lay.expert_total)}; "
+            f"other weights (always resident) {gib(lay.other_bytes)}"
+        ),
         "",
     ]
     if fit_.board is not None:
         b = fit_.board
-        lines.append(f"memory on {b.name}: {gib(b.usable)} usable{' (unified: the GPU shares it)' if b.unified else ''}")
+        lines.append(
+            f"memory on {b.name}: {gib(b.usable)} usable{' (unified: the GPU shares it)' if b.unified else ''}"
+        )
         for stage in fit_.stages:
             lines.append(f"  - {gib(stage.bytes):>10}  {stage.name}")
         lines.append(f"  - {gib(fit_.kv_bytes):>10}  KV cache, {fit_.n_ctx} tokens (F16, sliding layers kept whole)")
@@ -471,22 +476,32 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
         f"  GPU expert layers       {len(plan.gpu_layers)} ({gib(plan.gpu_bytes)})"
         + (f": {', '.join(map(str, plan.gpu_layers))}" if plan.gpu_layers else ""),
         f"  pinned experts          {len(plan.pinned)} of {n_moe * lay.n_expert} ({gib(plan.pinned_bytes)}, locked)",
-        (f"pages from storage:       {n_moe * lay.n_expert - len(plan.pinned) - len(plan.gpu_layers) * lay.n_expert} "
-        f"experts ({gib(max(0, paged))})"),
+        (
+            f"pages from storage:       {n_moe * lay.n_expert - len(plan.pinned) - len(plan.gpu_layers) * lay.n_expert} "
+            f"experts ({gib(max(0, paged))})"
+        ),
         f"routing ({fit_.routing.source}):",
-        (f"  resident experts carry {100 * plan.covered_mass:.1f}% of the routing mass; predicted hit rate "
-        f"{100 * fit_.hit_rate:.1f}% of {lay.n_expert_used * n_moe} expert selections per token"),
+        (
+            f"  resident experts carry {100 * plan.covered_mass:.1f}% of the routing mass; predicted hit rate "
+            f"{100 * fit_.hit_rate:.1f}% of {lay.n_expert_used * n_moe} expert selections per token"
+        ),
         f"  misses per token: {fit_.misses_per_token:.1f}",
     ]
     ram_s, storage_s = fit_.seconds_per_token()
     lines += [
         "decode speed (estimate):",
-        (f"  from RAM:     {gib(fit_.active_bytes())} per token (non-expert + {lay.n_expert_used * n_moe} routed "
-        f"experts) / ({fit_.memory_gbps:g} GB/s x {fit_.efficiency:g}) = {1000 * ram_s:.1f} ms"),
-        (f"  from storage: {fit_.misses_per_token:.1f} misses x {mb(per_expert)} = "
-        f"{mb(fit_.misses_per_token * per_expert)} / {fit_.storage_gbps:g} GB/s = {1000 * storage_s:.1f} ms"),
-        (f"  = {fit_.tokens_per_s():.1f} tokens/s (no overlap assumed; storage at 0.5 GB/s: "
-        f"{fit_.tokens_per_s(0.5):.1f}, at 3 GB/s: {fit_.tokens_per_s(3.0):.1f})"),
+        (
+            f"  from RAM:     {gib(fit_.active_bytes())} per token (non-expert + {lay.n_expert_used * n_moe} routed "
+            f"experts) / ({fit_.memory_gbps:g} GB/s x {fit_.efficiency:g}) = {1000 * ram_s:.1f} ms"
+        ),
+        (
+            f"  from storage: {fit_.misses_per_token:.1f} misses x {mb(per_expert)} = "
+            f"{mb(fit_.misses_per_token * per_expert)} / {fit_.storage_gbps:g} GB/s = {1000 * storage_s:.1f} ms"
+        ),
+        (
+            f"  = {fit_.tokens_per_s():.1f} tokens/s (no overlap assumed; storage at 0.5 GB/s: "
+            f"{fit_.tokens_per_s(0.5):.1f}, at 3 GB/s: {fit_.tokens_per_s(3.0):.1f})"
+        ),
         "",
     ]
     if fit_.keep_per_layer is None:
@@ -517,8 +532,11 @@ def render(fit_: Fit, *, profile: str | None = None) -> str:
     lines += [
         "",
         f"locked memory: {gib(fit_.locked_bytes)} ("
-        + ("pinned experts; the non-expert weights are in GPU buffers" if fit_.board else "non-expert weights and "
-           "pinned experts")
+        + (
+            "pinned experts; the non-expert weights are in GPU buffers"
+            if fit_.board
+            else "non-expert weights and pinned experts"
+        )
         + f") -> systemd LimitMEMLOCK={fit_.locked_bytes} (or CAP_IPC_LOCK)",
         "",
         "config section (decoder):",
