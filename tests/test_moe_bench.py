@@ -57,3 +57,71 @@ def test_trace_recorder_round_trips_through_a_file(tmp_path):
 def test_unknown_policy_names_the_known_ones():
     with pytest.raises(ValueError, match="expert-lru"):
         load_policy("fifo")
+
+
+# -- routing presets on tiny generated models (tier 3: the real llama.cpp) ------------------------------
+
+
+def _preset_report(tmp_path_factory, preset):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36")
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        import make_synthetic
+    finally:
+        sys.path.remove(str(tools))
+    from edgevision.moe.routing import routing_report
+
+    spec = make_synthetic.MoeDecoderSpec(
+        n_layer=4,
+        n_embd=128,
+        n_head=4,
+        n_ff=128,
+        n_ff_exp=32,
+        n_expert=32,
+        n_expert_used=2,
+        **make_synthetic.PRESETS[preset],
+    )
+    path = make_synthetic.write_moe_decoder(tmp_path_factory.mktemp(preset) / "model.gguf", spec)
+    calibration = Path(__file__).resolve().parent.parent / "calibration"
+    return routing_report(path, calibration, tokens=16, n_threads=1)
+
+
+def test_static_preset_routes_the_same_whatever_the_questions(tmp_path_factory):
+    report = _preset_report(tmp_path_factory, "static")
+    assert report.calibration.hottest_quarter().mean() > 0.85
+    # a hot list learned on the calibration questions serves the held-out ones as well as their own
+    from edgevision.moe.routing import covered_by
+
+    transfer = covered_by(report.calibration.mass, report.heldout.mass).mean()
+    assert transfer > report.heldout.hottest_quarter().mean() - 0.03
+
+
+def test_realistic_low_skew_preset_spreads_the_load(tmp_path_factory):
+    report = _preset_report(tmp_path_factory, "realistic-0.5")
+    for routing in (report.calibration, report.heldout):
+        assert 0.45 <= routing.hottest_quarter().mean() <= 0.62
+    assert report.image_mass is not None
+
+
+def test_realistic_local_preset_has_temporal_locality_and_poor_transfer(tmp_path_factory):
+    from edgevision.moe.routing import covered_by, hottest_share, mask_hottest
+
+    report = _preset_report(tmp_path_factory, "realistic-0.7")
+    for routing in (report.calibration, report.heldout):
+        lru25, lru12 = routing.lru(0.25).mean(), routing.lru(0.125).mean()
+        assert 0.65 <= lru25 <= 0.85, lru25
+        assert 0.55 <= lru12 <= 0.75, lru12
+        assert routing.lru(0.25, "belady").mean() >= lru25
+        assert 0.65 <= routing.hottest_quarter().mean() <= 0.9
+    # what the calibration set made hot carries clearly less of the held-out routing than the held-out's own
+    transfer = covered_by(report.calibration.mass, report.heldout.mass).mean()
+    assert transfer < report.heldout.hottest_quarter().mean() - 0.05
+    # image-like rows route differently from text: at most half of their hottest quarter is the text's
+    text_hot = mask_hottest(report.calibration.mass + report.heldout.mass, 0.25)
+    image_hot = mask_hottest(report.image_mass, 0.25)
+    assert (text_hot & image_hot).sum() / image_hot.sum() <= 0.5
+    assert hottest_share(report.image_mass, 0.25).mean() < report.heldout.hottest_quarter().mean()
