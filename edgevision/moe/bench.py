@@ -47,7 +47,9 @@ from edgevision.errors import EdgevisionError, ModelError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-up0.1-q8_0.gguf"
+# 'make bench-model': the realistic-routing model (the default) and the static-skew one
+DEFAULT_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-up0.1-t16s3p4i0.3c0.3-q8_0.gguf"
+STATIC_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-up0.1-q8_0.gguf"
 MIB = 2**20
 
 
@@ -546,6 +548,8 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         agree_text = f"{100 * agree:.1f}%" if agree is not None else "-"
         hit = f"{100 * result.hits / result.accesses:.1f}%" if result.accesses else "-"
         notes = result.notes.lstrip(", ")
+        if result.rss_anon:
+            notes = f"anon {result.rss_anon / MIB:.0f} MiB" + (f"; {notes}" if notes else "")
         if result.peak:
             notes = f"peak {result.peak / MIB:.0f} MiB" + (f"; {notes}" if notes else "")
         out.append(
