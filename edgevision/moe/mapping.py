@@ -162,13 +162,15 @@ def check_managed(mapping: ModelMapping, placement: dict[str, tuple[str, int]]) 
         EdgevisionError: a managed expert tensor is elsewhere, or none was seen.
     """
     names = {tensor.name for tensor in mapping.layout.tensors if tensor.name.endswith(".weight")}
-    seen = names & placement.keys()
-    if not seen:
+    unseen = names - placement.keys()
+    if unseen:
         raise EdgevisionError(
-            "no expert matmul of the decoder was observed: decode one token with the router observer first"
+            f"the expert matmuls of {len(unseen)} expert tensor(s) (e.g. {min(unseen)}) were not observed: decode "
+            "one token with the router observer before checking where the experts are"
         )
-    outside = sorted(
-        (name, kind) for name, (kind, data) in placement.items() if name in names and not mapping.covers(data)
+    offsets = {tensor.name: tensor.offset for tensor in mapping.layout.tensors}
+    outside = sorted(  # llama.cpp reads the tensor at exactly its file offset in the mapping, or not from it
+        (name, kind) for name, (kind, data) in placement.items() if name in names and data != mapping.base + offsets[name]
     )
     if outside:
         name, kind = outside[0]

@@ -262,16 +262,23 @@ class RouterObserver:
 
     def _probe(self, name: bytes, tensor: int) -> None:
         """While the first graph is built: where the expert matmuls' weights are (their buffer, their data)."""
-        layer = int(name.rpartition(b"-")[2] or -1) if name[-1:].isdigit() else -1
+        head, _, tail = name.rpartition(b"-")
+        if not tail.isdigit():  # a view or reshape llama.cpp named after its source
+            return
+        layer = int(tail)
         if layer < self._probe_layer:  # the next graph has started: the first one has been seen whole
             self._probing = False
             return
         self._probe_layer = layer
-        weight = ctypes.c_void_p.from_address(tensor + self._src_offset).value
-        if not weight:
-            return
-        weight_name = _NAME(weight + self._name_offset).value
-        if not weight_name.endswith(b"_exps.weight"):
+        weight = tensor
+        for _ in range(2):  # the expert matmul's weight, or (ffn_moe_down_scaled) its unnamed matmul's weight
+            weight = ctypes.c_void_p.from_address(weight + self._src_offset).value or 0
+            if not weight:
+                return
+            weight_name = _NAME(weight + self._name_offset).value
+            if weight_name.endswith(b"_exps.weight"):
+                break
+        else:
             return
         buffer = ctypes.c_void_p.from_address(weight + 8).value
         data = ctypes.c_void_p.from_address(weight + self._name_offset - 8).value or 0
