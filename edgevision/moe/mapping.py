@@ -21,6 +21,7 @@ evicted page really leaves.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -36,6 +37,7 @@ from edgevision.moe.layout import ExpertLayout
 logger = logging.getLogger(__name__)
 
 PAGE = mmap.PAGESIZE
+MADV_RANDOM = 1
 MADV_DONTNEED = 4
 MADV_COLD = 20
 MADV_PAGEOUT = 21
@@ -108,24 +110,40 @@ class ModelMapping:
         last = end // PAGE
         return first, max(first, last)
 
-    def evict(self, ranges: Iterable[Range], *, also: Sequence[int] = ()) -> int:
-        """Take the whole pages of `ranges` out of RAM: unmap them from llama.cpp's mapping (and from the
-        mappings based at the addresses in `also`), then drop them from the page cache. Returns bytes asked.
+    def random_access(self) -> None:
+        """Turn the kernel's read-around off in llama.cpp's mapping (``MADV_RANDOM``): a page fault then reads
+        that page only, instead of dragging the (evicted, cold) experts around it back in. Expert misses are
+        read whole and in parallel by `ExpertPrefetcher` instead, and the non-expert weights, read by every
+        token, stay resident once read. Changes the mapping's flags (the memory-map lock, for writing): call
+        it once, before decoding."""
+        for vma in self._vmas:
+            if _libc().madvise(vma.start, vma.end - vma.start, MADV_RANDOM) != 0:
+                err = ctypes.get_errno()
+                raise EdgevisionError(f"madvise(MADV_RANDOM) on {self.layout.path.name}: {os.strerror(err)}")
 
-        Locked pages (a pinned expert) cannot be unmapped; unpin first."""
-        asked = 0
-        for start, end in ranges:
-            first, last = self._pages(start, end)
-            if first >= last:
-                continue
-            length = (last - first) * PAGE
+    def evict(self, ranges: Iterable[Range], *, also: Sequence[int] = ()) -> int:
+        """Take the pages of `ranges` out of RAM: unmap them from llama.cpp's mapping (and from the mappings
+        based at the addresses in `also`), then drop them from the page cache. Returns bytes asked.
+
+        A page an expert shares with its neighbour goes too (the neighbour, if in use, faults that one page
+        back): left mapped, it would keep the whole folio around it, which may span both experts, in RAM.
+        Locked pages (a pinned expert's) stay."""
+        pages: list[list[int]] = []  # [first, last) page spans, touching ones merged
+        for start, end in sorted(ranges):
+            first, last = start // PAGE, (end - 1) // PAGE + 1
+            if pages and first <= pages[-1][1]:
+                pages[-1][1] = max(pages[-1][1], last)
+            else:
+                pages.append([first, last])
+        for first, last in pages:  # unmapped everywhere first, so that no folio is held by a later range
             for base in (self.base, *also):
-                if _libc().madvise(base + first * PAGE, length, MADV_DONTNEED) != 0:
+                if _libc().madvise(base + first * PAGE, (last - first) * PAGE, MADV_DONTNEED) != 0:
                     err = ctypes.get_errno()
-                    raise EdgevisionError(f"madvise(MADV_DONTNEED) on {self.layout.path.name}: {os.strerror(err)}")
-            os.posix_fadvise(self._fd, first * PAGE, length, os.POSIX_FADV_DONTNEED)
-            asked += length
-        return asked
+                    if err != errno.EINVAL:  # EINVAL: a locked page in the range; the rest is unmapped
+                        raise EdgevisionError(f"madvise(MADV_DONTNEED) on {self.layout.path.name}: {os.strerror(err)}")
+        for first, last in pages:
+            os.posix_fadvise(self._fd, first * PAGE, (last - first) * PAGE, os.POSIX_FADV_DONTNEED)
+        return sum(last - first for first, last in pages) * PAGE
 
     def resident(self, ranges: Iterable[Range]) -> float:
         """Share of the pages of `ranges` in the page cache now (``mincore`` on the mapping)."""

@@ -244,6 +244,9 @@ class ScoredCache(_Sized):
     def resident(self) -> set[Expert]:
         return {(int(a), int(b)) for a, b in zip(*np.nonzero(self._mask))}
 
+    def __contains__(self, expert: Expert) -> bool:
+        return bool(self._mask[expert])
+
 
 class BeladyCache(_Sized):
     """Belady's optimal replacement with bypass, from the whole trace (the ceiling)."""

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -88,10 +89,11 @@ class ExpertPrefetcher:
         self._cond = threading.Condition()
         self._heap: list[tuple[int, int, Expert]] = []  # (priority, sequence, expert)
         self._queued: set[Expert] = set()
-        self._chunks: list[tuple[int, int]] = []  # (offset, length) of the expert being split, taken by workers
+        self._chunks: list[tuple[int, int, Expert]] = []  # (offset, length, expert) being split, taken by workers
         self._pending_chunks = 0  # chunks taken from the queue and not yet read
         self._sequence = 0
         self._in_flight = 0
+        self._at_disk: Counter[Expert] = Counter()  # expert -> its chunks being read now
         self._closed = False
         self._experts = self._reads = self._bytes = self._dropped = self._max_in_flight = 0
         self.trace: list[ReadRecord] | None = [] if trace else None
@@ -121,6 +123,36 @@ class ExpertPrefetcher:
                 self._cond.notify_all()
         return added
 
+    def submit_ranges(self, ranges: Iterable[tuple[int, int]]) -> None:
+        """Queue plain file ranges (the non-expert weights) ahead of everything else."""
+        with self._cond:
+            for start, end in ranges:
+                for offset in range(start, end, self.chunk):
+                    self._chunks.append((offset, min(self.chunk, end - offset), (-1, -1)))
+                    self._pending_chunks += 1
+            self._cond.notify_all()
+
+    def cancel(self, experts: Iterable[Expert]) -> None:
+        """Forget queued reads of `experts` (about to be evicted: a late read would bring them back). A chunk
+        already at the disk finishes; `the evictor waits for it (`reading`)."""
+        with self._cond:
+            drop = {(int(layer), int(e)) for layer, e in experts} & (self._queued | {c[2] for c in self._chunks})
+            if not drop:
+                return
+            self._heap = [item for item in self._heap if item[2] not in drop]
+            heapq.heapify(self._heap)
+            self._queued -= drop
+            kept = [c for c in self._chunks if c[2] not in drop]
+            self._pending_chunks -= len(self._chunks) - len(kept)
+            self._chunks = kept
+            self._dropped += len(drop)
+            self._cond.notify_all()
+
+    def reading(self) -> set[Expert]:
+        """Experts with a read at the disk now."""
+        with self._cond:
+            return set(self._at_disk)
+
     def wait(self, timeout: float = 30.0) -> None:
         """Block until every queued expert has been read (tests, measurements)."""
         deadline = time.monotonic() + timeout
@@ -138,7 +170,7 @@ class ExpertPrefetcher:
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def _next_chunk(self) -> tuple[int, int] | None:
+    def _next_chunk(self) -> tuple[int, int, Expert] | None:
         """Under the lock: the next (offset, length) to read, None when closed."""
         while True:
             if self._closed:
@@ -157,11 +189,11 @@ class ExpertPrefetcher:
                 continue
             self._cond.wait()
 
-    def _split(self, expert: Expert) -> list[tuple[int, int]]:
+    def _split(self, expert: Expert) -> list[tuple[int, int, Expert]]:
         chunks = []
         for start, end in self.layout.expert_ranges(*expert):
             for offset in range(start, end, self.chunk):
-                chunks.append((offset, min(self.chunk, end - offset)))
+                chunks.append((offset, min(self.chunk, end - offset), expert))
         chunks.reverse()  # popped from the end: the expert is read front to back
         return chunks
 
@@ -176,7 +208,8 @@ class ExpertPrefetcher:
                     return
                 self._in_flight += 1
                 self._max_in_flight = max(self._max_in_flight, self._in_flight)
-            offset, length = item
+                offset, length, expert = item
+                self._at_disk[expert] += 1
             start = time.perf_counter()
             try:
                 done = os.preadv(self._fd, [view[:length]], offset)
@@ -187,6 +220,9 @@ class ExpertPrefetcher:
             with self._cond:
                 self._in_flight -= 1
                 self._pending_chunks -= 1
+                self._at_disk[expert] -= 1
+                if not self._at_disk[expert]:
+                    del self._at_disk[expert]
                 self._reads += 1
                 self._bytes += done
                 if self.trace is not None:
