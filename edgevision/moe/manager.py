@@ -37,7 +37,7 @@ import numpy as np
 
 from edgevision.moe.layout import ExpertLayout
 from edgevision.moe.mapping import ModelMapping
-from edgevision.moe.policy import Expert, ScoredCache
+from edgevision.moe.cache import Expert, ScoredCache
 from edgevision.moe.prefetch import AHEAD, NOW, ExpertPrefetcher
 
 if TYPE_CHECKING:

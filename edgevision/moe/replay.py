@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevision.moe.policy import BeladyCache, LruCache, ScoredCache, SimResult, simulate
+from edgevision.moe.cache import BeladyCache, LruCache, ScoredCache, SimResult, simulate
 
 MIB = 2**20
 

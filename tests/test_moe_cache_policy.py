@@ -118,13 +118,13 @@ def _merge_touching(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _replay(cache, trace, layers=(0,), size=1):
-    from edgevision.moe.policy import simulate
+    from edgevision.moe.cache import simulate
 
     return simulate("x", cache, trace, layers, [size] * (max(layers) + 1))
 
 
 def test_router_aware_cache_keeps_hot_experts_through_a_scan_that_flushes_lru():
-    from edgevision.moe.policy import BeladyCache, LruCache, ScoredCache
+    from edgevision.moe.cache import BeladyCache, LruCache, ScoredCache
 
     # one layer, 16 experts, room for 4: experts 0-2 are hot, and every 8th step a prompt prefill
     # touches 8 experts at once (a scan); in between single tokens pick a hot expert and a cold one
@@ -149,7 +149,7 @@ def test_router_aware_cache_keeps_hot_experts_through_a_scan_that_flushes_lru():
 
 
 def test_router_aware_cache_follows_live_routing_when_the_prior_is_wrong():
-    from edgevision.moe.policy import ScoredCache
+    from edgevision.moe.cache import ScoredCache
 
     # the prior favours experts 12-15; live routing uses 0-3 only
     trace = [[[t % 4, (t + 1) % 4]] for t in range(200)]
@@ -162,7 +162,7 @@ def test_router_aware_cache_follows_live_routing_when_the_prior_is_wrong():
 
 
 def test_hints_read_ahead_only_what_the_cache_admits_and_shrinking_evicts_the_coldest():
-    from edgevision.moe.policy import ScoredCache
+    from edgevision.moe.cache import ScoredCache
 
     prior = np.full((2, 8), 1 / 8)
     cache = ScoredCache(4 * 10, [10, 10], prior, prior_tokens=1.0)
