@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -275,3 +275,82 @@ class ExpertManager:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class RouterAwarePolicy:
+    """`ExpertManager` behind the benchmark's `edgevision.moe.policy.ExpertPolicy` interface (``router-aware``).
+
+    Its pieces can be switched off one by one (`edgevision bench moe --policy-options`, to measure what each
+    buys): ``predict`` (read the next layer's predicted experts ahead), ``prefetch`` (read misses with the
+    pool; off: page faults read them), ``evict`` (take evicted experts out of RAM; off: the kernel's reclaim
+    chooses), ``prior`` (calibrated pseudo-counts; off: recency and counts only), ``follow`` (the budget
+    follows the cgroup's room).
+    """
+
+    predicts = True
+
+    def __init__(
+        self,
+        *,
+        predict: bool = True,
+        prefetch: bool = True,
+        evict: bool = True,
+        prior: bool = True,
+        follow: bool = True,
+        headroom: int = 32 * MIB,
+    ) -> None:
+        self.options = {"predict": predict, "prefetch": prefetch, "evict": evict, "prior": prior, "follow": follow}
+        self.headroom = headroom
+        self.manager: ExpertManager | None = None
+
+    def start(self, context: object) -> None:
+        from edgevision.moe.predict import RoutePredictor
+
+        ctx: Any = context
+        if ctx.mapping_base is None:
+            raise ValueError("the router-aware policy needs llama.cpp's mapping of the model (use_mmap)")
+        layout = ctx.layout
+        mapping = ModelMapping(layout, ctx.mapping_base)
+        shape = (layout.n_layer, layout.n_expert)
+        prior = ctx.prior if ctx.prior is not None and self.options["prior"] else np.zeros(shape)
+        budget: int | Callable[[int], int] = ctx.budget
+        if self.options["follow"]:
+            room = cgroup_budget(layout.other_bytes, self.headroom)
+            ceiling = ctx.budget
+
+            def budget(resident: int) -> int:  # noqa: F811 - the following budget, capped by the harness's
+                return min(ceiling, room(resident)) if resident else ceiling
+
+        predictor = RoutePredictor.from_gguf(layout.path) if self.options["predict"] else None
+        self.manager = ExpertManager(
+            layout,
+            mapping,
+            prior,
+            budget=budget,
+            predictor=predictor,
+            prefetch=self.options["prefetch"],
+            evict=self.options["evict"],
+            prior_tokens=8.0 if self.options["prior"] else 0.0,
+        )
+        if predictor is not None:
+            ctx.observer.hidden_listeners.append(self.manager.hidden)
+        self.manager.start()
+
+    def observe(self, layer: int, expert_ids: np.ndarray, weights: np.ndarray) -> None:
+        self.manager.observe(layer, expert_ids, weights)  # type: ignore[union-attr]
+
+    def notes(self) -> str:
+        if self.manager is None:
+            return ""
+        s = self.manager.stats
+        off = [name for name, on in self.options.items() if not on]
+        return (
+            f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} read ahead "
+            f"on a prediction, {s.evicted} evicted, room {s.capacity / MIB:.0f} MiB"
+            + (f"; off: {', '.join(off)}" if off else "")
+        )
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager.mapping.close()
