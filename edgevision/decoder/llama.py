@@ -121,6 +121,9 @@ class LlamaDecoder:
         tensor_overrides: ``(regex, buffer type)`` pairs placing matching weights in that buffer type (llama.cpp's
             ``tensor_buft_overrides``, e.g. ``[("^blk[.](0|1)[.].*_exps", "CPU")]`` keeps two layers' experts
             in system RAM on a CUDA build); see `edgevision.moe.buft`.
+        extra_buffer_types: let llama.cpp's CPU back-end repack weights into its own buffers (AMX, CPU_REPACK
+            for Q4_0 on AVX2/ARM). Off by default: the AMX type crashes on some hosts, and repacked weights
+            leave the file mapping, where expert residency (`edgevision.moe`) manages them.
 
     Raises:
         ModelError: the file is missing, not GGUF, corrupt or of an unsupported architecture.
@@ -141,6 +144,7 @@ class LlamaDecoder:
         swa_full: bool = True,
         n_gpu_layers: int | None = None,
         tensor_overrides: Sequence[tuple[str, str]] = (),
+        extra_buffer_types: bool = False,
     ) -> None:
         if n_ctx < 1 or n_batch < 1:
             raise ValueError(f"n_ctx and n_batch must be positive, got n_ctx={n_ctx} n_batch={n_batch}")
@@ -154,8 +158,9 @@ class LlamaDecoder:
         self._n_past = 0
         self._has_logits = False
         self._stack = ExitStack()
+        self.mapping_base: int | None = None  # where llama.cpp mapped the file (offset 0), if it did
         try:
-            self._model = self._load_model(use_mmap, use_mlock, n_gpu_layers, tensor_overrides)
+            self._model = self._load_model(use_mmap, use_mlock, n_gpu_layers, tensor_overrides, extra_buffer_types)
             self._stack.callback(ll.llama_model_free, self._model)
             self._vocab = ll.llama_model_get_vocab(self._model)
             if not self._vocab:
@@ -183,10 +188,18 @@ class LlamaDecoder:
     # -- construction -----------------------------------------------------------------------------
 
     def _load_model(
-        self, use_mmap: bool, use_mlock: bool, n_gpu_layers: int | None, tensor_overrides: Sequence[tuple[str, str]]
+        self,
+        use_mmap: bool,
+        use_mlock: bool,
+        n_gpu_layers: int | None,
+        tensor_overrides: Sequence[tuple[str, str]],
+        extra_buffer_types: bool,
     ) -> int:
+        from edgevision.moe.mapping import file_mappings
+
         ll = self._ll
         params = ll.llama_model_default_params()
+        params.use_extra_bufts = extra_buffer_types
         params.load_mode = {
             (True, True): ll.LLAMA_LOAD_MODE_MMAP_MLOCK,
             (False, True): ll.LLAMA_LOAD_MODE_MLOCK,
@@ -200,8 +213,11 @@ class LlamaDecoder:
 
             self._overrides = TensorOverrides(tensor_overrides)  # must outlive the model
             params.tensor_buft_overrides = self._overrides.address
+        before = set(file_mappings(self.path))
         with native_log_capture() as problems:
             model = ll.llama_model_load_from_file(os.fsencode(self.path), params)
+        bases = {vma.base for vma in file_mappings(self.path) if vma not in before}
+        self.mapping_base = bases.pop() if len(bases) == 1 else None
         if not model:
             reason = "; ".join(problems[:2]) or "no reason given"
             raise ModelError(

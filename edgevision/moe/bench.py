@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,10 +188,16 @@ def run_config(spec: RunSpec) -> RunResult:
     layout = read_layout(spec.model)
     with ExitStack() as stack:
         observer = probe = recorder = policy = None
+        if spec.policy:
+            from edgevision.moe.policy import load_policy
+
+            policy = load_policy(spec.policy)
         if spec.policy or spec.probe or spec.record_trace:
+            from edgevision.moe.predict import PredictingObserver
             from edgevision.moe.router import RouterObserver
 
-            observer = RouterObserver.for_model(spec.model)
+            kind = PredictingObserver if getattr(policy, "predicts", False) else RouterObserver
+            observer = kind.for_model(spec.model)
         decoder = stack.enter_context(
             LlamaDecoder(spec.model, n_ctx=spec.n_ctx, n_threads=spec.n_threads, cb_eval=observer)
         )
@@ -203,8 +210,8 @@ def run_config(spec: RunSpec) -> RunResult:
 
             recorder = TraceRecorder()
             observer.listeners.append(recorder)
-        if spec.policy:
-            policy = _start_policy(spec, stack, observer, layout)
+        if policy is not None:
+            _start_policy(policy, spec, stack, observer, layout, decoder.mapping_base)
         elapsed = waited = 0.0
         faults = read = 0
         for i, question in enumerate(spec.prompts):
@@ -254,9 +261,9 @@ def run_config(spec: RunSpec) -> RunResult:
     return result
 
 
-def _start_policy(spec: RunSpec, stack: Any, observer: Any, layout: Any) -> Any:
+def _start_policy(policy: Any, spec: RunSpec, stack: Any, observer: Any, layout: Any, mapping_base: int | None) -> None:
     from edgevision.moe.pinning import ExpertPinner
-    from edgevision.moe.policy import PolicyContext, RoutingTrace, load_policy
+    from edgevision.moe.policy import PolicyContext, RoutingTrace
     from edgevision.moe.profile import RouterProfile
 
     prior = None
@@ -269,11 +276,10 @@ def _start_policy(spec: RunSpec, stack: Any, observer: Any, layout: Any) -> Any:
     pinner = stack.enter_context(ExpertPinner(layout))
     pinner.lock_resident()
     trace = RoutingTrace.load(spec.trace) if spec.trace else None
-    policy = load_policy(spec.policy)
-    policy.start(PolicyContext(layout, pinner, max(0, budget), prior, trace))
+    context = PolicyContext(layout, pinner, max(0, budget), prior, trace, mapping_base, observer)
     stack.callback(policy.close)
+    policy.start(context)
     observer.listeners.append(policy.observe)
-    return policy
 
 
 def _child_main() -> int:
@@ -406,8 +412,10 @@ def bench_moe(
     read_mbps: int | None = None,
     backing: str = "ram",
     pruned: bool = False,
+    policies: Sequence[str] | None = None,
 ) -> str:
-    """Run every configuration and return the table."""
+    """Run every configuration and return the table. `policies`: the policy rows, as `load_policy` names
+    (default: expert LRU, router-aware, Belady)."""
     from edgevision.moe.calibrate import read_questions
     from edgevision.moe.cgroup import CgroupUnavailable, MemoryCgroup
     from edgevision.moe.layout import read_layout
@@ -484,8 +492,9 @@ def bench_moe(
                 lines.append(f"cap: {cap / MIB:.0f} MiB ({share}), cgroup v{cgroup.version} {cgroup.path}")
                 forced = dict(base, reference=fed, cap=cap, headroom=headroom_mib * MIB)
                 specs.append((RunSpec("plain mmap", **forced), True))
-                for label, name in POLICY_ROWS:
-                    extra = {"profile": str(profile)} if name == "router-aware" else {}
+                rows_ = POLICY_ROWS if policies is None else [(_policy_label(name), name) for name in policies]
+                for label, name in rows_:
+                    extra = {"profile": str(profile)} if name.startswith(("router-aware", "pinned-prior")) else {}
                     extra |= {"trace": str(trace)} if name == "belady" else {}
                     specs.append((RunSpec(label, **forced, policy=name, probe=True, **extra), True))
                 if pruned:
@@ -517,6 +526,12 @@ def bench_moe(
             rows.append((best, "no cap" if label.startswith("unconstrained") else f"cap {cap / MIB:.0f} MiB"))
     lines += _table(rows, reference)
     return "\n".join(lines)
+
+
+def _policy_label(name: str) -> str:
+    labels = dict((n, label) for label, n in POLICY_ROWS)
+    base, _, options = name.partition(":")
+    return labels.get(base, base) + (f" ({options.replace('=0', ' off').replace(',', ', ')})" if options else "")
 
 
 def _read_ahead_of(path: Path) -> str:

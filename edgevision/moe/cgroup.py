@@ -180,3 +180,29 @@ def cached_fraction(fd: int) -> float:
         return float((vec & 1).mean())
     finally:
         mapping.close()
+
+
+def memory_room() -> tuple[int, int]:
+    """(limit, usage) in bytes of the memory this process may use: its own cgroup's cap and charge (v2
+    ``memory.max``/``memory.current``, v1 ``memory.limit_in_bytes``/``memory.usage_in_bytes``) when it is
+    capped, else the machine's (``MemTotal`` and ``MemTotal - MemAvailable``)."""
+    for mount, kind, options in _mounts():
+        if kind == "cgroup2":
+            folder = Path(mount) / _own_path(None).lstrip("/")
+            names = ("memory.max", "memory.current")
+        elif kind == "cgroup" and "memory" in options.split(","):
+            folder = Path(mount) / _own_path("memory").lstrip("/")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        try:
+            limit_text, usage_text = ((folder / name).read_text().strip() for name in names)
+        except OSError:
+            continue
+        if limit_text != "max" and int(limit_text) < 2**60:
+            return int(limit_text), int(usage_text)
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"], info["MemTotal"] - info["MemAvailable"]

@@ -162,6 +162,7 @@ def _cmd_bench_moe(args: argparse.Namespace) -> int:
             read_mbps=args.read_mbps,
             backing=args.backing,
             pruned=args.pruned,
+            policies=args.policies.split() if args.policies else None,
         )
     )
     return 0
@@ -223,6 +224,11 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
         help="where the loop device's backing file lives (default: %(default)s: no noise from the VM's disk)",
     )
     moe.add_argument("--pruned", action="store_true", help="also run the model pruned to fit the cap")
+    moe.add_argument(
+        "--policies",
+        help="the policy rows, space-separated (default: 'expert-lru router-aware belady'); "
+        "'router-aware:predict=0,evict=0' switches pieces off (predict, prefetch, evict, prior, follow)",
+    )
     moe.set_defaults(func=_cmd_bench_moe)
 
     routing = bench.add_parser(

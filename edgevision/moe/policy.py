@@ -17,7 +17,10 @@ baselines the benchmark measures a router-aware policy against:
 - `Belady`: the same mechanism, but on overflow it unlocks the expert whose next use lies furthest in the
   future, read from the run's own routing recorded beforehand (`RoutingTrace`): the optimal replacement
   (Belady's MIN), the ceiling no online policy can pass.
-- `OnlineResidencyPolicy`: today's router-aware residency (`edgevision.moe.online`) behind this interface.
+- `OnlineResidencyPolicy` (``pinned-prior``): the earlier router-aware residency (`edgevision.moe.online`:
+  the prior's plan pinned, moved by live statistics) behind this interface.
+
+The router-aware policy itself is `edgevision.moe.manager.RouterAwarePolicy`.
 
 The same replacement logic runs offline over a recorded trace (`simulate`), for the routing statistics of
 ``edgevision bench routing`` and the tests. An access is one (layer, expert) that a router chose in one
@@ -207,10 +210,13 @@ class PolicyContext:
     budget: int  # bytes of experts the policy may keep locked (the cap less the process and the other weights)
     prior: np.ndarray | None = None  # (n_layer, n_expert) routing shares from calibration, when there is one
     trace: RoutingTrace | None = None  # this run's routing recorded beforehand: for the oracle (Belady) only
+    mapping_base: int | None = None  # where llama.cpp mapped the model file (`LlamaDecoder.mapping_base`)
+    observer: Any = None  # the router observer (a `PredictingObserver` for a policy with ``predicts = True``)
 
 
 class ExpertPolicy(Protocol):
-    """A residency policy. `observe` runs on the decoding thread: keep it short or hand work to a thread."""
+    """A residency policy. `observe` runs on the decoding thread: keep it short or hand work to a thread.
+    A policy whose class sets ``predicts = True`` gets a `PredictingObserver` (router inputs too)."""
 
     def start(self, context: PolicyContext) -> None:
         """Take the context; set up threads and the first resident set."""
@@ -228,18 +234,25 @@ class ExpertPolicy(Protocol):
 POLICIES: dict[str, str] = {
     "expert-lru": "edgevision.moe.policy:ExpertLru",
     "belady": "edgevision.moe.policy:Belady",
-    "router-aware": "edgevision.moe.policy:OnlineResidencyPolicy",
+    "router-aware": "edgevision.moe.manager:RouterAwarePolicy",
+    "pinned-prior": "edgevision.moe.policy:OnlineResidencyPolicy",
 }
 
 
 def load_policy(name: str) -> ExpertPolicy:
-    """A new instance of the policy registered as `name`."""
+    """A new instance of the policy registered as `name`; ``name:key=0,key=1`` passes boolean options
+    (``router-aware:predict=0`` is the router-aware policy without predicted routing)."""
+    name, _, options = name.partition(":")
     try:
         target = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown residency policy {name!r}; known: {', '.join(POLICIES)}") from None
+    kwargs = {}
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        kwargs[key] = value not in ("0", "false", "off", "no")
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
 class _Replacement:
