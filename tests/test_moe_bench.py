@@ -125,3 +125,39 @@ def test_realistic_local_preset_has_temporal_locality_and_poor_transfer(tmp_path
     image_hot = mask_hottest(report.image_mass, 0.25)
     assert (text_hot & image_hot).sum() / image_hot.sum() <= 0.5
     assert hottest_share(report.image_mass, 0.25).mean() < report.heldout.hottest_quarter().mean()
+
+
+def test_residency_probe_sees_whether_the_chosen_experts_are_in_ram(tmp_path):
+    import sys
+    from pathlib import Path
+
+    tools = Path(__file__).resolve().parent.parent / "tools"
+    sys.path.insert(0, str(tools))
+    try:
+        import make_synthetic
+    finally:
+        sys.path.remove(str(tools))
+    from edgevision.moe.bench import ResidencyProbe
+    from edgevision.moe.cgroup import drop_page_cache
+    from edgevision.moe.layout import read_layout
+
+    path = make_synthetic.write_moe_decoder(tmp_path / "m.gguf", n_expert=8, n_ff_exp=1024, n_embd=256)
+    layout = read_layout(path)
+    probe = ResidencyProbe(layout)
+    try:
+        ids = np.array([[1, 6]], dtype=np.int32)
+        probe(0, ids, np.ones((1, 2), np.float32))
+        assert probe.accesses == 0  # inactive: outside the timed decode steps
+        probe.active = True
+        if drop_page_cache(path) > 0.0:
+            pytest.skip("the page cache keeps this file (a tmpfs?): residency cannot be dropped here")
+        probe(0, ids, np.ones((1, 2), np.float32))
+        assert (probe.hits, probe.accesses) == (0, 2)
+        with open(path, "rb") as f:  # read expert 6 of layer 0 (all its tensors) into the page cache
+            for start, end in layout.expert_ranges(0, 6):
+                f.seek(start)
+                f.read(end - start)
+        probe(0, ids, np.ones((1, 2), np.float32))
+        assert (probe.hits, probe.accesses) == (1, 4)
+    finally:
+        probe.close()
