@@ -86,6 +86,8 @@ class RunResult:
     fed: list[list[int]] = field(default_factory=list)  # the tokens decoded after each top-1 (reference run)
     hits: int = 0
     accesses: int = 0
+    pages_in: int = 0
+    pages: int = 0
     read_bytes_per_token: float = 0.0
     notes: str = ""
     error: str = ""
@@ -149,6 +151,7 @@ class ResidencyProbe:
         self._page = PAGE
         self.active = False
         self.hits = self.accesses = 0
+        self.pages_in = self.pages = 0  # the chosen experts' pages, and how many of them were in RAM
 
     def __call__(self, layer: int, expert_ids: Any, weights: Any) -> None:
         if not self.active:
@@ -162,9 +165,10 @@ class ResidencyProbe:
             resident = True
             for address, pages in self._ranges[(layer, int(expert))]:
                 vec = self._vec[:pages]
-                if mincore(address, pages * self._page, vec.ctypes.data) != 0 or not (vec & 1).all():
-                    resident = False
-                    break
+                inside = int((vec & 1).sum()) if mincore(address, pages * self._page, vec.ctypes.data) == 0 else 0
+                resident &= inside == pages
+                self.pages_in += inside
+                self.pages += pages
             self.hits += resident
             self.accesses += 1
 
@@ -253,6 +257,7 @@ def run_config(spec: RunSpec) -> RunResult:
             recorder.trace().save(spec.record_trace)
         if probe is not None:
             result.hits, result.accesses = probe.hits, probe.accesses
+            result.pages_in, result.pages = probe.pages_in, probe.pages
     result.rss_anon = _rss_anon()
     result.wall_tokens_per_s = result.decoded / elapsed if elapsed else 0.0
     result.tokens_per_s = result.decoded / (elapsed - waited) if elapsed > waited else result.wall_tokens_per_s
@@ -450,7 +455,7 @@ def bench_moe(
             )
             model = disk.path
             lines.append(
-                disk.settings.describe() + f"; one 128 KiB O_DIRECT read unthrottled: "
+                disk.settings.describe() + f"; one 128 KiB O_DIRECT read, unthrottled, less CPU wait: "
                 f"{1e6 * disk.measure_latency():.0f} us (median, queue depth 1); threads {n_threads or 'all cores'}"
             )
         else:
@@ -519,6 +524,7 @@ def bench_moe(
             best = max(ok, key=lambda r: r.tokens_per_s) if ok else runs[0]
             if label == "plain mmap" and probed is not None and not probed.error:
                 best.hits, best.accesses = probed.hits, probed.accesses
+                best.pages_in, best.pages = probed.pages_in, probed.pages
             parts = [notes.get(label, ""), best.notes.lstrip(", ")]
             if len(ok) > 1:
                 parts.append(f"best of {len(ok)}: {', '.join(f'{r.tokens_per_s:.2f}' for r in ok)} tokens/s")
@@ -529,7 +535,7 @@ def bench_moe(
 
 
 def _policy_label(name: str) -> str:
-    labels = dict((n, label) for label, n in POLICY_ROWS)
+    labels = {n: label for label, n in POLICY_ROWS}
     base, _, options = name.partition(":")
     return labels.get(base, base) + (f" ({options.replace('=0', ' off').replace(',', ', ')})" if options else "")
 
@@ -547,7 +553,7 @@ def _read_ahead_of(path: Path) -> str:
 def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> list[str]:
     free = results[0][0].tokens_per_s
     header = (
-        f"{'configuration':<22} {'memory':<12} {'hit rate':>8} {'MB read/tok':>11} {'faults/tok':>10} "
+        f"{'configuration':<22} {'memory':<12} {'hit rate':>8} {'pages in':>8} {'MB read/tok':>11} {'faults/tok':>10} "
         f"{'tokens/s*':>9} {'x unconstr.':>11} {'wall tok/s':>10} {'top-1 agree':>11}  notes"
     )
     out = ["", header]
@@ -556,26 +562,28 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         by_label[result.label] = result
         if result.error:
             out.append(
-                f"{result.label:<22} {where:<12} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} {'-':>11}  {result.error}"
+                f"{result.label:<22} {where:<12} {'-':>8} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} {'-':>11}  {result.error}"
             )
             continue
         agree = _agreement(reference, result.top1)
         agree_text = f"{100 * agree:.1f}%" if agree is not None else "-"
         hit = f"{100 * result.hits / result.accesses:.1f}%" if result.accesses else "-"
+        pages_in = f"{100 * result.pages_in / result.pages:.1f}%" if result.pages else "-"
         notes = result.notes.lstrip(", ")
         if result.rss_anon:
             notes = f"anon {result.rss_anon / MIB:.0f} MiB" + (f"; {notes}" if notes else "")
         if result.peak:
             notes = f"peak {result.peak / MIB:.0f} MiB" + (f"; {notes}" if notes else "")
         out.append(
-            f"{result.label:<22} {where:<12} {hit:>8} {result.read_bytes_per_token / 1e6:>11.2f} "
+            f"{result.label:<22} {where:<12} {hit:>8} {pages_in:>8} {result.read_bytes_per_token / 1e6:>11.2f} "
             f"{result.faults_per_token:>10.1f} {result.tokens_per_s:>9.2f} {result.tokens_per_s / free:>11.2f} "
             f"{result.wall_tokens_per_s:>10.2f} {agree_text:>11}  {notes}"
         )
     out.append(
         "* decode steps per second, not counting the time the decoding thread waited for a CPU (schedstat "
         "run-queue delay: the cores are shared); page-fault I/O counts. Ratios use this column. Hit rate: share "
-        "of chosen experts fully in RAM when chosen (plain mmap: from an extra probed run). MB read/tok: "
+        "of chosen experts fully in RAM when chosen, pages in: share of their pages in RAM (plain mmap: from an "
+        "extra probed run). MB read/tok: "
         "/proc/self/io read_bytes over the decode steps. Top-1 agreement against the reference run's top-1."
     )
     out.append("")
