@@ -136,6 +136,7 @@ class ExpertManager:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._policy_thread: threading.Thread | None = None
         self.n_used = layout.n_expert_used
+        self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -151,6 +152,23 @@ class ExpertManager:
         self._policy_thread.start()
 
     def _enqueue(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
+        """On the decoding thread, before the layer's expert matmuls: the chosen experts the cache does not
+        hold are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
+        them in a read-ahead window at a time); the rest of the work is queued for the policy's thread."""
+        if self.prefetcher is not None:
+            from edgevision.moe.predict import topk_gates
+
+            if logits.shape[0] == 1:
+                chosen = topk_gates(logits, self.n_used)[0][0]
+            else:  # a prefill: every expert any row chose
+                chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
+            held = self.cache._mask[layer]  # the policy thread's view; a stale answer costs a read or a fault
+            cold = [(layer, int(e)) for e in chosen if not held[e]]
+            if cold:
+                self.prefetcher.submit(cold, NOW)
+                self._waited += len(cold)
+                if not self.prefetcher.wait_for(cold, timeout=2.0):
+                    logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
         self._inbox.put((layer, logits, router_input))
 
     def _follow(self) -> None:
@@ -187,7 +205,7 @@ class ExpertManager:
             missed, evicted = self.cache.access(layer, chosen, self._step)
         self._selected += len(chosen)
         self._misses += len(missed)
-        if missed and self.prefetcher is not None:
+        if missed and self.prefetcher is not None and self._policy_thread is None:
             self._read_now += self.prefetcher.submit([(layer, e) for e in missed], NOW)
         if evicted:
             mine = [x for x in evicted if x[0] == layer]  # not admitted: this layer is about to use them
@@ -298,7 +316,7 @@ class ExpertManager:
         if self._error is not None:
             raise self._error
         return ManagerStats(
-            self._step, self._selected, self._misses, self._hinted, self._read_now, self._evicted,
+            self._step, self._selected, self._misses, self._hinted, self._read_now + self._waited, self._evicted,
             self.cache.capacity, self.cache.resident_bytes,
         )
 
@@ -329,7 +347,7 @@ class RouterAwarePolicy:
     buys): ``predict`` (read the next layer's predicted experts ahead), ``prefetch`` (read misses with the
     pool; off: page faults read them), ``evict`` (take evicted experts out of RAM; off: the kernel's reclaim
     chooses), ``prior`` (calibrated pseudo-counts; off: recency and counts only), ``follow`` (the budget
-    follows the cgroup's room).
+    follows the cgroup's room), ``random`` (no kernel read-around on llama.cpp's mapping).
     """
 
     predicts = True
@@ -342,9 +360,12 @@ class RouterAwarePolicy:
         evict: bool = True,
         prior: bool = True,
         follow: bool = True,
+        random: bool = True,
         headroom: int = 32 * MIB,
     ) -> None:
-        self.options = {"predict": predict, "prefetch": prefetch, "evict": evict, "prior": prior, "follow": follow}
+        self.options = {
+            "predict": predict, "prefetch": prefetch, "evict": evict, "prior": prior, "follow": follow, "random": random,
+        }
         self.headroom = headroom
         self.manager: ExpertManager | None = None
 
@@ -359,7 +380,7 @@ class RouterAwarePolicy:
         shape = (layout.n_layer, layout.n_expert)
         prior = ctx.prior if ctx.prior is not None and self.options["prior"] else np.zeros(shape)
         budget: int | Callable[[int], int] = ctx.budget
-        if self.options["follow"]:
+        if self.options["follow"] and self.options["evict"]:  # without evicting, the cap's usage says nothing
             room = cgroup_budget(layout.other_bytes, self.headroom)
             ceiling = ctx.budget
 
@@ -376,6 +397,7 @@ class RouterAwarePolicy:
             prefetch=self.options["prefetch"],
             evict=self.options["evict"],
             prior_tokens=8.0 if self.options["prior"] else 0.0,
+            random_access=self.options["random"],
         )
         self.manager.attach(ctx.observer)
         self.manager.start()
