@@ -269,9 +269,8 @@ def _managed_run(model: Path, budget_experts: int, prior=None, **options):
         budget = budget_experts * layout.expert_bytes(layout.moe_layers[0])
         manager = ExpertManager(layout, mapping, prior, budget=budget, predictor=RoutePredictor.from_gguf(model), **options)
         with manager:
+            manager.attach(observer)  # as the policy runs: decisions on the manager's own thread
             manager.start()
-            observer.listeners.append(manager.observe)
-            observer.hidden_listeners.append(manager.hidden)
             tokens = _decode(decoder, 16)
             check_managed(mapping, observer.placement)
             manager.drain()

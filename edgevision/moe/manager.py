@@ -1,7 +1,8 @@
 """The router-aware policy, live: which experts stay in RAM, read ahead, and what leaves.
 
-`ExpertManager` listens to a `PredictingObserver` (``observer.listeners`` and ``observer.hidden_listeners``).
-For every MoE layer of every decode:
+`ExpertManager` follows a `PredictingObserver`: attached (`attach`), the decoding thread only copies each MoE
+layer's router logits and input into a queue, and the manager's own thread makes the decisions (it can also
+be used as the observer's listeners, on the decoding thread). For every MoE layer of every decode:
 
 1. the router's choice goes into the `ScoredCache` (prior + decayed selection counts). A selected expert
    that is not resident is handed to the `ExpertPrefetcher` at once: the observer sees the choice before the
@@ -43,7 +44,7 @@ from edgevision.moe.prefetch import AHEAD, NOW, ExpertPrefetcher
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from edgevision.moe.predict import RoutePredictor
+    from edgevision.moe.predict import PredictingObserver, RoutePredictor
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +133,63 @@ class ExpertManager:
         self._calls = 0  # MoE layers observed
         self._selected_at = np.full((layout.n_layer, layout.n_expert), -1, dtype=np.int64)
         self._after_use: list[Expert] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._policy_thread: threading.Thread | None = None
+        self.n_used = layout.n_expert_used
+        self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    # -- decoding thread --------------------------------------------------------------------------
+    # -- observation --------------------------------------------------------------------------------
+
+    def attach(self, observer: PredictingObserver) -> None:
+        """Take the router's choices from `observer` on this manager's own thread: the decoding thread only
+        copies each MoE layer's router logits and input and queues them (`PredictingObserver.deferred`)."""
+        self.n_used = observer.n_expert_used
+        observer.deferred = self._enqueue
+        self._inbox = queue.SimpleQueue()
+        self._policy_thread = threading.Thread(target=self._follow, name="moe-policy", daemon=True)
+        self._policy_thread.start()
+
+    def _enqueue(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
+        """On the decoding thread, before the layer's expert matmuls: the chosen experts the cache does not
+        hold are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
+        them in a read-ahead window at a time); the rest of the work is queued for the policy's thread."""
+        if self.prefetcher is not None:
+            from edgevision.moe.predict import topk_gates
+
+            if logits.shape[0] == 1:
+                chosen = topk_gates(logits, self.n_used)[0][0]
+            else:  # a prefill: every expert any row chose
+                chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
+            held = self.cache._mask[layer]  # the policy thread's view; a stale answer costs a read or a fault
+            cold = [(layer, int(e)) for e in chosen if not held[e]]
+            if cold:
+                self.prefetcher.submit(cold, NOW)
+                self._waited += len(cold)
+                if not self.prefetcher.wait_for(cold, timeout=2.0):
+                    logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
+        self._inbox.put((layer, logits, router_input))
+
+    def _follow(self) -> None:
+        from edgevision.moe.predict import topk_gates
+
+        while (item := self._inbox.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            layer, logits, router_input = item
+            try:
+                ids, weights = topk_gates(logits, self.n_used)
+                self.observe(layer, ids, weights)
+                if router_input is not None:
+                    self.hidden(layer, router_input)
+            except Exception as exc:  # reported by stats; decoding goes on with the kernel deciding
+                logger.exception("the expert policy failed on layer %d; the kernel's page cache decides now", layer)
+                self._error = exc
+                return
+
+    # -- decisions (the policy thread, or the decoding thread when used as listeners) ----------------
 
     def observe(self, layer: int, expert_ids: np.ndarray, _weights: np.ndarray) -> None:
         """`RouterObserver` listener: the router's choice for `layer`."""
@@ -151,7 +205,7 @@ class ExpertManager:
             missed, evicted = self.cache.access(layer, chosen, self._step)
         self._selected += len(chosen)
         self._misses += len(missed)
-        if missed and self.prefetcher is not None:
+        if missed and self.prefetcher is not None and self._policy_thread is None:
             self._read_now += self.prefetcher.submit([(layer, e) for e in missed], NOW)
         if evicted:
             mine = [x for x in evicted if x[0] == layer]  # not admitted: this layer is about to use them
@@ -244,7 +298,12 @@ class ExpertManager:
         self._evicted += len(gone)
 
     def drain(self, timeout: float = 30.0) -> None:
-        """Wait until queued reads and evictions are done (tests, measurements)."""
+        """Wait until queued decisions, reads and evictions are done (tests, measurements)."""
+        if self._policy_thread is not None:
+            done = threading.Event()
+            self._inbox.put(done)
+            if not done.wait(timeout):
+                raise TimeoutError(f"the expert policy took more than {timeout} s to catch up")
         if self.prefetcher is not None:
             self.prefetcher.wait(timeout)
         done = threading.Event()
@@ -257,12 +316,16 @@ class ExpertManager:
         if self._error is not None:
             raise self._error
         return ManagerStats(
-            self._step, self._selected, self._misses, self._hinted, self._read_now, self._evicted,
+            self._step, self._selected, self._misses, self._hinted, self._read_now + self._waited, self._evicted,
             self.cache.capacity, self.cache.resident_bytes,
         )
 
     def close(self) -> None:
         """Stop the threads (the experts stay where they are)."""
+        if self._policy_thread is not None:
+            self._inbox.put(None)
+            self._policy_thread.join()
+            self._policy_thread = None
         if self._worker is not None:
             self._dropped.put(None)
             self._worker.join()
@@ -284,7 +347,7 @@ class RouterAwarePolicy:
     buys): ``predict`` (read the next layer's predicted experts ahead), ``prefetch`` (read misses with the
     pool; off: page faults read them), ``evict`` (take evicted experts out of RAM; off: the kernel's reclaim
     chooses), ``prior`` (calibrated pseudo-counts; off: recency and counts only), ``follow`` (the budget
-    follows the cgroup's room).
+    follows the cgroup's room), ``random`` (no kernel read-around on llama.cpp's mapping).
     """
 
     predicts = True
@@ -297,9 +360,12 @@ class RouterAwarePolicy:
         evict: bool = True,
         prior: bool = True,
         follow: bool = True,
+        random: bool = True,
         headroom: int = 32 * MIB,
     ) -> None:
-        self.options = {"predict": predict, "prefetch": prefetch, "evict": evict, "prior": prior, "follow": follow}
+        self.options = {
+            "predict": predict, "prefetch": prefetch, "evict": evict, "prior": prior, "follow": follow, "random": random,
+        }
         self.headroom = headroom
         self.manager: ExpertManager | None = None
 
@@ -314,7 +380,7 @@ class RouterAwarePolicy:
         shape = (layout.n_layer, layout.n_expert)
         prior = ctx.prior if ctx.prior is not None and self.options["prior"] else np.zeros(shape)
         budget: int | Callable[[int], int] = ctx.budget
-        if self.options["follow"]:
+        if self.options["follow"] and self.options["evict"]:  # without evicting, the cap's usage says nothing
             room = cgroup_budget(layout.other_bytes, self.headroom)
             ceiling = ctx.budget
 
@@ -331,17 +397,18 @@ class RouterAwarePolicy:
             prefetch=self.options["prefetch"],
             evict=self.options["evict"],
             prior_tokens=8.0 if self.options["prior"] else 0.0,
+            random_access=self.options["random"],
         )
-        if predictor is not None:
-            ctx.observer.hidden_listeners.append(self.manager.hidden)
+        self.manager.attach(ctx.observer)
         self.manager.start()
 
     def observe(self, layer: int, expert_ids: np.ndarray, weights: np.ndarray) -> None:
-        self.manager.observe(layer, expert_ids, weights)  # type: ignore[union-attr]
+        """Nothing: the manager takes the router's choices on its own thread (`ExpertManager.attach`)."""
 
     def notes(self) -> str:
         if self.manager is None:
             return ""
+        self.manager.drain()
         s = self.manager.stats
         off = [name for name, on in self.options.items() if not on]
         return (

@@ -45,6 +45,13 @@ call only."""
 def topk_gates(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids (T, k) int32, weights (T, k) float32): the top-k experts of each row and their softmax weights
     renormalised over the selected ones (what Gemma 4 multiplies each expert's output by)."""
+    if logits.shape[0] == 1:  # one decoded token: the common case, in few numpy calls
+        row = logits[0]
+        ids = np.argsort(row)[: -k - 1 : -1].astype(np.int32)
+        picked = row[ids]
+        weights = np.exp(picked - picked[0])
+        weights /= weights.sum()
+        return ids[None], weights.astype(np.float32)[None]
     ids = np.argpartition(-logits, k - 1, axis=1)[:, :k]
     picked = np.take_along_axis(logits, ids, axis=1)
     order = np.argsort(-picked, axis=1, kind="stable")
@@ -124,7 +131,10 @@ class PredictingObserver(RouterObserver):
         layers: the MoE layers to observe (default: all); the others run without a graph split.
         sample_every: observe one decode in this many.
 
-    `hidden_listeners` get ``(layer, router_input)`` after the layer's `listeners`.
+    `hidden_listeners` get ``(layer, router_input)`` after the layer's `listeners`. With `deferred` set
+    (``deferred(layer, logits, router_input)``, copies the callee may keep) the decoding thread only reads the
+    two nodes and hands them over: the top-k, the statistics and the listeners are skipped unless `listeners`
+    is not empty, so a policy can do its work on its own thread.
     """
 
     def __init__(
@@ -145,6 +155,7 @@ class PredictingObserver(RouterObserver):
         self._first_name = f"{LOGITS}{min(chosen)}".encode()
         self.sample_every = sample_every
         self.hidden_listeners: list[HiddenListener] = []
+        self.deferred: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None
         self.graphs = 0  # graphs seen (decodes, or ubatches of a prefill)
         self._active = True
 
@@ -170,15 +181,23 @@ class PredictingObserver(RouterObserver):
             self._on_logits(layer, tensor)
         return True
 
+    def _router_input(self, tensor: int, layer: int) -> np.ndarray | None:
+        # mul_mat(W, input): src[1] is the router's input, intact until the matmul after it has run
+        source = ctypes.c_void_p.from_address(tensor + self._src_offset + 8).value
+        return strided_array(source, self._buffers, (layer, 3)) if source else None
+
     def _on_logits(self, layer: int, tensor: int) -> None:
         logits = strided_array(tensor, self._buffers, (layer, 2))
+        if self.deferred is not None:
+            hidden = self._router_input(tensor, layer)
+            self.deferred(layer, logits.copy(), None if hidden is None else hidden.copy())
+            if not self.listeners:
+                return
         ids, weights = topk_gates(logits, self.n_expert_used)
         self._accumulate(layer, ids, weights)
         if self.hidden_listeners:
-            # mul_mat(W, input): src[1] is the router's input, intact until the matmul after it has run
-            source = ctypes.c_void_p.from_address(tensor + self._src_offset + 8).value
-            if source:
-                hidden = strided_array(source, self._buffers, (layer, 3))
+            hidden = self._router_input(tensor, layer)
+            if hidden is not None:
                 for listener in self.hidden_listeners:
                     listener(layer, hidden)
 

@@ -89,6 +89,7 @@ class ExpertPrefetcher:
         self._cond = threading.Condition()
         self._heap: list[tuple[int, int, Expert]] = []  # (priority, sequence, expert)
         self._queued: set[Expert] = set()
+        self._priority: dict[Expert, int] = {}  # queued expert -> the priority it was last queued with
         self._chunks: list[tuple[int, int, Expert]] = []  # (offset, length, expert) being split, taken by workers
         self._pending_chunks = 0  # chunks taken from the queue and not yet read
         self._sequence = 0
@@ -113,8 +114,9 @@ class ExpertPrefetcher:
                 return 0
             for expert in experts:
                 expert = (int(expert[0]), int(expert[1]))
-                if expert in self._queued:
+                if expert in self._queued and (priority != NOW or self._priority.get(expert) == NOW):
                     continue
+                self._priority[expert] = priority
                 self._sequence += 1
                 heapq.heappush(self._heap, (priority, self._sequence, expert))
                 self._queued.add(expert)
@@ -142,11 +144,26 @@ class ExpertPrefetcher:
             self._heap = [item for item in self._heap if item[2] not in drop]
             heapq.heapify(self._heap)
             self._queued -= drop
+            for expert in drop:
+                self._priority.pop(expert, None)
             kept = [c for c in self._chunks if c[2] not in drop]
             self._pending_chunks -= len(self._chunks) - len(kept)
             self._chunks = kept
             self._dropped += len(drop)
             self._cond.notify_all()
+
+    def wait_for(self, experts: Iterable[Expert], timeout: float = 5.0) -> bool:
+        """Block until none of `experts` is queued or being read; False on timeout (the decoder's page faults
+        then read what is left)."""
+        wanted = {(int(layer), int(e)) for layer, e in experts}
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while wanted & (self._queued | self._at_disk.keys() | {c[2] for c in self._chunks}):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
     def reading(self) -> set[Expert]:
         """Experts with a read at the disk now."""
@@ -178,8 +195,11 @@ class ExpertPrefetcher:
             if self._chunks:
                 return self._chunks.pop()
             if self._heap:
-                _, sequence, expert = heapq.heappop(self._heap)
+                priority, sequence, expert = heapq.heappop(self._heap)
+                if expert not in self._queued or self._priority.get(expert) != priority:
+                    continue  # read already, or queued again more urgently
                 self._queued.discard(expert)
+                del self._priority[expert]
                 if self._sequence - sequence > self.max_age:
                     self._dropped += 1
                     continue
@@ -239,6 +259,7 @@ class ExpertPrefetcher:
             self._closed = True
             self._heap.clear()
             self._chunks.clear()
+            self._queued.clear()
             self._cond.notify_all()
         for thread in self._threads:
             thread.join()
