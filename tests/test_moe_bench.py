@@ -161,3 +161,41 @@ def test_residency_probe_sees_whether_the_chosen_experts_are_in_ram(tmp_path):
         assert (probe.hits, probe.accesses) == (1, 4)
     finally:
         probe.close()
+
+
+def test_table_compares_the_policies_and_never_hides_a_failed_row():
+    from edgevision.moe.bench import RunResult, _table
+
+    ref = [[1, 2, 3]]
+    free = RunResult("unconstrained (mmap)", tokens_per_s=160, top1=ref)
+    plain = RunResult("plain mmap", tokens_per_s=40, read_bytes_per_token=13.4e6, pages_in=80, pages=100, top1=ref)
+    aware = RunResult(
+        "router-aware",
+        tokens_per_s=60,
+        read_bytes_per_token=4e6,
+        hits=8,
+        accesses=10,
+        pages_in=9,
+        pages=10,
+        top1=[[1, 2, 4]],
+    )
+    lru = RunResult("expert LRU", error="killed (out of memory under the cap?)")
+    belady = RunResult(
+        "Belady (ceiling)",
+        tokens_per_s=70,
+        read_bytes_per_token=3e6,
+        hits=9,
+        accesses=10,
+        pages_in=95,
+        pages=100,
+        top1=ref,
+    )
+    rows = [(free, "no cap"), (plain, "cap"), (lru, "cap"), (aware, "cap"), (belady, "cap")]
+    text = "\n".join(_table(rows, ref, bandwidth=2e9))
+    assert "router-aware / plain mmap under the cap: 1.50x" in text
+    assert "router-aware / expert LRU" not in text  # the LRU row failed: no ratio made up for it
+    assert "killed (out of memory under the cap?)" in text
+    assert "66.7%" in text  # top-1 agreement of the row that changed one token
+    assert "5.0 points below Belady's" in text  # pages in RAM: 95% against 90%
+    # the storage model: 1 / (1/160 + 13.4e6 / 2e9) = 77.2 tokens/s for plain mmap
+    assert "77.2" in text.splitlines()[3]

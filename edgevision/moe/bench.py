@@ -530,7 +530,8 @@ def bench_moe(
                 parts.append(f"best of {len(ok)}: {', '.join(f'{r.tokens_per_s:.2f}' for r in ok)} tokens/s")
             best.notes = "; ".join(part for part in parts if part)
             rows.append((best, "no cap" if label.startswith("unconstrained") else f"cap {cap / MIB:.0f} MiB"))
-    lines += _table(rows, reference)
+    bandwidth = disk.settings.read_mbps * 1e6 if disk is not None and disk.settings.read_mbps else None
+    lines += _table(rows, reference, bandwidth)
     return "\n".join(lines)
 
 
@@ -550,11 +551,21 @@ def _read_ahead_of(path: Path) -> str:
     return "unknown"
 
 
-def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> list[str]:
+def _modelled(result: RunResult, free: RunResult, bandwidth: float | None) -> float | None:
+    """Tokens/s if decoding computed as fast as unconstrained and read its bytes at the throttle's bandwidth
+    one after the other (no overlap): what the storage alone would allow, whatever the machine's load."""
+    if not bandwidth or not free.tokens_per_s:
+        return None
+    return 1 / (1 / free.tokens_per_s + result.read_bytes_per_token / bandwidth)
+
+
+def _table(
+    results: list[tuple[RunResult, str]], reference: list[list[int]], bandwidth: float | None = None
+) -> list[str]:
     free = results[0][0].tokens_per_s
     header = (
         f"{'configuration':<22} {'memory':<12} {'hit rate':>8} {'pages in':>8} {'MB read/tok':>11} {'faults/tok':>10} "
-        f"{'tokens/s*':>9} {'x unconstr.':>11} {'wall tok/s':>10} {'top-1 agree':>11}  notes"
+        f"{'tokens/s*':>9} {'x unconstr.':>11} {'wall tok/s':>10} {'model tok/s+':>12} {'top-1 agree':>11}  notes"
     )
     out = ["", header]
     by_label = {}
@@ -562,13 +573,15 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         by_label[result.label] = result
         if result.error:
             out.append(
-                f"{result.label:<22} {where:<12} {'-':>8} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} {'-':>11}  {result.error}"
+                f"{result.label:<22} {where:<12} {'-':>8} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} {'-':>12} {'-':>11}  {result.error}"
             )
             continue
         agree = _agreement(reference, result.top1)
         agree_text = f"{100 * agree:.1f}%" if agree is not None else "-"
         hit = f"{100 * result.hits / result.accesses:.1f}%" if result.accesses else "-"
         pages_in = f"{100 * result.pages_in / result.pages:.1f}%" if result.pages else "-"
+        modelled = _modelled(result, results[0][0], bandwidth)
+        modelled_text = f"{modelled:.1f}" if modelled else "-"
         notes = result.notes.lstrip(", ")
         if result.rss_anon:
             notes = f"anon {result.rss_anon / MIB:.0f} MiB" + (f"; {notes}" if notes else "")
@@ -577,7 +590,7 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         out.append(
             f"{result.label:<22} {where:<12} {hit:>8} {pages_in:>8} {result.read_bytes_per_token / 1e6:>11.2f} "
             f"{result.faults_per_token:>10.1f} {result.tokens_per_s:>9.2f} {result.tokens_per_s / free:>11.2f} "
-            f"{result.wall_tokens_per_s:>10.2f} {agree_text:>11}  {notes}"
+            f"{result.wall_tokens_per_s:>10.2f} {modelled_text:>12} {agree_text:>11}  {notes}"
         )
     out.append(
         "* decode steps per second, not counting the time the decoding thread waited for a CPU (schedstat "
@@ -586,6 +599,12 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         "extra probed run). MB read/tok: "
         "/proc/self/io read_bytes over the decode steps. Top-1 agreement against the reference run's top-1."
     )
+    if bandwidth:
+        out.append(
+            f"+ a model, not a measurement: 1 / (1 / unconstrained tokens/s* + MB read per token / "
+            f"{bandwidth / 1e6:.0f} MB/s), reads not overlapped with compute; it does not depend on this machine's "
+            "load, the measured columns do (on shared cores a loop device's reads also wait for CPU)."
+        )
     out.append("")
     plain, lru, aware, belady = (
         by_label.get(k) for k in ("plain mmap", "expert LRU", "router-aware", "Belady (ceiling)")
@@ -599,9 +618,16 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         out.append(
             f"router-aware / expert LRU under the cap: {aware.tokens_per_s / lru.tokens_per_s:.2f}x (target >= 1.2x)"
         )
-    if aware in ok and belady is not None and not belady.error and aware.accesses and belady.accesses:
-        gap = 100 * (belady.hits / belady.accesses - aware.hits / aware.accesses)
-        out.append(f"router-aware hit rate: {gap:.1f} points below Belady's (target <= 10)")
+    if aware in ok and plain in ok and bandwidth:
+        ratio = _modelled(aware, results[0][0], bandwidth) / _modelled(plain, results[0][0], bandwidth)
+        out.append(f"modelled (+): router-aware / plain mmap {ratio:.2f}x")
+    if aware in ok and belady is not None and not belady.error and aware.pages and belady.pages:
+        gap = 100 * (belady.pages_in / belady.pages - aware.pages_in / aware.pages)
+        gap_all = 100 * (belady.hits / belady.accesses - aware.hits / aware.accesses)
+        out.append(
+            f"router-aware pages in RAM when chosen: {gap:.1f} points below Belady's (target <= 10); "
+            f"experts with all pages in RAM: {gap_all:.1f} points"
+        )
     pruned = by_label.get("pruned-to-fit")
     if pruned and not pruned.error:
         agree = _agreement(reference, pruned.top1) or 0.0
