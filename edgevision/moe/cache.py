@@ -310,12 +310,15 @@ def simulate(
     *,
     predictions: Sequence[Sequence[Sequence[int]]] | None = None,
     warm: bool = False,
+    counted: Sequence[bool] | None = None,
 ) -> SimResult:
     """Replay `trace` (``trace[t][i]``: ids selected at token t by MoE layer ``layers[i]``) through `cache`.
 
     With `predictions` (same shape: the ids predicted for layer i before it ran) a `ScoredCache` gets them as
     hints; an expert read ahead on a hint and then selected counts as a hit (it was read while earlier layers
-    computed), and its bytes count as read. Returns hits, misses and bytes read per token.
+    computed), and its bytes count as read. With `counted`, only the steps marked True are counted (e.g. the
+    single-token decode steps), though every step goes through the cache. Returns hits, misses and bytes read
+    per counted step.
     """
     result = SimResult(name)
     if warm and isinstance(cache, ScoredCache):
@@ -323,13 +326,16 @@ def simulate(
     for t, token in enumerate(trace):
         for i, ids in enumerate(token):
             layer = layers[i]
-            if predictions is not None and isinstance(cache, ScoredCache):
+            if predictions is not None and isinstance(cache, ScoredCache) and predictions[t][i]:
                 ahead, _ = cache.hint(layer, predictions[t][i], t)
-                result.bytes_read += len(ahead) * expert_bytes[layer]
+                if counted is None or counted[t]:
+                    result.bytes_read += len(ahead) * expert_bytes[layer]
             unique = list(dict.fromkeys(int(e) for e in ids))
             missed, _ = cache.access(layer, unique, t)
-            result.misses += len(missed)
-            result.hits += len(unique) - len(missed)
-            result.bytes_read += len(missed) * expert_bytes[layer]
-        result.tokens += 1
+            if counted is None or counted[t]:
+                result.misses += len(missed)
+                result.hits += len(unique) - len(missed)
+                result.bytes_read += len(missed) * expert_bytes[layer]
+        if counted is None or counted[t]:
+            result.tokens += 1
     return result

@@ -216,8 +216,8 @@ class ExpertManager:
 
     def hidden(self, layer: int, router_input: np.ndarray) -> None:
         """`PredictingObserver` hidden listener: predict the layers ahead and read their experts early."""
-        if self.predictor is None:
-            return
+        if self.predictor is None or router_input.shape[0] != 1:
+            return  # a prefill reads nearly every expert anyway: its predictions would only flood the cache
         for target in self.predictor.ahead(layer, self.depth):
             guess = np.unique(self.predictor.predict(layer, router_input, target)).tolist()
             with self._lock:

@@ -71,7 +71,7 @@ def record_trace(
 
     def on_hidden(layer: int, hidden: np.ndarray) -> None:
         nxt = predictor.ahead(layer, 1)
-        if nxt:
+        if nxt and hidden.shape[0] == 1:  # single-token steps only, as the policy does
             guess = predictor.predict(layer, hidden, nxt[0])
             current["pred"][position[nxt[0]]] = sorted(set(guess.ravel().tolist()))
 
@@ -89,32 +89,36 @@ def record_trace(
 def compare_policies(
     trace: RoutingTrace, prior: np.ndarray, expert_bytes: Sequence[int], capacity: int, **scored: float
 ) -> list[SimResult]:
-    """Replay `trace` through each policy at `capacity` bytes of experts."""
+    """Replay `trace` through each policy at `capacity` bytes of experts; hits are counted on the single-token
+    decode steps (a prefill's union covers most experts whatever the policy)."""
     layers = trace.layers
-    results = [simulate("expert LRU", LruCache(capacity, expert_bytes), trace.steps, layers, expert_bytes)]
+    counted = [rows == 1 for rows in trace.rows]
+    results = [
+        simulate("expert LRU", LruCache(capacity, expert_bytes), trace.steps, layers, expert_bytes, counted=counted)
+    ]
     results.append(
         simulate(
             "router-aware, recency only",
             ScoredCache(capacity, expert_bytes, prior, prior_tokens=0.0, **scored),
-            trace.steps, layers, expert_bytes,
+            trace.steps, layers, expert_bytes, counted=counted,
         )
     )
     results.append(
         simulate(
             "router-aware (prior + recency)",
             ScoredCache(capacity, expert_bytes, prior, **scored),
-            trace.steps, layers, expert_bytes,
+            trace.steps, layers, expert_bytes, counted=counted,
         )
     )
     results.append(
         simulate(
             "router-aware + predicted routing",
             ScoredCache(capacity, expert_bytes, prior, **scored),
-            trace.steps, layers, expert_bytes, predictions=trace.predicted,
+            trace.steps, layers, expert_bytes, predictions=trace.predicted, counted=counted,
         )
     )
     belady = BeladyCache(capacity, expert_bytes, trace.steps, layers)
-    results.append(simulate("Belady (optimal)", belady, trace.steps, layers, expert_bytes))
+    results.append(simulate("Belady (optimal)", belady, trace.steps, layers, expert_bytes, counted=counted))
     return results
 
 
@@ -148,18 +152,18 @@ def bench_policy(
         f"predicted routing (next MoE layer's router on this layer's input): recall {100 * recall:.1f}% of the "
         f"selected experts (chance {100 * layout.n_expert_used / layout.n_expert:.1f}%)",
         "",
-        f"{'capacity':>9} {'policy':<34} {'hit rate':>8} {'MiB read/step':>13}",
+        f"{'capacity':>9} {'policy':<34} {'hit rate':>8} {'MiB read/token':>14}",
     ]
     for fraction in fractions:
         capacity = int(fraction * total)
         for result in compare_policies(held, prior, expert_bytes, capacity):
             lines.append(
                 f"{100 * fraction:>8.0f}% {result.name:<34} {100 * result.hit_rate:>7.1f}% "
-                f"{result.bytes_per_token / MIB:>13.2f}"
+                f"{result.bytes_per_token / MIB:>14.2f}"
             )
     lines.append(
-        "capacity: share of all experts' bytes the cache may hold. A step is one llama_decode (a prompt prefill "
-        "or one generated token); hits and misses count selected experts (union over the step's rows). With "
+        "capacity: share of all experts' bytes the cache may hold. Every step (a prompt prefill or one generated "
+        "token) goes through the cache; hits, misses and bytes read are counted over the generated tokens. With "
         "predicted routing an expert read ahead on a prediction counts as a hit when selected, and its bytes as "
         "read whether or not it was."
     )
