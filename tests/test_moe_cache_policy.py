@@ -360,3 +360,27 @@ def test_repacked_experts_are_refused_and_with_extra_buffer_types_off_pinning_an
     assert repacked[:4] == plain[:4]  # repacked kernels round differently; the greedy start agrees
     tokens, stats, held, _ = _managed_run(model, budget_experts=10)
     assert tokens == plain and stats.read_now > 0 and stats.evicted > 0 and held == 1.0
+
+
+def test_bench_policy_command_replays_recorded_routing(moe_q8: Path, tmp_path: Path):
+    import subprocess
+
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "prompts.txt").write_text("What is in front of me?\nDescribe the room.\nRead the label.\n")
+    (calibration / "heldout.txt").write_text("Is the path ahead safe to walk?\nWhat colour is the cup?\n")
+    cmd = [sys.executable, "-m", "edgevision", "bench", "policy", "--model", str(moe_q8), "--tokens", "6"]
+    cmd += ["--calibration", str(calibration), "--capacity", "0.4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    rows = {}
+    for line in proc.stdout.splitlines():
+        if line.strip().startswith("40%"):
+            name, rate = line.split("%", 1)[1].rsplit(None, 2)[0].strip(), line.split()[-2]
+            rows[name] = float(rate.rstrip("%"))
+    assert set(rows) == {
+        "expert LRU", "router-aware, recency only", "router-aware (prior + recency)",
+        "router-aware + predicted routing", "Belady (optimal)",
+    }
+    assert rows["Belady (optimal)"] >= max(rows["expert LRU"], rows["router-aware (prior + recency)"])
+    assert "predicted routing (next MoE layer's router on this layer's input): recall" in proc.stdout
