@@ -527,7 +527,7 @@ def bench_moe(
 
 
 def _policy_label(name: str) -> str:
-    labels = dict((n, label) for label, n in POLICY_ROWS)
+    labels = {n: label for label, n in POLICY_ROWS}
     base, _, options = name.partition(":")
     return labels.get(base, base) + (f" ({options.replace('=0', ' off').replace(',', ', ')})" if options else "")
 

@@ -242,7 +242,7 @@ class ScoredCache(_Sized):
         return added
 
     def resident(self) -> set[Expert]:
-        return {(int(a), int(b)) for a, b in zip(*np.nonzero(self._mask))}
+        return {(int(a), int(b)) for a, b in zip(*np.nonzero(self._mask), strict=True)}
 
     def __contains__(self, expert: Expert) -> bool:
         return bool(self._mask[expert])

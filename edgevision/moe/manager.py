@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgevision.moe.cache import Expert, ScoredCache
 from edgevision.moe.layout import ExpertLayout
 from edgevision.moe.mapping import ModelMapping
-from edgevision.moe.cache import Expert, ScoredCache
 from edgevision.moe.prefetch import AHEAD, NOW, ExpertPrefetcher
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ class RouterAwarePolicy:
             room = cgroup_budget(layout.other_bytes, self.headroom)
             ceiling = ctx.budget
 
-            def budget(resident: int) -> int:  # noqa: F811 - the following budget, capped by the harness's
+            def budget(resident: int) -> int:
                 return min(ceiling, room(resident)) if resident else ceiling
 
         predictor = RoutePredictor.from_gguf(layout.path) if self.options["predict"] else None

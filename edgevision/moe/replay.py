@@ -145,12 +145,18 @@ def bench_policy(
     recall = predicted_recall(held)
     decode_steps = sum(1 for n in held.rows if n == 1)
     lines = [
-        f"edgevision bench policy: {Path(model).name}: {len(layout.moe_layers)} MoE layers x {layout.n_expert} "
-        f"experts (top {layout.n_expert_used}), experts {total / MIB:.0f} MiB",
-        f"prior: selections on {folder}/prompts.txt ({len(calib.steps)} steps); replayed: {folder}/{heldout} "
-        f"({len(held.steps)} steps, {decode_steps} of them single-token decode steps, {tokens} per question)",
-        f"predicted routing (next MoE layer's router on this layer's input): recall {100 * recall:.1f}% of the "
-        f"selected experts (chance {100 * layout.n_expert_used / layout.n_expert:.1f}%)",
+        (
+            f"edgevision bench policy: {Path(model).name}: {len(layout.moe_layers)} MoE layers x {layout.n_expert} "
+            f"experts (top {layout.n_expert_used}), experts {total / MIB:.0f} MiB"
+        ),
+        (
+            f"prior: selections on {folder}/prompts.txt ({len(calib.steps)} steps); replayed: {folder}/{heldout} "
+            f"({len(held.steps)} steps, {decode_steps} of them single-token decode steps, {tokens} per question)"
+        ),
+        (
+            f"predicted routing (next MoE layer's router on this layer's input): recall {100 * recall:.1f}% of the "
+            f"selected experts (chance {100 * layout.n_expert_used / layout.n_expert:.1f}%)"
+        ),
         "",
         f"{'capacity':>9} {'policy':<34} {'hit rate':>8} {'MiB read/token':>14}",
     ]
