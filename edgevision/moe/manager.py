@@ -152,8 +152,8 @@ class ExpertManager:
         self._policy_thread.start()
 
     def _enqueue(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
-        """On the decoding thread, before the layer's expert matmuls: the chosen experts the cache does not
-        hold are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
+        """On the decoding thread, before the layer's expert matmuls: the chosen experts not wholly in the page
+        cache are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
         them in a read-ahead window at a time); the rest of the work is queued for the policy's thread."""
         if self.prefetcher is not None:
             from edgevision.moe.predict import topk_gates
@@ -162,8 +162,8 @@ class ExpertManager:
                 chosen = topk_gates(logits, self.n_used)[0][0]
             else:  # a prefill: every expert any row chose
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
-            held = self.cache._mask[layer]  # the policy thread's view; a stale answer costs a read or a fault
-            cold = [(layer, int(e)) for e in chosen if not held[e]]
+            # what the page cache holds now (mincore), not the policy thread's view, which may lag a layer
+            cold = self.mapping.cold([(layer, int(e)) for e in chosen])
             if cold:
                 self.prefetcher.submit(cold, NOW)
                 self._waited += len(cold)
