@@ -180,9 +180,13 @@ class ScoredCache(_Sized):
         self._mask[layer, expert] = True
         self.resident_bytes += self.size(layer)
 
-    def access(self, layer: int, experts: Iterable[int], now: int) -> tuple[list[int], list[Expert]]:
+    def access(
+        self, layer: int, experts: Iterable[int], now: int, weight: float = 1.0
+    ) -> tuple[list[int], list[Expert]]:
+        """See `Cache.access`; `weight` is what each selection adds to the score (a prompt prefill, which
+        selects most experts once, may count for less than a generated token)."""
         chosen = [int(e) for e in experts]
-        self._add(layer, chosen, 1.0, now)
+        self._add(layer, chosen, weight, now)
         missed = [e for e in chosen if not self._mask[layer, e]]
         evicted: list[Expert] = []
         for e in missed:
@@ -311,6 +315,7 @@ def simulate(
     predictions: Sequence[Sequence[Sequence[int]]] | None = None,
     warm: bool = False,
     counted: Sequence[bool] | None = None,
+    prefill_weight: float = 1.0,
 ) -> SimResult:
     """Replay `trace` (``trace[t][i]``: ids selected at token t by MoE layer ``layers[i]``) through `cache`.
 
@@ -331,7 +336,10 @@ def simulate(
                 if counted is None or counted[t]:
                     result.bytes_read += len(ahead) * expert_bytes[layer]
             unique = list(dict.fromkeys(int(e) for e in ids))
-            missed, _ = cache.access(layer, unique, t)
+            if isinstance(cache, ScoredCache) and counted is not None and not counted[t]:
+                missed, _ = cache.access(layer, unique, t, prefill_weight)
+            else:
+                missed, _ = cache.access(layer, unique, t)
             if counted is None or counted[t]:
                 result.misses += len(missed)
                 result.hits += len(unique) - len(missed)

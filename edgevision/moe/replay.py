@@ -43,9 +43,11 @@ class RoutingTrace:
 
 
 def record_trace(
-    model: str | os.PathLike[str], questions: Sequence[str], *, tokens: int = 16, n_threads: int = 1
+    model: str | os.PathLike[str], questions: Sequence[str], *, tokens: int = 16, n_threads: int = 1, seed: int = 0
 ) -> RoutingTrace:
-    """Decode each question greedily for `tokens` steps and record its routing."""
+    """Decode each question for `tokens` steps, sampling at temperature 1 (as `edgevision bench moe`'s
+    reference continuation: greedy decoding of a synthetic model repeats itself and flatters every cache),
+    and record its routing."""
     from edgevision.decoder.llama import LlamaDecoder
     from edgevision.decoder.prompt import GEMMA4, build_turn, run_prompt
     from edgevision.moe.calibrate import SYSTEM_PROMPT
@@ -78,11 +80,14 @@ def record_trace(
     observer.listeners.append(on_ids)
     observer.hidden_listeners.append(on_hidden)
     with LlamaDecoder(model, n_ctx=512, n_threads=n_threads, cb_eval=observer) as decoder:
-        for question in questions:
+        for i, question in enumerate(questions):
             decoder.reset()
             run_prompt(decoder, build_turn(question, system=SYSTEM_PROMPT, fmt=GEMMA4).segments)
+            rng = np.random.default_rng([seed, i])
             for _ in range(tokens):
-                decoder.prefill_tokens([int(np.argmax(decoder.logits()))])
+                z = decoder.logits().astype(np.float64)
+                p = np.exp(z - z.max())
+                decoder.prefill_tokens([int(rng.choice(p.size, p=p / p.sum()))])
     return RoutingTrace(tuple(layers), observer.n_expert, steps, predicted, rows)
 
 
