@@ -137,6 +137,7 @@ class ScoredCache(_Sized):
         self.hint_weight = hint_weight
         self._mask = np.zeros(self._base.shape, dtype=bool)  # resident
         self._sizes = np.broadcast_to(np.asarray(self.expert_bytes, dtype=np.int64)[:, None], self._base.shape)
+        self._unit = min((b for b in self.expert_bytes if b > 0), default=0)  # the smallest expert
 
     def _scale(self, now: float) -> float:
         factor = math.exp(self._rate * (now - self._origin))
@@ -150,7 +151,10 @@ class ScoredCache(_Sized):
         return self._boost / self._scale(now) + self._base
 
     def _add(self, layer: int, experts: Sequence[int], weight: float, now: float) -> None:
-        self._boost[layer, experts] += weight * self._scale(now)
+        amount = weight * self._scale(now)
+        row = self._boost[layer]
+        for expert in experts:  # a handful: scalar updates beat fancy indexing here
+            row[expert] += amount
 
     def _make_room(self, layer: int, expert: int, now: float, protect: Sequence[int], strict: bool) -> list[Expert] | None:
         """Free room for (layer, expert) by evicting lower-scored residents (not `protect`, of the same layer):
@@ -162,6 +166,15 @@ class ScoredCache(_Sized):
         mine = scores[layer, expert]
         candidates = self._mask.copy()
         candidates[layer, protect] = False
+        if need <= self._unit:  # one victim is enough (experts of one size): the lowest score
+            masked = np.where(candidates, scores, np.inf)
+            victim = int(np.argmin(masked))
+            worst = masked.flat[victim]
+            if not np.isfinite(worst) or worst > mine or (strict and worst == mine):
+                return None
+            self._mask.flat[victim] = False
+            self.resident_bytes -= int(self._sizes.flat[victim])
+            return [divmod(victim, self._base.shape[1])]
         flat = np.flatnonzero(candidates)
         order = flat[np.argsort(scores.ravel()[flat], kind="stable")]
         sizes = self._sizes.ravel()[order]
