@@ -22,13 +22,15 @@ agreement is measured position by position. Over the single-token decode steps o
 tokens/s (without the time it waited for a CPU: schedstat), major faults (``getrusage``), bytes read from
 storage (``/proc/self/io`` read_bytes: every thread's block reads, faults and read-ahead included) and the
 hit rate: the share of the experts each router chose whose pages were all in RAM at that moment (``mincore``
-on the experts' byte ranges). The probe and the router observer cost decode time, so plain mmap's speed and
-bytes come from runs without them and its hit rate from an extra probed run.
+on the experts' byte ranges), and the share of their pages in RAM. The probe costs decode time, so the hit
+rates come from one extra probed run of each capped configuration and everything else from runs without it
+(plain mmap runs without the router observer too; the policies need it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -48,7 +50,9 @@ from edgevision.errors import EdgevisionError, ModelError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-up0.1-q8_0.gguf"
+# 'make bench-model': the realistic-routing model (the default) and the static-skew one
+DEFAULT_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-up0.1-t16s3p4i0.3c0.3-q8_0.gguf"
+STATIC_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-up0.1-q8_0.gguf"
 MIB = 2**20
 
 
@@ -84,6 +88,8 @@ class RunResult:
     fed: list[list[int]] = field(default_factory=list)  # the tokens decoded after each top-1 (reference run)
     hits: int = 0
     accesses: int = 0
+    pages_in: int = 0
+    pages: int = 0
     read_bytes_per_token: float = 0.0
     notes: str = ""
     error: str = ""
@@ -147,6 +153,7 @@ class ResidencyProbe:
         self._page = PAGE
         self.active = False
         self.hits = self.accesses = 0
+        self.pages_in = self.pages = 0  # the chosen experts' pages, and how many of them were in RAM
 
     def __call__(self, layer: int, expert_ids: Any, weights: Any) -> None:
         if not self.active:
@@ -160,9 +167,10 @@ class ResidencyProbe:
             resident = True
             for address, pages in self._ranges[(layer, int(expert))]:
                 vec = self._vec[:pages]
-                if mincore(address, pages * self._page, vec.ctypes.data) != 0 or not (vec & 1).all():
-                    resident = False
-                    break
+                inside = int((vec & 1).sum()) if mincore(address, pages * self._page, vec.ctypes.data) == 0 else 0
+                resident &= inside == pages
+                self.pages_in += inside
+                self.pages += pages
             self.hits += resident
             self.accesses += 1
 
@@ -251,6 +259,7 @@ def run_config(spec: RunSpec) -> RunResult:
             recorder.trace().save(spec.record_trace)
         if probe is not None:
             result.hits, result.accesses = probe.hits, probe.accesses
+            result.pages_in, result.pages = probe.pages_in, probe.pages
     result.rss_anon = _rss_anon()
     result.wall_tokens_per_s = result.decoded / elapsed if elapsed else 0.0
     result.tokens_per_s = result.decoded / (elapsed - waited) if elapsed > waited else result.wall_tokens_per_s
@@ -448,7 +457,7 @@ def bench_moe(
             )
             model = disk.path
             lines.append(
-                disk.settings.describe() + f"; one 128 KiB O_DIRECT read unthrottled: "
+                disk.settings.describe() + f"; one 128 KiB O_DIRECT read, unthrottled, less CPU wait: "
                 f"{1e6 * disk.measure_latency():.0f} us (median, queue depth 1); threads {n_threads or 'all cores'}"
             )
         else:
@@ -483,7 +492,7 @@ def bench_moe(
         results: dict[str, list[RunResult]] = {}
         notes: dict[str, str] = {}
         free_spec = RunSpec("unconstrained (mmap)", **dict(base, reference=fed))
-        probed: RunResult | None = None
+        probed: dict[str, RunResult] = {}
         with cgroup if cgroup is not None else contextlib.nullcontext():
             if cgroup is not None:
                 share = f"{100 * cap / layout.file_size:.0f}% of the file"
@@ -494,7 +503,7 @@ def bench_moe(
                 for label, name in rows_:
                     extra = {"profile": str(profile)} if name.startswith(("router-aware", "pinned-prior")) else {}
                     extra |= {"trace": str(trace)} if name == "belady" else {}
-                    specs.append((RunSpec(label, **forced, policy=name, probe=True, **extra), True))
+                    specs.append((RunSpec(label, **forced, policy=name, **extra), True))
                 if pruned:
                     budget = cap - ref.rss_anon - headroom_mib * MIB
                     pruned_path, kept = _prune_to_fit(model, Path(calibration), budget, n_threads, work)
@@ -505,7 +514,10 @@ def bench_moe(
                         notes["pruned-to-fit"] = (
                             f"{pruned_path.stat().st_size / MIB:.0f} MiB file, {kept}" + _kept_mass(pruned_path, prior)
                         )
-                probed = _run_child(RunSpec("plain mmap", **forced, probe=True), cgroup, disk)
+                # hit rates from one probed run of each capped configuration; speed and bytes from runs without
+                # the probe (its mincore calls cost decode time)
+                for spec, _ in specs:
+                    probed[spec.label] = _run_child(dataclasses.replace(spec, probe=True), cgroup, disk)
             specs.insert(0, (free_spec, False))
             # the machine's load drifts: interleave the configurations, repeat them, keep each one's best run
             for _ in range(repeats):
@@ -515,14 +527,17 @@ def bench_moe(
         for label, runs in results.items():
             ok = [r for r in runs if not r.error]
             best = max(ok, key=lambda r: r.tokens_per_s) if ok else runs[0]
-            if label == "plain mmap" and probed is not None and not probed.error:
-                best.hits, best.accesses = probed.hits, probed.accesses
+            hit = probed.get(label)
+            if hit is not None and not hit.error and not best.error:
+                best.hits, best.accesses = hit.hits, hit.accesses
+                best.pages_in, best.pages = hit.pages_in, hit.pages
             parts = [notes.get(label, ""), best.notes.lstrip(", ")]
             if len(ok) > 1:
                 parts.append(f"best of {len(ok)}: {', '.join(f'{r.tokens_per_s:.2f}' for r in ok)} tokens/s")
             best.notes = "; ".join(part for part in parts if part)
             rows.append((best, "no cap" if label.startswith("unconstrained") else f"cap {cap / MIB:.0f} MiB"))
-    lines += _table(rows, reference)
+    bandwidth = disk.settings.read_mbps * 1e6 if disk is not None and disk.settings.read_mbps else None
+    lines += _table(rows, reference, bandwidth)
     return "\n".join(lines)
 
 
@@ -542,11 +557,21 @@ def _read_ahead_of(path: Path) -> str:
     return "unknown"
 
 
-def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> list[str]:
+def _modelled(result: RunResult, free: RunResult, bandwidth: float | None) -> float | None:
+    """Tokens/s if decoding computed as fast as unconstrained and read its bytes at the throttle's bandwidth
+    one after the other (no overlap): what the storage alone would allow, whatever the machine's load."""
+    if not bandwidth or not free.tokens_per_s:
+        return None
+    return 1 / (1 / free.tokens_per_s + result.read_bytes_per_token / bandwidth)
+
+
+def _table(
+    results: list[tuple[RunResult, str]], reference: list[list[int]], bandwidth: float | None = None
+) -> list[str]:
     free = results[0][0].tokens_per_s
     header = (
-        f"{'configuration':<22} {'memory':<12} {'hit rate':>8} {'MB read/tok':>11} {'faults/tok':>10} "
-        f"{'tokens/s*':>9} {'x unconstr.':>11} {'wall tok/s':>10} {'top-1 agree':>11}  notes"
+        f"{'configuration':<22} {'memory':<12} {'hit rate':>8} {'pages in':>8} {'MB read/tok':>11} {'faults/tok':>10} "
+        f"{'tokens/s*':>9} {'x unconstr.':>11} {'wall tok/s':>10} {'model tok/s+':>12} {'top-1 agree':>11}  notes"
     )
     out = ["", header]
     by_label = {}
@@ -554,26 +579,38 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         by_label[result.label] = result
         if result.error:
             out.append(
-                f"{result.label:<22} {where:<12} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} {'-':>11}  {result.error}"
+                f"{result.label:<22} {where:<12} {'-':>8} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} {'-':>12} {'-':>11}  {result.error}"
             )
             continue
         agree = _agreement(reference, result.top1)
         agree_text = f"{100 * agree:.1f}%" if agree is not None else "-"
         hit = f"{100 * result.hits / result.accesses:.1f}%" if result.accesses else "-"
+        pages_in = f"{100 * result.pages_in / result.pages:.1f}%" if result.pages else "-"
+        modelled = _modelled(result, results[0][0], bandwidth)
+        modelled_text = f"{modelled:.1f}" if modelled else "-"
         notes = result.notes.lstrip(", ")
+        if result.rss_anon:
+            notes = f"anon {result.rss_anon / MIB:.0f} MiB" + (f"; {notes}" if notes else "")
         if result.peak:
             notes = f"peak {result.peak / MIB:.0f} MiB" + (f"; {notes}" if notes else "")
         out.append(
-            f"{result.label:<22} {where:<12} {hit:>8} {result.read_bytes_per_token / 1e6:>11.2f} "
+            f"{result.label:<22} {where:<12} {hit:>8} {pages_in:>8} {result.read_bytes_per_token / 1e6:>11.2f} "
             f"{result.faults_per_token:>10.1f} {result.tokens_per_s:>9.2f} {result.tokens_per_s / free:>11.2f} "
-            f"{result.wall_tokens_per_s:>10.2f} {agree_text:>11}  {notes}"
+            f"{result.wall_tokens_per_s:>10.2f} {modelled_text:>12} {agree_text:>11}  {notes}"
         )
     out.append(
         "* decode steps per second, not counting the time the decoding thread waited for a CPU (schedstat "
         "run-queue delay: the cores are shared); page-fault I/O counts. Ratios use this column. Hit rate: share "
-        "of chosen experts fully in RAM when chosen (plain mmap: from an extra probed run). MB read/tok: "
+        "of chosen experts fully in RAM when chosen, pages in: share of their pages in RAM (both from one extra "
+        "probed run of each configuration; the other columns from runs without the probe). MB read/tok: "
         "/proc/self/io read_bytes over the decode steps. Top-1 agreement against the reference run's top-1."
     )
+    if bandwidth:
+        out.append(
+            f"+ a model, not a measurement: 1 / (1 / unconstrained tokens/s* + MB read per token / "
+            f"{bandwidth / 1e6:.0f} MB/s), reads not overlapped with compute; it does not depend on this machine's "
+            "load, the measured columns do (on shared cores a loop device's reads also wait for CPU)."
+        )
     out.append("")
     plain, lru, aware, belady = (
         by_label.get(k) for k in ("plain mmap", "expert LRU", "router-aware", "Belady (ceiling)")
@@ -587,9 +624,16 @@ def _table(results: list[tuple[RunResult, str]], reference: list[list[int]]) -> 
         out.append(
             f"router-aware / expert LRU under the cap: {aware.tokens_per_s / lru.tokens_per_s:.2f}x (target >= 1.2x)"
         )
-    if aware in ok and belady is not None and not belady.error and aware.accesses and belady.accesses:
-        gap = 100 * (belady.hits / belady.accesses - aware.hits / aware.accesses)
-        out.append(f"router-aware hit rate: {gap:.1f} points below Belady's (target <= 10)")
+    if aware in ok and plain in ok and bandwidth:
+        ratio = _modelled(aware, results[0][0], bandwidth) / _modelled(plain, results[0][0], bandwidth)
+        out.append(f"modelled (+): router-aware / plain mmap {ratio:.2f}x")
+    if aware in ok and belady is not None and not belady.error and aware.pages and belady.pages:
+        gap = 100 * (belady.pages_in / belady.pages - aware.pages_in / aware.pages)
+        gap_all = 100 * (belady.hits / belady.accesses - aware.hits / aware.accesses)
+        out.append(
+            f"router-aware pages in RAM when chosen: {gap:.1f} points below Belady's (target <= 10); "
+            f"experts with all pages in RAM: {gap_all:.1f} points"
+        )
     pruned = by_label.get("pruned-to-fit")
     if pruned and not pruned.error:
         agree = _agreement(reference, pruned.top1) or 0.0

@@ -138,7 +138,13 @@ def _cmd_bench_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_moe(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
     from edgevision.moe.bench import bench_moe
+
+    # a terminated run still unmounts and detaches its loop device and removes its cgroups
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     print(
         bench_moe(
