@@ -121,7 +121,7 @@ class ScoredCache(_Sized):
         expert_bytes: Sequence[int],
         prior: np.ndarray,
         *,
-        half_life: float = 32.0,
+        half_life: float = 2.0,
         prior_tokens: float = 8.0,
         hint_weight: float = 0.5,
     ) -> None:

@@ -109,7 +109,7 @@ class ExpertManager:
         warm: bool = True,
         random_access: bool = True,
         workers: int = 4,
-        half_life: float = 32.0,
+        half_life: float = 2.0,
         prior_tokens: float = 8.0,
         poll: float = 0.25,
     ) -> None:
