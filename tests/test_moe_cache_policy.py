@@ -253,7 +253,7 @@ def test_predicted_routing_matches_the_next_layers_router(make_synthetic, tmp_pa
     assert recall > 3 * (2 / 16)  # measured 0.54 on a like model; chance is 0.125
 
 
-def _managed_run(model: Path, budget_experts: int, prior=None, **options):
+def _managed_run(model: Path, budget_experts: int, prior=None, extra_buffer_types: bool = False, **options):
     """Decode with the whole policy on; returns (tokens, manager stats, held experts' residency, others')."""
     from edgevision.decoder.llama import LlamaDecoder
     from edgevision.moe.manager import ExpertManager
@@ -264,7 +264,9 @@ def _managed_run(model: Path, budget_experts: int, prior=None, **options):
     observer = PredictingObserver.for_model(model)
     if prior is None:
         prior = np.full((layout.n_layer, layout.n_expert), 1 / layout.n_expert)
-    with LlamaDecoder(model, n_ctx=256, n_threads=1, cb_eval=observer) as decoder:
+    with LlamaDecoder(
+        model, n_ctx=256, n_threads=1, cb_eval=observer, extra_buffer_types=extra_buffer_types
+    ) as decoder:
         mapping = ModelMapping(layout, decoder.mapping_base)
         budget = budget_experts * layout.expert_bytes(layout.moe_layers[0])
         manager = ExpertManager(layout, mapping, prior, budget=budget, predictor=RoutePredictor.from_gguf(model), **options)
@@ -272,13 +274,14 @@ def _managed_run(model: Path, budget_experts: int, prior=None, **options):
             manager.attach(observer)  # as the policy runs: decisions on the manager's own thread
             manager.start()
             tokens = _decode(decoder, 16)
-            check_managed(mapping, observer.placement)
             manager.drain()
+            stats = manager.stats  # raises if the manager found the experts repacked
+            check_managed(mapping, observer.placement)
             held = manager.cache.resident()
             last = set(manager._after_use)  # read for the last token only, dropped at the next
             every = {(layer, e) for layer in layout.moe_layers for e in range(layout.n_expert)}
             others = sorted(every - held - last)
-            return tokens, manager.stats, mapping.resident(_inner(layout, held)), mapping.resident(_inner(layout, others))
+            return tokens, stats, mapping.resident(_inner(layout, held)), mapping.resident(_inner(layout, others))
 
 
 def test_the_policy_never_changes_tokens_and_ram_holds_what_it_decided(make_synthetic, tmp_path: Path):
@@ -360,6 +363,8 @@ def test_repacked_experts_are_refused_and_with_extra_buffer_types_off_pinning_an
     assert repacked[:4] == plain[:4]  # repacked kernels round differently; the greedy start agrees
     tokens, stats, held, _ = _managed_run(model, budget_experts=10)
     assert tokens == plain and stats.read_now > 0 and stats.evicted > 0 and held == 1.0
+    with pytest.raises(EdgevisionError, match="extra buffer types off"):  # the policy refuses repacked experts
+        _managed_run(model, budget_experts=10, extra_buffer_types=True)
 
 
 def test_bench_policy_command_replays_recorded_routing(moe_q8: Path, tmp_path: Path):

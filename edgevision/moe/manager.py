@@ -135,6 +135,7 @@ class ExpertManager:
         self._after_use: list[Expert] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._policy_thread: threading.Thread | None = None
+        self._observer: PredictingObserver | None = None
         self.n_used = layout.n_expert_used
         self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
         self._worker: threading.Thread | None = None
@@ -146,6 +147,7 @@ class ExpertManager:
         """Take the router's choices from `observer` on this manager's own thread: the decoding thread only
         copies each MoE layer's router logits and input and queues them (`PredictingObserver.deferred`)."""
         self.n_used = observer.n_expert_used
+        self._observer = observer
         observer.deferred = self._enqueue
         self._inbox = queue.SimpleQueue()
         self._policy_thread = threading.Thread(target=self._follow, name="moe-policy", daemon=True)
@@ -155,6 +157,8 @@ class ExpertManager:
         """On the decoding thread, before the layer's expert matmuls: the chosen experts not wholly in the page
         cache are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
         them in a read-ahead window at a time); the rest of the work is queued for the policy's thread."""
+        if self._error is not None:  # the policy has stopped (reported by `stats`); the kernel decides
+            return
         if self.prefetcher is not None:
             from edgevision.moe.predict import topk_gates
 
@@ -195,6 +199,10 @@ class ExpertManager:
         """`RouterObserver` listener: the router's choice for `layer`."""
         if layer == self._first:
             self._step += 1
+            if self._step == 2 and self._observer is not None:  # the first graph has been seen whole
+                from edgevision.moe.mapping import check_managed
+
+                check_managed(self.mapping, self._observer.placement)  # raises if llama.cpp repacked them
             if self._after_use:  # the experts read for one decode only: that decode is over
                 self._dropped.put((self._calls, self._after_use))
                 self._after_use = []
@@ -302,8 +310,12 @@ class ExpertManager:
         if self._policy_thread is not None:
             done = threading.Event()
             self._inbox.put(done)
-            if not done.wait(timeout):
-                raise TimeoutError(f"the expert policy took more than {timeout} s to catch up")
+            deadline = time.monotonic() + timeout
+            while not done.wait(0.05):
+                if self._error is not None:
+                    raise self._error
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the expert policy took more than {timeout} s to catch up")
         if self.prefetcher is not None:
             self.prefetcher.wait(timeout)
         done = threading.Event()
