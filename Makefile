@@ -4,6 +4,8 @@
 #   make bench-model - the two 876 MiB MoE models 'edgevision bench moe' decodes under a memory cap (realistic, static)
 #   make engines - on the board: build TensorRT plans from the ONNX towers in engines/ (PRECISION=int8 for INT8)
 #   make bench-e2e - spoken questions through the daemon: overlapped vs sequential, release → first audio
+#   make bench-board HOST=user@jetson - the benchmark suites on a board over SSH: results folder and report
+#   make lint   - ruff check, ruff format --check and mypy (CI runs it before the tests)
 #   sudo make install   - the daemon as a systemd service (user edgevision, /opt/edgevision, /etc/edgevision)
 #   sudo make uninstall - remove the service and /opt/edgevision (keeps config, models, logs and the user)
 SHELL := /bin/bash
@@ -24,7 +26,7 @@ MOE_VARIANTS := f32 q8_0 q4_0
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
 MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
-.PHONY: demo test venv models engines lint clean help bench-model bench-e2e install uninstall
+.PHONY: demo test venv models engines lint clean help bench-model bench-e2e bench-board install uninstall
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -95,9 +97,20 @@ $(BENCH_MOE_STATIC): tools/make_synthetic.py | $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgevision tools tests
+	$(BIN)/ruff format --check edgevision tools tests
+	$(BIN)/mypy edgevision
 
 bench-e2e: models
 	$(EDGEVISION) bench e2e --config $(CONFIG)
+
+# The suites on a board over SSH (docs/board-benchmarks.md): SUITES=all or e.g. e2e,vision; BENCH_BOARD_ARGS for
+# the rest (--quick, --compare out/bench/OLDER, -p PORT, -i KEY, --models DIR).
+SUITES ?= all
+BENCH_BOARD_ARGS ?=
+
+bench-board: $(if $(HOST),$(STAMP))
+	@test -n "$(HOST)" || { echo "make bench-board: name the board: make bench-board HOST=user@jetson"; exit 2; }
+	$(EDGEVISION) bench board $(HOST) --suites $(SUITES) $(BENCH_BOARD_ARGS)
 
 # --- the service (see systemd/edgevision.service) ---
 # On the board: sudo make install INSTALL_EXTRAS=jetson CMAKE_ARGS=-DGGML_CUDA=on
@@ -111,9 +124,10 @@ CMAKE_ARGS ?=
 install:
 	@test "$$(id -u)" = 0 || { echo "make install: run it as root: sudo make install"; exit 1; }
 	getent group gpio >/dev/null || groupadd --system gpio
+	getent group input >/dev/null || groupadd --system input
 	id -u edgevision >/dev/null 2>&1 || useradd --system --user-group --home-dir $(STATE) --no-create-home \
 		--shell /usr/sbin/nologin edgevision
-	usermod --append --groups video,audio,gpio edgevision
+	usermod --append --groups video,audio,input,gpio edgevision
 	test -x $(OPT)/venv/bin/python || $(INSTALL_PYTHON) -m venv --system-site-packages $(OPT)/venv
 	$(OPT)/venv/bin/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(CMAKE_ARGS)" $(OPT)/venv/bin/python -m pip install --quiet '.$(if $(INSTALL_EXTRAS),[$(INSTALL_EXTRAS)])'

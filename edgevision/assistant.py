@@ -16,17 +16,45 @@ import numpy as np
 
 from edgevision.config import Config
 from edgevision.decoder.llama import LlamaDecoder
-from edgevision.decoder.prompt import FORMATS, ChatFormat, build_turn, image_causal_for, run_prompt
+from edgevision.decoder.prompt import (
+    FORMATS,
+    ChatFormat,
+    build_turn,
+    format_for_architecture,
+    image_causal_for,
+    run_prompt,
+)
 from edgevision.errors import InputError, ModelError
 from edgevision.speech.audio import Audio
-from edgevision.speech.recognition import WhisperRecognizer
-from edgevision.speech.synthesis import PiperSynthesizer, split_sentences
+from edgevision.speech.engines import open_recognizer, open_synthesizer
+from edgevision.speech.recognition import Recognizer
+from edgevision.speech.synthesis import Synthesizer, split_sentences
 from edgevision.vision.encoder import VisionEncoder, encode_image, open_encoder
 
 logger = logging.getLogger(__name__)
 
 # Speak the answer's first clause on its own once it has this many words (the rest sentence by sentence).
 FIRST_CLAUSE_WORDS = 4
+# A question longer than this is not a question (Whisper's 120 s of speech is about 2,000 characters).
+MAX_QUESTION_CHARS = 2000
+NO_QUESTION = "I didn't catch a question"
+
+
+def check_question(question: str) -> str:
+    """The question stripped, or InputError: empty or blank, not text (bytes that are not UTF-8), or too long."""
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, kept by Python as lone surrogates
+        raise InputError(
+            "the question is not UTF-8 text (its bytes cannot be decoded); type it again in a UTF-8 terminal"
+        ) from None
+    if not question.strip():
+        raise InputError(f"{NO_QUESTION}: the question is empty; ask it in words")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise InputError(
+            f"the question is {len(question)} characters long; ask it in at most {MAX_QUESTION_CHARS} characters"
+        )
+    return question.strip()
 
 
 @dataclass(frozen=True)
@@ -79,10 +107,10 @@ class Assistant:
     def __init__(
         self,
         *,
-        recognizer: WhisperRecognizer,
+        recognizer: Recognizer,
         encoder: VisionEncoder,
         decoder: LlamaDecoder,
-        synthesizer: PiperSynthesizer | None,
+        synthesizer: Synthesizer | None,
         system_prompt: str,
         max_answer_tokens: int,
         temperature: float = 0.0,
@@ -103,16 +131,22 @@ class Assistant:
     @classmethod
     def from_config(cls, config: Config, *, speak: bool = True) -> Assistant:
         """Load every stage named by the config; on failure, what was loaded is closed again."""
+        from edgevision.registry import verify_registered
+
+        recognizer_paths = {f"speech.recognizer.{k}": v for k, v in config.speech.recognizer.paths().items()}
+        voice_paths = {f"speech.synthesizer.{k}": v for k, v in config.speech.synthesizer.paths().items()}
+        verify_registered(
+            {
+                **recognizer_paths,
+                "vision.tower": config.vision.tower,
+                "decoder.model": config.decoder.model,
+                **(voice_paths if speak else {}),
+            }
+        )
         clock = _Clock()
         with ExitStack() as stack:
-            recognizer = stack.enter_context(
-                WhisperRecognizer(
-                    config.speech.whisper_model,
-                    language=config.speech.language,
-                    beam_size=config.speech.beam_size,
-                    cpu_threads=config.speech.whisper_threads,
-                )
-            )
+            recognizer = open_recognizer(config.speech.recognizer)
+            stack.callback(recognizer.close)
             clock.lap("recognizer")
             encoder = open_encoder(config.vision.backend, config.vision.tower, threads=config.vision.threads)
             stack.callback(encoder.close)
@@ -123,15 +157,15 @@ class Assistant:
                     n_ctx=config.decoder.n_ctx,
                     n_threads=config.decoder.n_threads,
                     seed=config.decoder.seed,
+                    extra_buffer_types=config.decoder.extra_buffer_types,
                 )
             )
             check_pairing(encoder, decoder, config.vision.tower)
             clock.lap("decoder")
             synthesizer = None
             if speak:
-                synthesizer = stack.enter_context(
-                    PiperSynthesizer(config.speech.piper_voice, length_scale=config.speech.length_scale)
-                )
+                synthesizer = open_synthesizer(config.speech.synthesizer)
+                stack.callback(synthesizer.close)
                 clock.lap("synthesizer")
             assistant = cls(
                 recognizer=recognizer,
@@ -229,6 +263,7 @@ class Assistant:
         if audio is not None:
             question = self.transcribe(audio)
             clock.lap("recognition")
+        question = check_question(question)
         if on_question:
             on_question(question)
         scene = self.look(image)
@@ -252,6 +287,7 @@ class Assistant:
         but the question. Timings of `first_token`, `first_audio` and `total` count from the call (or from the
         given clock's start). `should_stop` is asked before each token and each sentence: once it returns True
         nothing more is generated or spoken, and the answer comes back `interrupted`."""
+        question = check_question(question)
         clock = clock or _Clock()
         reused = self._prefill_question(question, scene, clock)
         interrupted = False
@@ -320,12 +356,13 @@ def chat_format_of(decoder: LlamaDecoder, name: str = "auto") -> ChatFormat:
     """The chat layout for the decoder: `name`, or with "auto" the one of its GGUF architecture."""
     if name == "auto":
         architecture = decoder.meta("general.architecture") or "unknown"
-        if architecture not in ("gemma3", "gemma4"):
+        fmt = format_for_architecture(architecture)
+        if fmt is None:
             raise ModelError(
                 f"decoder {decoder.path.name} is a {architecture!r} model, whose prompt layout edgevision cannot "
                 f"tell; set decoder.chat_format to one of {', '.join(sorted(FORMATS))}"
             )
-        name = architecture
+        return image_causal_for(fmt, decoder.n_embd)
     return image_causal_for(FORMATS[name], decoder.n_embd)
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from edgevision import __version__
 from edgevision.errors import EdgevisionError
+from edgevision.logs import configure_logging
 
 logger = logging.getLogger("edgevision")
 
@@ -25,45 +27,30 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgevision.vision.commands",
     "edgevision.devices.commands",
     "edgevision.telemetry.commands",
+    "edgevision.bench.commands",
 )
 
 
-_CHATTY_LOGGERS = {
-    "edgevision.decoder.native": logging.ERROR,
-    "edgevision.vision.mtmd.native": logging.ERROR,
-    "faster_whisper": logging.WARNING,
-}
-
-
-def _configure_logging(level: str, debug: bool) -> None:
-    # Under systemd journald adds the timestamps; elsewhere a short time helps.
-    under_systemd = "INVOCATION_ID" in os.environ
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_systemd else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    level_no = logging.DEBUG if debug else getattr(logging, level.upper())
-    logging.basicConfig(level=level_no, format=fmt, stream=sys.stderr, force=True)
-    # Libraries narrate their work (llama.cpp's loader warns about quirks of the bundled models it fixes
-    # itself; faster-whisper logs every utterance): a user sees them with --debug only.
-    for name, quiet in _CHATTY_LOGGERS.items():
-        logging.getLogger(name).setLevel(logging.DEBUG if debug else max(level_no, quiet))
-
-
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from edgevision.assistant import Assistant
+    from edgevision.assistant import Assistant, check_question
     from edgevision.config import find_config, load_config
+    from edgevision.files import check_output
     from edgevision.speech.audio import read_wav, write_wav
     from edgevision.vision.preprocess import load_image
 
+    # Check the inputs and the output before loading models, so a bad one fails in a second, not after loading.
+    question = check_question(args.question) if args.question is not None else None
+    out = check_output(args.out, what="--out") if args.out is not None else None
     config = load_config(find_config(args.config))
-    _configure_logging(config.logging.level, args.debug)
-    # Read the inputs before loading models, so a bad file fails in a second, not after loading.
+    configure_logging(config.logging.level, args.debug)
     image = load_image(args.image) if args.image else _camera_frame(config)
     audio = read_wav(args.audio) if args.audio else None
-    speak = args.out is not None
+    speak = out is not None
     with Assistant.from_config(config, speak=speak) as assistant:
         answer = assistant.ask(
             image,
             audio=audio,
-            question=args.question,
+            question=question,
             on_question=lambda text: print(f"question: {text}\nanswer:   ", end="", flush=True),
             on_text=lambda piece: print(piece, end="", flush=True),
         )
@@ -72,16 +59,17 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             if answer.speech is None:
                 print("(no answer to speak)")
             else:
-                write_wav(args.out, answer.speech)
-                print(f"spoken answer: {args.out} ({answer.speech.duration:.1f} s)")
+                write_wav(out, answer.speech)  # atomically: a full disk or a signal leaves no partial file
+                print(f"spoken answer: {out} ({answer.speech.duration:.1f} s)")
     print()
     print(_timings_table(assistant.load_timings, answer.timings, answer.n_tokens))
     return 0
 
 
 def _camera_frame(config):
-    """One frame from the camera the config names (devices.camera, devices.camera_source)."""
-    from edgevision.devices.camera import open_configured_camera, take_frame
+    """One frame from the camera the config names (devices.camera)."""
+    from edgevision.devices.backends import open_configured_camera
+    from edgevision.devices.camera import take_frame
 
     camera = open_configured_camera(config.devices)
     try:
@@ -192,17 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every `with` block closes (Piper stops, temporary
+    files go, a half-written output is removed)."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging("warning", args.debug)
+    configure_logging("warning", args.debug)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)  # the daemon's event loop installs its own
     try:
         return args.func(args)
     except EdgevisionError as exc:
         print(f"edgevision: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print("edgevision: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("edgevision: stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except Exception as exc:
         if args.debug:
             raise

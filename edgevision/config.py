@@ -12,12 +12,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
+from edgevision.decoder.prompt import FORMATS as CHAT_FORMATS
+from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError
-from edgevision.schema import SettingDoc, check_declarations, load, section, setting
-from edgevision.schema import describe as describe_root
-from edgevision.schema import render_example as render_root
+from edgevision.plugins import settings_of
+from edgevision.schema import Choice, check_declarations, kinds, load, section, setting
+from edgevision.schema_docs import SettingDoc
+from edgevision.schema_docs import describe as describe_root
+from edgevision.schema_docs import render_example as render_root
+from edgevision.speech.engines import RECOGNIZERS, SYNTHESIZERS
+from edgevision.telemetry.power import POWER_READERS
+from edgevision.vision.encoder import BACKENDS as VISION_BACKENDS
 
 ENV_VAR = "EDGEVISION_CONFIG"
 SYSTEM_CONFIG = Path("/etc/edgevision/config.yaml")
@@ -30,27 +37,27 @@ __all__ = ["Config", "SettingDoc", "describe", "find_config", "load", "load_conf
 
 @dataclass(frozen=True)
 class SpeechSettings:
-    """Speech recognition (Whisper) and speech synthesis (Piper)."""
+    """Speech recognition (the question) and speech synthesis (the answer)."""
 
-    whisper_model: Path = setting(
-        "../models/whisper-tiny.en", "Whisper model directory (CTranslate2 format).", path="dir"
-    )
-    language: str = setting("en", "Language the user speaks, as a Whisper language code.")
-    beam_size: int = setting(1, "Whisper beam size; 1 is greedy decoding, the fastest.", min=1, max=10)
-    whisper_threads: int = setting(0, "CPU threads for Whisper; 0 picks automatically.", min=0, max=64)
-    piper_voice: Path = setting(
-        "../models/piper/en_US-joe-medium.onnx",
-        "Piper voice model (.onnx, with its .onnx.json beside it).",
-        path="file",
-    )
-    length_scale: float = setting(1.0, "Speaking rate: below 1 speaks faster, above 1 slower.", min=0.5, max=2.0)
+    recognizer: Choice = kinds(settings_of(RECOGNIZERS, "speech.recognizer"), "whisper", "Speech recognition.")
+    synthesizer: Choice = kinds(settings_of(SYNTHESIZERS, "speech.synthesizer"), "piper", "Speech synthesis.")
+
+    # the flat settings of earlier versions: where each one is written now
+    MOVED: ClassVar[dict[str, str]] = {
+        "whisper_model": "write it as recognizer: {kind: whisper, model: ...}",
+        "language": "write it as recognizer: {kind: whisper, language: ...}",
+        "beam_size": "write it as recognizer: {kind: whisper, beam_size: ...}",
+        "whisper_threads": "write it as recognizer: {kind: whisper, threads: ...}",
+        "piper_voice": "write it as synthesizer: {kind: piper, voice: ...}",
+        "length_scale": "write it as synthesizer: {kind: piper, length_scale: ...}",
+    }
 
 
 @dataclass(frozen=True)
 class VisionSettings:
     """The vision tower that turns a photo into image embeddings."""
 
-    backend: Literal["onnxruntime", "tensorrt"] = setting("onnxruntime", "Inference back-end for the vision tower.")
+    backend: str = setting("onnxruntime", "Inference back-end for the vision tower.", choices=VISION_BACKENDS)
     tower: Path = setting(
         "../models/synthetic/tower-gemma3-270m.onnx",
         "Vision tower model (ONNX); for backend tensorrt, the plan 'make engines' built from it "
@@ -67,10 +74,17 @@ class DecoderSettings:
     model: Path = setting("../models/gemma-3-270m-q4_k_m.gguf", "Decoder model (GGUF).", path="file")
     n_ctx: int = setting(2048, "Context window in tokens (image, prompt and answer).", min=256, max=131072)
     n_threads: int = setting(0, "CPU threads for the decoder; 0 picks automatically.", min=0, max=64)
-    chat_format: Literal["auto", "gemma3", "gemma4", "llava"] = setting(
+    chat_format: str = setting(
         "auto",
         "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4). LLaVA-style "
         "decoders (MoE-LLaVA, LLaVA-GM) need llava.",
+        choices=("auto", *CHAT_FORMATS),
+    )
+    extra_buffer_types: bool = setting(
+        False,
+        "Let llama.cpp copy weights into its CPU extra buffer types (AMX, CPU_REPACK). Off: AMX crashes on some "
+        "x86 hosts, and repacked weights leave the file mapping that expert residency manages; on may decode "
+        "Q4_0 faster on a CPU without residency.",
     )
     max_answer_tokens: int = setting(48, "Longest answer, in tokens.", min=1, max=1024)
     temperature: float = setting(0.0, "Sampling temperature; 0 always picks the likeliest token.", min=0.0, max=2.0)
@@ -123,21 +137,11 @@ class DaemonSettings:
 class DevicesSettings:
     """The camera, the push-to-talk button, the microphone and the speaker."""
 
-    camera: Literal["opencv", "video", "image"] = setting(
-        "opencv", "opencv: a live camera (USB/V4L2, or CSI through GStreamer); video: a video file; image: a photo."
-    )
-    camera_source: str = setting(
-        "0",
-        "opencv: a camera index (0), a device (/dev/video0) or a GStreamer pipeline; video/image: the file's path.",
-    )
-    camera_width: int = setting(1280, "Requested frame width for a live camera; 0 keeps the driver's.", min=0, max=8192)
-    camera_height: int = setting(
-        720, "Requested frame height for a live camera; 0 keeps the driver's.", min=0, max=8192
-    )
-    button: Literal["socket", "evdev", "gpio"] = setting(
+    camera: Choice = kinds(settings_of(CAMERAS, "devices.camera"), "opencv", "The camera.")
+    button: Choice = kinds(
+        settings_of(BUTTONS, "devices.button"),
         "socket",
-        "socket: only the control socket (edgevision press/release); evdev: a USB button or keyboard key; "
-        "gpio: a button on the 40-pin header.",
+        "The push-to-talk button (the control socket's press and release work with every kind).",
     )
     control_socket: Path = setting(
         "/run/edgevision/control.sock",
@@ -145,31 +149,33 @@ class DevicesSettings:
         path="file",
         must_exist=False,
     )
-    button_device: str = setting(
-        "", "evdev: the input device's path or part of its name; empty takes the first device with the key."
-    )
-    button_key: str = setting("KEY_SPACE", "evdev: the key code the button sends (`evtest` shows it).")
-    button_pin: int = setting(
-        7, "gpio: the BOARD pin number (Jetson.GPIO), or the line offset with button_chip.", min=0, max=1023
-    )
-    button_chip: str = setting("", "gpio: a gpiochip (/dev/gpiochip0) to use libgpiod; empty uses Jetson.GPIO.")
-    button_active_low: bool = setting(True, "gpio: the button connects the pin to ground (pull-up on).")
     debounce_ms: int = setting(
         30, "Edges this soon after a reported press or release are contact bounce.", min=0, max=500
     )
-    microphone: Literal["sounddevice", "wav"] = setting(
-        "sounddevice", "sounddevice: a real microphone (PortAudio); wav: WAV files played in (tests, scripts)."
+    microphone: Choice = kinds(settings_of(MICROPHONES, "devices.microphone"), "sounddevice", "The microphone.")
+    speaker: Choice = kinds(settings_of(SPEAKERS, "devices.speaker"), "sounddevice", "The speaker.")
+    wait_s: float = setting(
+        120.0,
+        "At start-up, how long to wait (retrying with backoff) for a microphone or speaker that is not there yet "
+        "before exiting with status 3 for systemd to start again.",
+        min=0,
+        max=3600,
     )
-    microphone_device: str = setting(
-        "", "sounddevice: the input device's name or index, empty for the default; wav: a WAV file or a folder."
-    )
-    speaker: Literal["sounddevice", "wav"] = setting(
-        "sounddevice", "sounddevice: a real speaker (PortAudio); wav: write what is played into WAV files."
-    )
-    speaker_device: str = setting(
-        "", "sounddevice: the output device's name or index, empty for the default; wav: the folder to write into."
-    )
-    speaker_realtime: bool = setting(True, "wav: take as long as the audio lasts (false: write at once).")
+
+    # the flat settings of earlier versions: where each one is written now
+    MOVED: ClassVar[dict[str, str]] = {
+        "camera_source": "write it as camera: {kind: ..., source: ...}",
+        "camera_width": "write it as camera: {kind: opencv, width: ...}",
+        "camera_height": "write it as camera: {kind: opencv, height: ...}",
+        "button_device": "write it as button: {kind: evdev, device: ...}",
+        "button_key": "write it as button: {kind: evdev, key: ...}",
+        "button_pin": "write it as button: {kind: gpio, pin: ...}",
+        "button_chip": "write it as button: {kind: gpio, chip: ...}",
+        "button_active_low": "write it as button: {kind: gpio, active_low: ...}",
+        "microphone_device": "write it as microphone: {kind: sounddevice, device: ...} or {kind: wav, source: ...}",
+        "speaker_device": "write it as speaker: {kind: sounddevice, device: ...} or {kind: wav, folder: ...}",
+        "speaker_realtime": "write it as speaker: {kind: wav, realtime: ...}",
+    }
 
 
 @dataclass(frozen=True)
@@ -181,11 +187,14 @@ class TelemetrySettings:
         "Per-interaction log (JSON lines, one record per answer).",
         path="file",
         must_exist=False,
+        writes=True,
     )
     log_max_mb: float = setting(10.0, "Rotate the log when it would pass this size, in MiB.", min=0.01, max=10000)
     log_backups: int = setting(5, "Rotated logs kept (interactions.jsonl.1, .2, ...).", min=0, max=1000)
-    power_reader: Literal["auto", "ina3221", "tegrastats", "rapl", "none"] = setting(
-        "auto", "Power monitor: auto picks INA3221 (Jetson), then tegrastats, then Intel RAPL, else none."
+    power_reader: str = setting(
+        "auto",
+        "Power monitor: auto picks INA3221 (Jetson), then tegrastats, then Intel RAPL, else none.",
+        choices=("auto", *POWER_READERS),
     )
     sample_interval_ms: int = setting(
         100, "How often power and memory are sampled during an answer.", min=10, max=10000
@@ -197,6 +206,7 @@ class TelemetrySettings:
         "Where stored recordings and frames go, when kept.",
         path="dir",
         must_exist=False,
+        writes=True,
     )
 
 
@@ -251,7 +261,12 @@ def find_config(
         )
     if path.is_file():
         return path
-    what = "is a directory, not a file" if path.is_dir() else "does not exist"
+    if path.is_dir():
+        what = "is a directory, not a file"
+    elif path.exists():
+        what = "is not a regular file (a pipe, a device or a socket)"
+    else:
+        what = "does not exist"
     raise ConfigError(f"config file {path} (from {origin}) {what} — check the path, or start from {example}")
 
 

@@ -4,6 +4,8 @@
 class EdgevisionError(Exception):
     """A lasting failure with a message a user can act on (printed or spoken, never a traceback)."""
 
+    exit_status = 2  # the unit's RestartPreventExitStatus: restarting will not fix it
+
 
 class ConfigError(EdgevisionError):
     """The configuration file is malformed, has unknown keys or values out of range."""
@@ -23,3 +25,9 @@ class MissingDependencyError(EdgevisionError):
 
 class DeviceError(EdgevisionError):
     """A camera, microphone, speaker or button failed or is missing."""
+
+
+class DeviceMissing(DeviceError):
+    """A device did not appear while start-up waited for it; it may yet (a USB microphone plugged in late)."""
+
+    exit_status = 3  # not in RestartPreventExitStatus: systemd starts the service again

@@ -7,7 +7,6 @@ the models directory, written atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,15 +16,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgevision.digests import default_cache, files_of
 from edgevision.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.json"
+MAX_REGISTRY_BYTES = 16 << 20
 GGUF_MAGIC = b"GGUF"
 
 
 def _check_decoder(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"{path} is not a file; a decoder must be a llama.cpp GGUF file")
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ModelError(f"{path} is not a GGUF file (no GGUF magic); a decoder must be a llama.cpp GGUF")
@@ -44,7 +47,7 @@ def _check_whisper(path: Path) -> None:
 
 
 def _check_voice(path: Path) -> None:
-    if path.suffix != ".onnx" or not Path(f"{path}.json").is_file():
+    if not path.is_file() or path.suffix != ".onnx" or not Path(f"{path}.json").is_file():
         raise ModelError(f"{path} is not a Piper voice: expected VOICE.onnx with VOICE.onnx.json beside it")
 
 
@@ -73,27 +76,13 @@ class ModelRecord:
 
 
 def _files_of(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
-    files = [path]
-    if Path(f"{path}.json").is_file():  # a Piper voice's config belongs to it
-        files.append(Path(f"{path}.json"))
-    return files
+    return files_of(path)
 
 
 def sha256_of(path: Path, progress: Callable[[int, int], None] | None = None) -> tuple[str, int]:
-    """sha256 and total size of a file, or of a directory's files in sorted order."""
-    files = _files_of(path)
-    total = sum(f.stat().st_size for f in files)
-    digest, done = hashlib.sha256(), 0
-    for file in files:
-        with file.open("rb") as f:
-            while block := f.read(1 << 22):
-                digest.update(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
-    return digest.hexdigest(), total
+    """sha256 and total size of a file, or of a directory's files in sorted order (through the digest cache,
+    so registering a model also makes its first load-time check fast)."""
+    return default_cache().digest(path, progress)
 
 
 def _print_progress(done: int, total: int) -> None:
@@ -108,12 +97,31 @@ class Registry:
         self.dir = Path(models_dir)
         self.file = self.dir / REGISTRY_FILE
         self._records: dict[str, ModelRecord] = {}
-        if self.file.exists():
+        if self.file.is_symlink() or self.file.exists():
+            self._records = self._read()
+
+    def _read(self) -> dict[str, ModelRecord]:
+        fix = "delete it and run 'make models' again (then register your own models again)"
+        if not self.file.is_file():
+            raise ModelError(f"model registry {self.file} is not a regular file; {fix}")
+        if self.file.stat().st_size > MAX_REGISTRY_BYTES:
+            raise ModelError(f"model registry {self.file} is larger than {MAX_REGISTRY_BYTES >> 20} MiB; {fix}")
+        try:
+            raw = json.loads(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"model registry {self.file} is unreadable or corrupt ({exc}); {fix}") from exc
+        if not isinstance(raw, dict):
+            raise ModelError(f"model registry {self.file} holds {type(raw).__name__}, not an object of models; {fix}")
+        records = {}
+        for name, rec in raw.items():
             try:
-                raw = json.loads(self.file.read_text())
-                self._records = {name: ModelRecord(**rec) for name, rec in raw.items()}
-            except (ValueError, TypeError) as exc:
-                raise ModelError(f"{self.file} is corrupt ({exc}); delete it and run 'make models' again") from exc
+                record = ModelRecord(**rec)
+            except TypeError as exc:
+                raise ModelError(f"model registry {self.file}: entry {name!r} is malformed ({exc}); {fix}") from exc
+            if not all(isinstance(v, str) for v in (record.name, record.kind, record.path, record.sha256)):
+                raise ModelError(f"model registry {self.file}: entry {name!r} has fields of the wrong type; {fix}")
+            records[name] = record
+        return records
 
     def records(self) -> list[ModelRecord]:
         return sorted(self._records.values(), key=lambda r: (r.kind, r.name))
@@ -124,9 +132,12 @@ class Registry:
     def register(self, path: str | Path, *, kind: str, name: str | None = None, source: str = "local file") -> ModelRecord:
         if kind not in KINDS:
             raise ModelError(f"unknown model kind {kind!r}; one of {', '.join(KINDS)}")
-        path = Path(path).resolve()
-        if not path.exists():
-            raise ModelError(f"model not found: {path}")
+        try:
+            path = Path(path).resolve(strict=True)
+        except FileNotFoundError:
+            raise ModelError(f"model not found: {path}; check the path") from None
+        except (OSError, RuntimeError) as exc:  # a symbolic link loop (RuntimeError before Python 3.13)
+            raise ModelError(f"model path {path} cannot be resolved ({exc}); fix the symbolic link") from exc
         KINDS[kind](path)
         sha, size = sha256_of(path, _print_progress)
         record = ModelRecord(name=name or path.stem, kind=kind, path=str(path), sha256=sha, size=size, source=source)
@@ -189,3 +200,50 @@ def provision_bundled(models_dir: str | Path) -> list[ModelRecord]:
         else:
             records.append(registry.register(path, kind=kind, name=name, source=source))
     return records
+
+
+# --- the load-time check -----------------------------------------------------------------------------------
+
+_REGISTRY_SEARCH_LEVELS = 3  # models/registry.json covers models/NAME and models/FOLDER/NAME
+
+
+def registry_for(path: Path) -> Registry | None:
+    """The registry in a model's folder or one of the folders above it (up to three levels), if any."""
+    folder = Path(os.path.abspath(path)).parent
+    for _ in range(_REGISTRY_SEARCH_LEVELS):
+        candidate = folder / REGISTRY_FILE
+        if candidate.is_symlink() or candidate.exists():
+            return Registry(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    return None
+
+
+def verify_registered(models: dict[str, Path]) -> None:
+    """Refuse a model whose registry entry records another sha256 than the file now has.
+
+    `models` maps a label ("decoder") to the configured path. A model no registry lists is used as it is (it
+    was never registered); a listed one is checked through the digest cache, so an unchanged file costs a
+    `stat` and a replaced one is hashed and refused.
+    """
+    for label, path in models.items():
+        registry = registry_for(path)
+        if registry is None:
+            continue
+        try:
+            resolved = str(Path(path).resolve(strict=True))
+        except (OSError, RuntimeError):
+            continue  # missing or a loop: the loader of that model says so
+        record = next((r for r in registry.records() if r.path == resolved), None)
+        if record is None:
+            logger.debug("%s %s is not in %s; not checked", label, path, registry.file)
+            continue
+        sha, _ = sha256_of(Path(resolved), _print_progress)
+        if sha != record.sha256:
+            raise ModelError(
+                f"{label} {path} has changed since it was registered as {record.name!r} (sha256 {sha[:12]}… now, "
+                f"{record.sha256[:12]}… registered); restore the original, or if the new file is meant, register it "
+                f"again: edgevision models register {path} --kind {record.kind} --name {record.name}"
+            )
+        logger.debug("%s %s matches its registered sha256 %s", label, path, sha[:12])

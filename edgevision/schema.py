@@ -1,14 +1,14 @@
-"""Typed, strict settings from YAML: declarations with `setting()`/`section()`, the loader, and the docs.
+"""Typed, strict settings from YAML: declarations with `setting()`/`section()`/`kinds()`, and the loader.
 
 Settings are fields of frozen dataclasses, one dataclass per section, declared with `setting()` (default,
 one-line description, limits). `load` walks the YAML node tree, so each error names the file, the line, the
 dotted key, what is wrong and how to fix it; it collects every error before raising one `ConfigError`.
-`describe()` and `render_example()` read the same declarations. edgevision's own settings are declared in
-`edgevision.config`.
+`edgevision.schema_docs` describes the same declarations for people. edgevision's own settings are declared
+in `edgevision.config`.
 
 Field types the loader understands: str, int, float, bool, Path (with `path="file"` or `path="dir"`),
-Literal["a", "b"] (a choice), any of these `| None` (then `null` is accepted), and nested section
-dataclasses.
+Literal["a", "b"] or str with `choices=` (a choice), any of these `| None` (then `null` is accepted), nested
+section dataclasses, and `Choice` declared with `kinds()`: a back-end picked by `kind:` with its own settings.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import dataclasses
 import difflib
 import math
 import os
+import stat
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -27,8 +29,17 @@ from typing import Any, Literal
 import yaml
 
 from edgevision.errors import ConfigError
+from edgevision.schema_words import _describe_node, _expectation, _num, _range_words, _show, _tag_word, _yaml_text
 
 MODELS_FIX = "run 'make models', or register your model with 'edgevision models register'"
+
+_KINDS = "edgevision.kinds"
+# A config file is a page of settings: anything much larger, or nested deeper, is not one of ours.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16
+
+# Folders a path that edgevision writes (a log, captures) may never be in, even through symbolic links.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
 
 _META = "edgevision"
 
@@ -46,6 +57,8 @@ class Meta:
     path: Literal["file", "dir"] | None = None
     must_exist: bool = True
     fix: str = MODELS_FIX  # said when a path that must exist is missing
+    choices: tuple[str, ...] = ()  # for a str setting: the allowed values (a back-end registry's names)
+    writes: bool = False  # edgevision writes there: no '..' and no system folder
 
 
 def setting(
@@ -57,15 +70,20 @@ def setting(
     path: Literal["file", "dir"] | None = None,
     must_exist: bool = True,
     fix: str = MODELS_FIX,
+    choices: Iterable[str] = (),
+    writes: bool = False,
 ) -> Any:
     """Declare one setting: its default, a one-line description and its limits.
 
     For a path, `default` is written as in the YAML file (relative to the config file's directory) and
-    `path` says whether it names a file or a directory; it must exist unless `must_exist=False`.
+    `path` says whether it names a file or a directory; it must exist unless `must_exist=False`. A path that
+    edgevision `writes` may not climb out of its folder with '..' nor lie in a system folder (`SYSTEM_DIRS`).
+    For a choice, declare the type `str` and pass `choices` (a back-end registry, so the list of choices is
+    written once), or declare a ``Literal[...]`` type.
     """
     if path is not None:
         default = Path(default)
-    meta = Meta(description, min, max, path, must_exist, fix)
+    meta = Meta(description, min, max, path, must_exist, fix, tuple(choices), writes)
     return field(default=default, metadata={_META: meta})
 
 
@@ -74,9 +92,41 @@ def section(cls: type) -> Any:
     return field(default_factory=cls)
 
 
+@dataclass(frozen=True)
+class Choice:
+    """A back-end chosen by `kind`, with that back-end's own settings (`options`, its settings dataclass)."""
+
+    kind: str
+    options: Any
+
+    def paths(self) -> dict[str, Path]:
+        """The back-end's path settings by name (a model file or folder), for checks and status lines."""
+        return {name: value for name, value in vars(self.options).items() if isinstance(value, Path)}
+
+
+@dataclass(frozen=True)
+class KindsMeta:
+    description: str
+    kinds: Mapping[str, type]  # kind → its settings dataclass (declared beside the back-end)
+    default: str
+
+
+def kinds(registry: Mapping[str, type], default: str, description: str) -> Any:
+    """Declare a back-end choice: in YAML ``camera: {kind: image, source: photo.jpg}`` (or just ``camera: image``).
+
+    `registry` maps each kind to the settings dataclass its back-end declares (fields made with `setting()`; its
+    docstring's first line says what the kind is). The value is a `Choice`; a key of another kind is an error
+    that says which kind it belongs to.
+    """
+    if default not in registry:
+        raise TypeError(f"default kind {default!r} is not one of {', '.join(registry)}")
+    meta = KindsMeta(description, dict(registry), default)
+    return field(default_factory=lambda: Choice(default, registry[default]()), metadata={_KINDS: meta})
+
+
 # --- the schema, read from the declarations -----------------------------------------------------------------
 
-_Kind = Literal["str", "int", "float", "bool", "path", "choice", "section"]
+_Kind = Literal["str", "int", "float", "bool", "path", "choice", "section", "kinds"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +138,8 @@ class _Spec:
     meta: Meta | None  # None for a section
     choices: tuple[str, ...] = ()
     section: type | None = None
+    kinds: KindsMeta | None = None  # for a back-end choice
+    only_for: str = ""  # a setting of this kind of back-end only
 
 
 @cache
@@ -98,6 +150,14 @@ def _specs(cls: type) -> dict[str, _Spec]:
     for f in dataclasses.fields(cls):
         tp, nullable = _strip_none(hints[f.name])
         where = f"{cls.__name__}.{f.name}"
+        if _KINDS in f.metadata:
+            kinds_meta = f.metadata[_KINDS]
+            if tp is not Choice:
+                raise TypeError(f"{where}: declare a back-end choice with the type Choice")
+            for kind_cls in kinds_meta.kinds.values():
+                _specs(kind_cls)
+            specs[f.name] = _Spec(f.name, "kinds", False, kinds_meta.default, None, kinds=kinds_meta)
+            continue
         if dataclasses.is_dataclass(tp):
             specs[f.name] = _Spec(f.name, "section", False, None, None, section=tp)
             _specs(tp)
@@ -115,6 +175,8 @@ def _specs(cls: type) -> dict[str, _Spec]:
             kind = "path"
             if meta.path not in ("file", "dir"):
                 raise TypeError(f"{where}: a Path setting needs path='file' or path='dir'")
+        elif tp is str and meta.choices:
+            kind, choices = "choice", meta.choices
         elif tp in (str, int, float, bool):
             kind = tp.__name__
         else:
@@ -161,97 +223,25 @@ def _leaves(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, _Spec]]:
         if spec.kind == "section":
             assert spec.section is not None
             yield from _leaves(spec.section, key + ".")
+        elif spec.kind == "kinds":
+            assert spec.kinds is not None
+            yield key + ".kind", _kind_spec(spec.kinds)
+            for kind, kind_cls in spec.kinds.kinds.items():
+                for sub_key, sub in _leaves(kind_cls, key + "."):
+                    yield sub_key, dataclasses.replace(sub, only_for=kind)
         else:
             yield key, spec
 
 
-# --- describing the settings --------------------------------------------------------------------------------
+def _kind_spec(meta: KindsMeta) -> _Spec:
+    """The `kind:` key of a back-end choice, as a choice setting."""
+    return _Spec("kind", "choice", False, meta.default, Meta(f"{meta.description} {kinds_described(meta)}."),
+                 tuple(meta.kinds))
 
 
-@dataclass(frozen=True)
-class SettingDoc:
-    """One row of the settings table, for the CLI and the README."""
-
-    key: str  # dotted: "decoder.n_ctx"
-    type: str  # "integer", "number", "string", "boolean", "file", "directory", "choice"
-    default: Any  # as written in the YAML file (paths as strings)
-    description: str
-    allowed: str  # the limits in words: "256 to 131072", "onnxruntime, tensorrt", "" when any value goes
-
-
-_TYPE_WORDS = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "choice": "choice"}
-
-
-def describe(root: type) -> list[SettingDoc]:
-    """Every setting, in declaration order."""
-    docs = []
-    for key, spec in _leaves(root):
-        assert spec.meta is not None
-        kind = _TYPE_WORDS[spec.kind] if spec.kind != "path" else _path_noun(spec)
-        if spec.nullable:
-            kind += " or null"
-        default = str(spec.default) if isinstance(spec.default, Path) else spec.default
-        docs.append(SettingDoc(key, kind, default, spec.meta.description, _allowed(spec)))
-    return docs
-
-
-def _path_noun(spec: _Spec) -> str:
-    assert spec.meta is not None
-    return "file" if spec.meta.path == "file" else "directory"
-
-
-def _allowed(spec: _Spec) -> str:
-    assert spec.meta is not None
-    lo, hi = spec.meta.min, spec.meta.max
-    if spec.kind == "choice":
-        return ", ".join(spec.choices)
-    if spec.kind == "path":
-        if not spec.meta.must_exist:
-            return ""
-        return "an existing " + ("file" if spec.meta.path == "file" else "directory")
-    if lo is not None and hi is not None:
-        return f"{_num(lo)} to {_num(hi)}"
-    if lo is not None:
-        return f"{_num(lo)} or more"
-    if hi is not None:
-        return f"{_num(hi)} or less"
-    return ""
-
-
-def _num(x: float) -> str:
-    return str(x)
-
-
-def render_example(root: type) -> str:
-    """A commented YAML file holding every setting at its default; config/edgevision.yaml is this text."""
-    lines = [
-        "# edgevision configuration: every setting, at its default.",
-        "# Generated from edgevision/config.py: python -m edgevision.config > config/edgevision.yaml",
-        "# Relative paths are relative to the directory this file is in (after following symlinks).",
-    ]
-    _render_section(root, 0, lines)
-    return "\n".join(lines) + "\n"
-
-
-def _render_section(cls: type, depth: int, lines: list[str]) -> None:
-    indent = "  " * depth
-    for spec in _specs(cls).values():
-        if spec.kind == "section":
-            assert spec.section is not None
-            lines.append("")
-            lines.append(f"{indent}# {_first_line(spec.section.__doc__)}")
-            lines.append(f"{indent}{spec.name}:")
-            _render_section(spec.section, depth + 1, lines)
-            continue
-        assert spec.meta is not None
-        allowed = _allowed(spec)
-        if spec.kind == "choice":
-            allowed = "one of: " + allowed
-        comment = spec.meta.description + (f" ({allowed})" if allowed and spec.kind != "path" else "")
-        lines.append(f"{indent}# {comment}")
-        default = str(spec.default) if isinstance(spec.default, Path) else spec.default
-        dumped = yaml.safe_dump({spec.name: default}, default_flow_style=False, width=math.inf, allow_unicode=True)
-        lines.append(indent + dumped.rstrip("\n"))
+def kinds_described(meta: KindsMeta) -> str:
+    """"opencv: a live camera ...; image: a still photo ..." from each kind's settings docstring."""
+    return "; ".join(f"{kind}: {_first_line(cls.__doc__)}" for kind, cls in meta.kinds.items())
 
 
 def _first_line(doc: str | None) -> str:
@@ -263,13 +253,9 @@ _T = typing.TypeVar("_T")
 
 def load(path: Path, root: type[_T]) -> _T:
     """Load `path` into the settings tree `root` (normally `Config`)."""
+    text = read_text_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
-    try:
+        _check_depth(text, path)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -295,6 +281,51 @@ def load(path: Path, root: type[_T]) -> _T:
     config = loader.build(root, node, "")
     loader.raise_if_errors()
     return config
+
+
+def read_text_file(path: Path, *, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; a FIFO, a device or a huge file is refused
+    before it is read (a FIFO would block, /dev/zero never ends)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if not stat.S_ISREG(info.st_mode):
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, a device or a socket)"
+        raise ConfigError(f"{path}: is {what} — give the path of a YAML config file")
+    if info.st_size > limit:
+        raise ConfigError(
+            f"{path}: is {info.st_size / 2**20:.1f} MiB; a config file may be at most {limit // 1024} KiB — "
+            "check that this is the config file (config/edgevision.yaml is about 8 KiB)"
+        )
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if len(data) > limit:  # it grew after the check
+        raise ConfigError(f"{path}: more than {limit // 1024} KiB — check that this is the config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
+
+
+def _check_depth(text: str, path: Path) -> None:
+    """Refuse YAML nested deeper than MAX_CONFIG_DEPTH, from the event stream (no recursion), before composing
+    it (PyYAML's composer recurses once per level)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(
+                    f"{path}:{line}: nested more than {MAX_CONFIG_DEPTH} levels deep — a config file has sections "
+                    "of settings, two levels: check the brackets and indentation near this line"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
 
 
 class _Loader:
@@ -326,7 +357,7 @@ class _Loader:
                 if name is None or name not in specs:
                     scalar = isinstance(key_node, yaml.ScalarNode)
                     raw = key_node.value if scalar else _describe_node(key_node)
-                    self._unknown(key_node, prefix, str(raw), specs)
+                    self._unknown(key_node, prefix, str(raw), specs, cls)
                 elif name in given:
                     first = given[name][0].start_mark.line + 1
                     self.error(key_node, prefix + name, f"set twice (first on line {first})", "keep one of the two")
@@ -348,16 +379,60 @@ class _Loader:
                     value_node = None
                 sub = value_node if isinstance(value_node, yaml.MappingNode) else None
                 values[name] = self.build(spec.section, sub, prefix + name + ".")
+            elif spec.kind == "kinds":
+                values[name] = self.choice(spec, prefix + name, key_node, value_node)
             else:
                 values[name] = self.leaf(spec, prefix + name, key_node, value_node)
         return cls(**values)
 
-    def _unknown(self, key_node: yaml.Node, prefix: str, raw: str, specs: dict[str, _Spec]) -> None:
+    def choice(self, spec: _Spec, key: str, key_node: yaml.Node | None, node: yaml.Node | None) -> Choice:
+        """A back-end choice: ``{kind: NAME, its settings...}``, or just ``NAME``."""
+        meta = spec.kinds
+        assert meta is not None
+        kind_spec = _kind_spec(meta)
+        kind, rest = meta.default, None
+        if node is None or _is_null(node):
+            pass
+        elif isinstance(node, yaml.ScalarNode):
+            kind = self.leaf(kind_spec, key, key_node, node)
+        elif isinstance(node, yaml.MappingNode):
+            pairs = [(k, v) for k, v in node.value if not (_is_str(k) and k.value == "kind")]
+            kind_pair = next(((k, v) for k, v in node.value if _is_str(k) and k.value == "kind"), None)
+            if kind_pair is not None:
+                kind = self.leaf(kind_spec, key + ".kind", kind_pair[0], kind_pair[1])
+            own = {f.name for f in dataclasses.fields(meta.kinds[kind])}
+            kept = []
+            for k, v in pairs:
+                owners = [other for other, cls in meta.kinds.items() if _is_str(k) and k.value in _specs(cls)]
+                if _is_str(k) and k.value not in own and owners:
+                    self.error(
+                        k,
+                        f"{key}.{k.value}",
+                        f"is a setting of {' and '.join(owners)}, not of kind {kind}",
+                        f"remove it, or set kind: {owners[0]}",
+                    )
+                else:
+                    kept.append((k, v))
+            rest = yaml.MappingNode(node.tag, kept, node.start_mark, node.end_mark)
+        else:
+            self.error(
+                key_node,
+                key,
+                f"is {_describe_node(node)}",
+                f"write the back-end's kind and settings under '{spec.name}:' (kind: {meta.default}, ...)",
+            )
+        return Choice(kind, self.build(meta.kinds[kind], rest, key + "."))
+
+    def _unknown(self, key_node: yaml.Node, prefix: str, raw: str, specs: dict[str, _Spec], cls: type) -> None:
         section = prefix.rstrip(".")
         what = f"unknown setting in {section}" if section else "unknown section"
         key = prefix + raw
         close = difflib.get_close_matches(raw, list(specs), n=1, cutoff=0.6)
         elsewhere = [k for k, _ in _leaves(self.root) if k.rsplit(".", 1)[-1] == raw and k != key]
+        moved = getattr(cls, "MOVED", {}).get(raw)
+        if moved:
+            self.error(key_node, key, "this setting has moved", moved)
+            return
         if close:
             fix = f"did you mean '{close[0]}'?"
         elif elsewhere:
@@ -431,12 +506,19 @@ class _Loader:
     def _path(self, spec: _Spec, key: str, key_node: yaml.Node | None, raw: str, *, default: bool) -> Path | None:
         assert spec.meta is not None
         path = Path(os.path.abspath(self.base / Path(raw).expanduser()))
+        if spec.meta.writes and not self._writable_place(key, key_node, raw, path):
+            return None
         if not spec.meta.must_exist:
             return path
         want_file = spec.meta.path == "file"
         noun = "file" if want_file else "directory"
         note = f" (the default '{raw}'; set {key} to yours)" if default else ""
-        if not path.exists():
+        if not path.exists() and path.is_symlink():
+            self.error(
+                key_node, key, f"{path} is a symbolic link to nothing (broken, or a loop){note}",
+                "point it at the model itself, or fix the link",
+            )
+        elif not path.exists():
             self.error(key_node, key, f"{noun} not found: {path}{note}", spec.meta.fix)
         elif want_file and not path.is_file():
             self.error(key_node, key, f"{path} is a directory, not a file{note}", "point it at the model file itself")
@@ -450,80 +532,27 @@ class _Loader:
         return path
 
 
+    def _writable_place(self, key: str, key_node: yaml.Node | None, raw: str, path: Path) -> bool:
+        """Whether `path`, which edgevision will write, stays out of '..' tricks and system folders."""
+        fix = "write the full path of a place edgevision owns, e.g. /var/log/edgevision/ or /var/lib/edgevision/"
+        if ".." in Path(raw).parts:
+            self.error(key_node, key, f"'{raw}' climbs out of its folder with '..'", fix)
+            return False
+        real = Path(os.path.realpath(path.parent)) / path.name  # where the folder's symbolic links lead
+        for place in (path, real):
+            system = next((d for d in SYSTEM_DIRS if place == Path(d) or Path(d) in place.parents), None)
+            if system is not None:
+                self.error(key_node, key, f"{path} is in the system folder {system}", fix)
+                return False
+        return True
+
+
 def _is_str(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:str"
 
 
 def _is_null(node: yaml.Node) -> bool:
     return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
-
-
-def _describe_node(node: yaml.Node) -> str:
-    if isinstance(node, yaml.MappingNode):
-        return "a mapping"
-    if isinstance(node, yaml.SequenceNode):
-        return "a list"
-    return f"{_tag_word(node.tag.rsplit(':', 1)[-1])} {_show(node)}"
-
-
-def _tag_word(tag: str) -> str:
-    return {
-        "int": "a whole number",
-        "float": "a number",
-        "bool": "a boolean",
-        "null": "empty",
-        "str": "text",
-        "timestamp": "a date",
-        "binary": "binary data",
-    }.get(tag, f"a {tag}")
-
-
-def _show(node: yaml.Node) -> str:
-    raw = str(node.value)
-    if len(raw) > 60:
-        raw = raw[:57] + "..."
-    return f"'{raw}'" if node.tag.endswith(":str") else raw
-
-
-def _yaml_text(value: Any) -> str:
-    if isinstance(value, Path):
-        value = str(value)
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).split("\n...")[0].strip()
-
-
-def _range_words(lo: float | None, hi: float | None) -> str:
-    if lo is not None and hi is not None:
-        return f"a value between {_num(lo)} and {_num(hi)}"
-    if lo is not None:
-        return f"a value of {_num(lo)} or more"
-    if hi is not None:
-        return f"a value of {_num(hi)} or less"
-    return "a number"
-
-
-def _expectation(spec: _Spec) -> str:
-    assert spec.meta is not None
-    match spec.kind:
-        case "int":
-            return "a whole number" + _range_tail(spec)
-        case "float":
-            return "a number" + _range_tail(spec)
-        case "bool":
-            return "true or false"
-        case "choice":
-            return "one of: " + ", ".join(spec.choices)
-        case "path":
-            return "the path of a " + ("file" if spec.meta.path == "file" else "directory")
-        case _:
-            return "some text"
-
-
-def _range_tail(spec: _Spec) -> str:
-    assert spec.meta is not None
-    lo, hi = spec.meta.min, spec.meta.max
-    if lo is None and hi is None:
-        return ""
-    return " (" + _range_words(lo, hi).removeprefix("a value ").removeprefix("of ") + ")"
 
 
 def check_declarations(root: type) -> None:

@@ -72,7 +72,8 @@ def demo_config(tmp_path_factory: pytest.TempPathFactory, whisper_dir, piper_voi
     """A config file naming the bundled models, as `make models` provisions them."""
     path = tmp_path_factory.mktemp("config") / "edgevision.yaml"
     path.write_text(
-        f"speech:\n  whisper_model: {whisper_dir}\n  piper_voice: {piper_voice}\n"
+        f"speech:\n  recognizer: {{kind: whisper, model: {whisper_dir}}}\n"
+        f"  synthesizer: {{kind: piper, voice: {piper_voice}}}\n"
         f"vision:\n  tower: {gemma3_tower}\n"
         f"decoder:\n  model: {gemma3_gguf}\n  n_ctx: 1024\n  max_answer_tokens: 24\n",
         encoding="utf-8",

@@ -114,7 +114,7 @@ def test_a_bad_config_names_the_file_line_and_key(demo_config, tmp_path, key, va
 
 def test_ask_takes_the_photo_from_the_configured_camera(demo_config: Path, tmp_path: Path) -> None:
     config = tmp_path / "camera.yaml"
-    camera = f"devices:\n  camera: image\n  camera_source: {PHOTO}\n"
+    camera = f"devices:\n  camera: {{kind: image, source: {PHOTO}}}\n"
     config.write_text(demo_config.read_text(encoding="utf-8") + camera, encoding="utf-8")
     result = edgevision("ask", "--config", config, "--camera", "--question", "What is on the table?")
     assert result.returncode == 0, result.stderr
@@ -123,7 +123,7 @@ def test_ask_takes_the_photo_from_the_configured_camera(demo_config: Path, tmp_p
 
 def test_a_camera_that_is_not_there_is_a_one_line_error(demo_config: Path, tmp_path: Path) -> None:
     config = tmp_path / "camera.yaml"
-    camera = f"devices:\n  camera: image\n  camera_source: {tmp_path / 'unplugged.jpg'}\n"
+    camera = f"devices:\n  camera: {{kind: image, source: {tmp_path / 'unplugged.jpg'}}}\n"
     config.write_text(demo_config.read_text(encoding="utf-8") + camera, encoding="utf-8")
     line = _one_line_error(edgevision("ask", "--config", config, "--camera", "--question", "What is this?"))
     assert "unplugged.jpg" in line

@@ -12,6 +12,7 @@ import yaml
 
 from edgevision.config import (
     Config,
+    DecoderSettings,
     SettingDoc,
     describe,
     find_config,
@@ -91,7 +92,16 @@ def test_example_file_has_exactly_the_declared_keys():
                 yield prefix + k
 
     in_file = list(keys(yaml.safe_load(EXAMPLE.read_text())))
-    assert in_file == [doc.key for doc in describe()]
+    docs = describe()
+    default_kind = {doc.key.removesuffix(".kind"): doc.default for doc in docs if doc.key.endswith(".kind")}
+
+    def shown(doc) -> bool:  # the example spells out the default kind's settings of each back-end choice
+        parent = doc.key.rpartition(".")[0]
+        return parent not in default_kind or not doc.description.startswith("[") or (
+            doc.description.startswith(f"[{default_kind[parent]}]")
+        )
+
+    assert in_file == [doc.key for doc in docs if shown(doc)]
 
 
 def test_example_file_loads_and_equals_defaults(tree: Path):
@@ -113,8 +123,9 @@ def test_empty_file_and_missing_keys_take_defaults(tree: Path):
 
 
 def test_values_have_their_declared_types(tree: Path):
-    config = load_config(write(tree, "speech:\n  length_scale: 1\ndecoder:\n  temperature: 0.7\n"))
-    assert config.speech.length_scale == 1.0 and isinstance(config.speech.length_scale, float)
+    config = load_config(write(tree, "speech:\n  synthesizer:\n    length_scale: 1\ndecoder:\n  temperature: 0.7\n"))
+    voice = config.speech.synthesizer.options
+    assert voice.length_scale == 1.0 and isinstance(voice.length_scale, float)
     assert config.decoder.temperature == 0.7
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.decoder.n_ctx = 1  # type: ignore[misc]
@@ -129,8 +140,8 @@ def test_describe_lists_every_setting_with_description():
         "decoder.n_ctx", "integer", 2048, docs["decoder.n_ctx"].description, "256 to 131072"
     )
     assert docs["vision.backend"].allowed == "onnxruntime, tensorrt"
-    assert docs["speech.whisper_model"].type == "directory"
-    assert docs["speech.piper_voice"].default == "../models/piper/en_US-joe-medium.onnx"
+    assert docs["speech.recognizer.model"].type == "directory"
+    assert docs["speech.synthesizer.voice"].default == "../models/piper/en_US-joe-medium.onnx"
     assert docs["decoder.seed"].allowed == "0 or more"
     assert {key.split(".")[0] for key in docs} == {f.name for f in dataclasses.fields(Config)}
     assert all(doc.description and "\n" not in doc.description for doc in docs.values())
@@ -153,10 +164,10 @@ def test_value_above_maximum(tree: Path):
 
 
 def test_value_below_minimum(tree: Path):
-    path = write(tree, "speech:\n  length_scale: 0.1\ndecoder:\n  seed: -1\n")
+    path = write(tree, "speech:\n  synthesizer:\n    length_scale: 0.1\ndecoder:\n  seed: -1\n")
     assert errors_of(path) == [
-        f"{path}:2: speech.length_scale: 0.1 is below the minimum 0.5 — set a value between 0.5 and 2.0",
-        f"{path}:4: decoder.seed: -1 is below the minimum 0 — set a value of 0 or more",
+        f"{path}:3: speech.synthesizer.length_scale: 0.1 is below the minimum 0.5 — set a value between 0.5 and 2.0",
+        f"{path}:5: decoder.seed: -1 is below the minimum 0 — set a value of 0 or more",
     ]
 
 
@@ -171,10 +182,10 @@ def test_unknown_key_suggests_the_closest(tree: Path):
 def test_unknown_key_in_the_wrong_section_or_unlike_any(tree: Path):
     path = write(tree, "decoder:\n  beam_size: 3\n  colour: red\n")
     assert errors_of(path) == [
-        f"{path}:2: decoder.beam_size: unknown setting in decoder — move it to speech.beam_size",
+        f"{path}:2: decoder.beam_size: unknown setting in decoder — move it to speech.recognizer.beam_size",
         (
             f"{path}:3: decoder.colour: unknown setting in decoder — remove it; known settings in decoder: "
-            "model, n_ctx, n_threads, chat_format, max_answer_tokens, temperature, seed, system_prompt"
+            + ", ".join(field.name for field in dataclasses.fields(DecoderSettings))
         ),
     ]
 
@@ -183,25 +194,32 @@ def test_wrong_types(tree: Path):
     path = write(
         tree,
         "speech:\n"
-        "  beam_size: true\n"  # bools are not ints
-        "  language: no\n"  # YAML reads this as false
-        "  whisper_threads: 2.5\n"
-        "  length_scale: fast\n"
+        "  recognizer:\n"
+        "    beam_size: true\n"  # bools are not ints
+        "    language: no\n"  # YAML reads this as false
+        "    threads: 2.5\n"
+        "  synthesizer: {length_scale: fast}\n"
         "decoder:\n"
         "  n_ctx: [1, 2]\n"
         "  max_answer_tokens:\n",
     )
     assert errors_of(path) == [
-        f"{path}:2: speech.beam_size: true is a boolean, not a whole number — set a whole number (between 1 and 10)",
-        f'{path}:3: speech.language: no is a boolean, not text — put it in quotes: "no"',
         (
-            f"{path}:4: speech.whisper_threads: 2.5 is a number, not a whole number"
+            f"{path}:3: speech.recognizer.beam_size: true is a boolean, not a whole number"
+            " — set a whole number (between 1 and 10)"
+        ),
+        f'{path}:4: speech.recognizer.language: no is a boolean, not text — put it in quotes: "no"',
+        (
+            f"{path}:5: speech.recognizer.threads: 2.5 is a number, not a whole number"
             " — set a whole number (between 0 and 64)"
         ),
-        f"{path}:5: speech.length_scale: 'fast' is text, not a number — set a number (between 0.5 and 2.0)",
-        f"{path}:7: decoder.n_ctx: is a list — set a whole number (between 256 and 131072)",
         (
-            f"{path}:8: decoder.max_answer_tokens: has no value — set a whole number (between 1 and 1024),"
+            f"{path}:6: speech.synthesizer.length_scale: 'fast' is text, not a number"
+            " — set a number (between 0.5 and 2.0)"
+        ),
+        f"{path}:8: decoder.n_ctx: is a list — set a whole number (between 256 and 131072)",
+        (
+            f"{path}:9: decoder.max_answer_tokens: has no value — set a whole number (between 1 and 1024),"
             " or delete the line to use the default 48"
         ),
     ]
@@ -276,26 +294,33 @@ def test_missing_model_file_says_make_models(tree: Path):
 
 
 def test_path_of_the_wrong_kind(tree: Path):
-    path = write(tree, "speech:\n  whisper_model: ../models/gemma-3-270m-q4_k_m.gguf\n  piper_voice: ../models\n")
+    path = write(
+        tree,
+        "speech:\n  recognizer: {model: ../models/gemma-3-270m-q4_k_m.gguf}\n  synthesizer: {voice: ../models}\n",
+    )
     models = (tree / "models").resolve()
     assert errors_of(path) == [
         (
-            f"{path}:2: speech.whisper_model: {models}/gemma-3-270m-q4_k_m.gguf is a file, not a directory"
+            f"{path}:2: speech.recognizer.model: {models}/gemma-3-270m-q4_k_m.gguf is a file, not a directory"
             " — point it at the directory that holds the model"
         ),
-        f"{path}:3: speech.piper_voice: {models} is a directory, not a file — point it at the model file itself",
+        (
+            f"{path}:3: speech.synthesizer.voice: {models} is a directory, not a file"
+            " — point it at the model file itself"
+        ),
     ]
 
 
 def test_all_errors_are_reported_together(tree: Path):
     path = write(
         tree,
-        "speech:\n  beam_size: 0\n  whisper_modle: x\nvision:\n  backend: cuda\ndecoder:\n  n_ctx: 99999999\n",
+        "speech:\n  recognizer:\n    beam_size: 0\n    modle: x\nvision:\n  backend: cuda\n"
+        "decoder:\n  n_ctx: 99999999\n",
     )
     lines = errors_of(path)
     assert [line.split(": ")[1] for line in lines] == [
-        "speech.beam_size",
-        "speech.whisper_modle",
+        "speech.recognizer.beam_size",
+        "speech.recognizer.modle",
         "vision.backend",
         "decoder.n_ctx",
     ]
@@ -317,11 +342,11 @@ def test_unreadable_file(tmp_path: Path):
 def test_relative_paths_resolve_against_the_config_directory(tree: Path, monkeypatch: pytest.MonkeyPatch):
     (tree / "config/voices").mkdir()
     (tree / "config/voices/mine.onnx").write_bytes(b"dummy")
-    path = write(tree, "speech:\n  piper_voice: voices/mine.onnx\n")
+    path = write(tree, "speech:\n  synthesizer: {kind: piper, voice: voices/mine.onnx}\n")
     monkeypatch.chdir(tree / "models")  # the working directory must not matter
     config = load_config(path)
-    assert config.speech.piper_voice == (tree / "config/voices/mine.onnx").resolve()
-    assert config.speech.piper_voice.is_absolute()
+    assert config.speech.synthesizer.options.voice == (tree / "config/voices/mine.onnx").resolve()
+    assert config.speech.synthesizer.options.voice.is_absolute()
     assert config.decoder.model == (tree / "models/gemma-3-270m-q4_k_m.gguf").resolve()
 
 
@@ -418,3 +443,57 @@ def test_a_bad_declaration_fails_naming_the_field():
 
     with pytest.raises(TypeError, match=r"Broken\.n: default 0 does not fit its declaration: below the minimum"):
         check_declarations(Broken)
+
+
+# --- back-ends chosen by kind, each with its own settings ---------------------------------------------------
+
+
+def test_a_back_end_is_chosen_by_kind_with_its_own_settings(tree: Path):
+    path = write(
+        tree,
+        "devices:\n  camera: {kind: image, source: /srv/photo.jpg}\n  button:\n    kind: gpio\n    pin: 12\n"
+        "  microphone: wav\n",
+    )
+    devices = load_config(path).devices
+    assert (devices.camera.kind, devices.camera.options.source) == ("image", "/srv/photo.jpg")
+    assert (devices.button.kind, devices.button.options.pin, devices.button.options.active_low) == ("gpio", 12, True)
+    assert devices.microphone.kind == "wav" and devices.microphone.options.loop is True  # the kind's defaults
+    assert devices.speaker.kind == "sounddevice"  # not in the file: the default kind
+
+
+def test_a_setting_of_another_kind_says_whose_it_is(tree: Path):
+    path = write(tree, "devices:\n  camera:\n    kind: image\n    width: 640\n  button: {kind: gpio, key: KEY_A}\n")
+    assert errors_of(path) == [
+        f"{path}:4: devices.camera.width: is a setting of opencv, not of kind image — remove it, or set kind: opencv",
+        f"{path}:5: devices.button.key: is a setting of evdev, not of kind gpio — remove it, or set kind: evdev",
+    ]
+
+
+def test_an_unknown_kind_lists_the_registered_ones(tree: Path):
+    path = write(tree, "devices:\n  camera: {kind: webcam}\n  speaker: wave\n")
+    assert errors_of(path) == [
+        f"{path}:2: devices.camera.kind: 'webcam' is not one of opencv, video, image — set one of: opencv, video, image",
+        f"{path}:3: devices.speaker: 'wave' is not one of sounddevice, wav — did you mean 'wav'?",
+    ]
+
+
+def test_the_old_flat_device_settings_say_how_to_write_them_now(tree: Path):
+    path = write(tree, "devices:\n  camera: image\n  camera_source: photo.jpg\n  button_pin: 7\n")
+    assert errors_of(path) == [
+        f"{path}:3: devices.camera_source: this setting has moved — write it as camera: {{kind: ..., source: ...}}",
+        f"{path}:4: devices.button_pin: this setting has moved — write it as button: {{kind: gpio, pin: ...}}",
+    ]
+
+
+def test_the_old_flat_speech_settings_say_how_to_write_them_now(tree: Path):
+    path = write(tree, "speech:\n  whisper_model: ../models/whisper-tiny.en\n  length_scale: 0.9\n")
+    assert errors_of(path) == [
+        f"{path}:2: speech.whisper_model: this setting has moved — write it as recognizer: {{kind: whisper, model: ...}}",
+        f"{path}:3: speech.length_scale: this setting has moved — write it as synthesizer: {{kind: piper, length_scale: ...}}",
+    ]
+
+
+def test_every_kinds_settings_are_listed_with_their_kind():
+    docs = {(doc.key, doc.description.split("]")[0]) for doc in describe() if doc.key.startswith("devices.")}
+    assert ("devices.button.pin", "[gpio") in docs and ("devices.speaker.folder", "[wav") in docs
+    assert ("devices.camera.source", "[opencv") in docs and ("devices.camera.source", "[image") in docs

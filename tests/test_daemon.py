@@ -227,7 +227,7 @@ def daemon(demo_config: Path, tmp_path_factory: pytest.TempPathFactory):
     from edgevision.assistant import Assistant
     from edgevision.config import load_config
     from edgevision.daemon.daemon import Daemon
-    from edgevision.devices.camera import open_camera
+    from edgevision.devices.backends import open_camera
     from edgevision.devices.socket_button import SocketButton
     from edgevision.devices.wav_devices import WavMicrophone, WavSpeaker
     from edgevision.telemetry.log import InteractionLog
@@ -519,8 +519,8 @@ def test_edgevision_run_notifies_systemd_serves_the_cli_and_stops_cleanly_on_sig
     config = tmp_path / "config.yaml"
     config.write_text(
         demo_config.read_text(encoding="utf-8")
-        + f"devices:\n  camera: image\n  camera_source: {PHOTO}\n  button: socket\n  control_socket: {control}\n"
-        f"  microphone: wav\n  microphone_device: {SPOKEN}\n  speaker: wav\n  speaker_device: {tmp_path / 'spoken'}\n"
+        + f"devices:\n  camera: {{kind: image, source: {PHOTO}}}\n  button: socket\n  control_socket: {control}\n"
+        f"  microphone: {{kind: wav, source: {SPOKEN}}}\n  speaker: {{kind: wav, folder: {tmp_path / 'spoken'}}}\n"
         f"telemetry:\n  log_path: {log}\n  power_reader: none\n",
         encoding="utf-8",
     )

@@ -27,7 +27,7 @@ def test_gemma3_turn_folds_system_into_user_turn_and_puts_image_before_question(
         Image(4, causal=False),
         Text("<end_of_image>\n\n"),
     )
-    assert turn.question == (Text(f"{QUESTION}<end_of_turn>\n<start_of_turn>model\n"),)
+    assert turn.question == (Text(QUESTION, special=False), Text("<end_of_turn>\n<start_of_turn>model\n"))
     assert turn.segments == turn.prefix + turn.question
     assert turn.image_tokens == 4
 
@@ -35,7 +35,7 @@ def test_gemma3_turn_folds_system_into_user_turn_and_puts_image_before_question(
 def test_turn_without_image_or_system_is_plain_chat() -> None:
     turn = build_turn("Hi")
     assert turn.prefix == (Text("<bos><start_of_turn>user\n"),)
-    assert turn.question == (Text("Hi<end_of_turn>\n<start_of_turn>model\n"),)
+    assert turn.question == (Text("Hi", special=False), Text("<end_of_turn>\n<start_of_turn>model\n"))
     assert turn.image_tokens == 0
 
 
@@ -46,12 +46,15 @@ def test_gemma4_turn_has_system_role_and_image_markers() -> None:
         Image(2, causal=False),
         Text("<image|>"),
     )
-    assert turn.question == (Text(f"{QUESTION}<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),)
+    assert turn.question == (Text(QUESTION, special=False), Text("<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"))
 
 
 def test_merge_text_joins_neighbours_and_drops_empty() -> None:
     merged = merge_text([Text("a"), Text(""), Text("b"), Image(1), Text(""), Image(2), Text("c")])
     assert merged == (Text("ab"), Image(1), Image(2), Text("c"))
+    assert merge_text([Text("a"), Text("b", special=False), Text("c")]) == (
+        Text("a"), Text("b", special=False), Text("c")
+    )  # the user's text is never joined into the template's
 
 
 def test_image_needs_a_token() -> None:
@@ -417,7 +420,7 @@ def gemma4_moe(tmp_path_factory):
 
 
 def test_gemma4_moe_takes_injected_rows_and_chat_markers(llama_mod, gemma4_moe) -> None:
-    gguf = pytest.importorskip("gguf")
+    gguf = pytest.importorskip("gguf", reason="gguf is not installed: pip install gguf")
     table = next(t for t in gguf.GGUFReader(gemma4_moe).tensors if t.name == "token_embd.weight")
     with llama_mod.LlamaDecoder(gemma4_moe, n_ctx=256, n_batch=128) as moe:
         assert moe.meta("general.architecture") == "gemma4"
@@ -438,3 +441,41 @@ def test_gemma4_moe_takes_injected_rows_and_chat_markers(llama_mod, gemma4_moe) 
         turn = build_turn(QUESTION, image_tokens=16, system="Be brief.", fmt=GEMMA4)
         run_prompt(moe, turn.segments, _image(0, 16, 1.0, moe.n_embd))
         assert len(list(moe.generate(4, stop_on_eog=False))) > 0
+
+
+def _cpu_repacks_q4_0() -> str | None:
+    """Why llama.cpp's CPU back-end would not repack Q4_0 here, or None when it would (AVX2 on x86, the
+    dot-product extension on Arm): the repack buffer type is the extra buffer type every such CPU has, so it
+    stands in for AMX, which only some x86 hosts have."""
+    import platform
+
+    flags = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64") and " avx2" in flags:
+        return None
+    if machine in ("aarch64", "arm64") and " asimddp" in flags:
+        return None
+    return f"llama.cpp does not repack Q4_0 on this CPU ({machine} without AVX2 or the Arm dot-product extension)"
+
+
+def test_weights_stay_in_the_file_mapping_unless_extra_buffer_types_are_asked_for(llama_mod, tmp_path) -> None:
+    """The decoder loads with llama.cpp's extra buffer types off: no weight is copied into AMX or CPU_REPACK
+    buffers (AMX crashes on some hosts; copies leave the file mapping that expert residency manages). Asking for
+    them puts Q4_0 weights into CPU_REPACK on any AVX2 or Arm dot-product CPU, so this test would see an AMX
+    buffer too: both are extra buffer types chosen by the same switch."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from make_synthetic import write_moe_decoder
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    path = write_moe_decoder(tmp_path / "moe-q4_0.gguf", seed=1, ftype="q4_0")
+
+    with llama_mod.LlamaDecoder(path, n_ctx=128, n_batch=64, n_threads=1) as default:
+        assert default.weight_buffers, "llama.cpp's load log named no model buffer"
+        assert set(default.weight_buffers) == {"CPU_Mapped"}, default.weight_buffers
+
+    reason = _cpu_repacks_q4_0()
+    if reason:
+        pytest.skip(reason)
+    with llama_mod.LlamaDecoder(path, n_ctx=128, n_batch=64, n_threads=1, extra_buffer_types=True) as repacked:
+        assert "CPU_REPACK" in repacked.weight_buffers, repacked.weight_buffers

@@ -109,7 +109,7 @@ def test_towers_exported_before_these_fields_still_load() -> None:
 
 
 def test_bench_vision_prints_our_time_next_to_mtmd(tools, tmp_path) -> None:
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36")
     export_tower, make_mmproj, _ = tools
     sys.path[:0] = [str(ROOT / "tools")]
     try:

@@ -33,6 +33,16 @@ CORPUS_TEXT = " ".join(make_synthetic.CORPUS.split())
 GGML_TYPE_F32, GGML_TYPE_I32 = 0, 26
 
 
+@pytest.fixture(autouse=True)
+def _no_extra_buffer_types():
+    """llama-cpp-python's `Llama` loads with llama.cpp's extra buffer types on, whose AMX one crashes on some
+    hosts: these tests check the model file, so they load it the way the product does (extra types off)."""
+    from edgevision.decoder.native import high_level_without_extra_buffer_types
+
+    with high_level_without_extra_buffer_types():
+        yield
+
+
 @pytest.fixture(scope="session")
 def decoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("synthetic")
@@ -96,7 +106,9 @@ def run_graph(model_path: Path, text: str, wanted: tuple[str, ...]) -> tuple[set
         return True
 
     callback = llama_cpp.ggml_backend_sched_eval_callback(on_node)
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
+    model_params = llama_cpp.llama_model_default_params()
+    model_params.use_extra_bufts = False  # llama.cpp's AMX buffer type crashes on some hosts
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), model_params)
     assert model, f"llama.cpp could not load {model_path}"
     try:
         params = llama_cpp.llama_context_default_params()

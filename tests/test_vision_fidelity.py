@@ -27,7 +27,7 @@ QUESTION = "What is in front of me?"
 SYSTEM = "Answer briefly."
 RESULTS: dict[str, dict[str, float]] = {}
 
-pytest.importorskip("llama_cpp")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36")
 
 
 def _tools():
@@ -129,8 +129,8 @@ def _segments_tokens(dec, segments) -> list[int]:
     out: list[int] = []
     for seg in segments:
         match seg:
-            case Text(text=text):
-                out += dec.tokenize(text, add_special=False, parse_special=True)
+            case Text(text=text, special=special):
+                out += dec.tokenize(text, add_special=False, parse_special=special)
             case Image(n_tokens=n):
                 out += [-1] * n
     return out

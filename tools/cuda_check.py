@@ -11,15 +11,14 @@ llama.cpp's model loading segfault with an OpenMP build.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
 import llama_cpp  # noqa: F401  - first, before numpy (see the docstring)
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 PROMPT = "The camera sees a person standing next to a table."
 
@@ -69,7 +68,7 @@ def check_placement(model: Path) -> list[str]:
         for name, (kind, _data) in observer.placement.items():
             kinds.setdefault(kind, []).append(int(name.split(".")[1]))
         placed = "; ".join(f"{kind}: layers {sorted(set(v))}" for kind, v in sorted(kinds.items()))
-        agree = sum(a == b for a, b in zip(tokens, reference)) / len(reference)
+        agree = sum(a == b for a, b in zip(tokens, reference, strict=True)) / len(reference)
         lines.append(
             f"- {label}: GPU memory {before} before, {during} loaded; expert weights in {placed or 'nothing seen'}; "
             f"GPU layers planned {list(plan.gpu_layers) if overrides else 'all'}; greedy tokens agree with the "
@@ -92,7 +91,7 @@ def check_observation(model: Path) -> list[str]:
         with LlamaDecoder(model, n_ctx=256, n_gpu_layers=-1, cb_eval=observer) as gpu:
             _greedy(gpu, 8)
         lines.append(f"- {name} observer: {int(observer.tokens.sum())} rows seen, {len(seen[name])} layer reads")
-    pairs = list(zip(seen["router"], seen["predicting"]))
+    pairs = list(zip(seen["router"], seen["predicting"], strict=False))
     same = sum(np.array_equal(a, b) for a, b in pairs)
     lines.append(f"- the two observers agree on {same} of {len(pairs)} layer choices (top-k from logits vs llama.cpp's)")
     return lines
@@ -117,7 +116,7 @@ def main(argv: list[str]) -> int:
         print(f"\n### {title}\n", flush=True)
         try:
             print("\n".join(check(model)), flush=True)
-        except Exception:  # a failed check is reported and the next one still runs
+        except Exception:  # noqa: BLE001 - a failed check is reported and the next one still runs
             failed += 1
             print("FAILED:\n```\n" + traceback.format_exc()[-3000:] + "```", flush=True)
     return 1 if failed else 0

@@ -11,18 +11,17 @@ mapping and a few tokens are decoded.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import llama_cpp  # noqa: F401  - before numpy (see tools/cuda_check.py)
+import numpy as np
 
-import ctypes  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from edgevision.decoder.llama import LlamaDecoder  # noqa: E402
-from edgevision.moe.layout import read_layout  # noqa: E402
-from edgevision.moe.mapping import MADV_PAGEOUT, PAGE, ModelMapping  # noqa: E402
-from edgevision.moe.pinning import ExpertPinner, _libc  # noqa: E402
+from edgevision.decoder.llama import LlamaDecoder
+from edgevision.moe.layout import read_layout
+from edgevision.moe.mapping import MADV_PAGEOUT, PAGE, ModelMapping
+from edgevision.moe.pinning import ExpertPinner, _libc
 
 
 def main(path: str) -> int:

@@ -117,7 +117,7 @@ def run_e2e(config: Config, *, n: int = 3, images: list[Path] | None = None, pau
     from edgevision.assistant import Assistant
     from edgevision.daemon.daemon import Daemon
     from edgevision.daemon.state import State
-    from edgevision.devices.camera import open_camera
+    from edgevision.devices.backends import open_camera
     from edgevision.devices.socket_button import SocketButton, send_button
     from edgevision.devices.wav_devices import WavMicrophone, WavSpeaker
     from edgevision.telemetry.memory import MemoryMeter

@@ -1,4 +1,4 @@
-"""`edgevision run`, `status`, `press`, `release` and `edgevision bench e2e`."""
+"""`edgevision run`, `status`, `press`, `release`, `edgevision bench e2e` and `edgevision bench soak`."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
                           "(default: %(default)s: the button is let go as the spoken clip ends)")
     e2e.set_defaults(func=_cmd_bench_e2e)
 
+    soak = bench.add_parser(
+        "soak", help="many spoken questions through one daemon: RSS, open descriptors and threads, first vs last tenth"
+    )
+    soak.add_argument("--config", help=_CONFIG_HELP)
+    soak.add_argument("-n", "--answers", type=int, default=500, help="questions to answer (default: %(default)s)")
+    soak.add_argument("--tokens", type=int, default=8, help="longest answer, in tokens (default: %(default)s)")
+    soak.add_argument("--json", type=Path, help="also write the summary and every sample to this JSON file")
+    soak.set_defaults(func=_cmd_bench_soak)
+
 
 def _socket_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--socket", help="control socket (default: devices.control_socket of the config)")
@@ -63,13 +72,13 @@ def _socket_path(args: argparse.Namespace) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from edgevision.cli import _configure_logging
     from edgevision.config import find_config, load_config
     from edgevision.daemon.build import build_daemon
     from edgevision.daemon.notify import Notifier
+    from edgevision.logs import configure_logging
 
     config = load_config(find_config(args.config))
-    _configure_logging(config.logging.level, args.debug)
+    configure_logging(config.logging.level, args.debug)
     notifier = Notifier()
     daemon = build_daemon(config, notifier=notifier)
 
@@ -86,7 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from edgevision.devices.socket_button import send_button
 
-    reply = json.loads(send_button(_socket_path(args), "status"))
+    path = _socket_path(args)
+    reply = _status_reply(path, send_button(path, "status"))
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
@@ -100,11 +110,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"last:    {last['time']} ({last['kind']})")
     print(f"  question: {last['question']}")
-    print(f"  answer:   {last['answer'] if last['answer'] is not None else '(none: ' + str(last['error']) + ')'}")
+    print(f"  answer:   {last['answer'] if last['answer'] is not None else '(none: ' + str(last.get('error')) + ')'}")
     for stage, seconds in last["durations_s"].items():
         unit = "tokens/s" if stage.endswith("_per_s") else "s"
         print(f"  {stage:<24} {seconds:9.3f} {unit}")
     return 0
+
+
+_STATUS_KEYS = {"state": str, "mode": str, "ready": bool, "uptime_s": int | float, "interactions": int,
+                "models": dict, "last": dict | None}
+_LAST_KEYS = {"time": str, "kind": str, "question": str | None, "answer": str | None,
+              "durations_s": dict}
+
+
+def _status_reply(path: Path, line: str) -> dict:
+    """The daemon's status reply, checked: anything else on the socket is one clear error, not a traceback."""
+    from edgevision.errors import DeviceError
+
+    def wrong(why: str) -> DeviceError:
+        return DeviceError(f"{path} answered `status` with {why}, not edgevision's status — is it edgevision's "
+                           "control socket, and the same version as this command? (check --socket)")
+
+    try:
+        reply = json.loads(line)
+    except ValueError:
+        raise wrong(f"{line[:40]!r}" if line else "nothing") from None
+    if not isinstance(reply, dict):
+        raise wrong(f"a JSON {type(reply).__name__}")
+    for keys, where in ((_STATUS_KEYS, reply), (_LAST_KEYS, reply.get("last"))):
+        for key, kind in keys.items() if where is not None else ():
+            if not isinstance(where.get(key), kind):
+                raise wrong(f"no {key!r}" if key not in where else f"a {key!r} that is {type(where[key]).__name__}")
+    if reply["last"] and not all(isinstance(v, int | float) for v in reply["last"]["durations_s"].values()):
+        raise wrong("durations that are not numbers")
+    return reply
 
 
 def _cmd_button(args: argparse.Namespace) -> int:
@@ -115,13 +154,13 @@ def _cmd_button(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_e2e(args: argparse.Namespace) -> int:
-    from edgevision.cli import _configure_logging
     from edgevision.config import find_config, load_config
     from edgevision.daemon.bench import run_e2e
     from edgevision.errors import EdgevisionError
+    from edgevision.logs import configure_logging
 
     config = load_config(find_config(args.config))
-    _configure_logging("warning", args.debug)
+    configure_logging("warning", args.debug)
     if args.pause < 0:
         raise EdgevisionError("bench e2e: --pause must be 0 or more seconds")
     report = run_e2e(config, n=args.interactions, images=args.image, pause=args.pause)
@@ -129,4 +168,22 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report.records, indent=1), encoding="utf-8")
         print(f"records: {args.json}")
+    return 0
+
+
+def _cmd_bench_soak(args: argparse.Namespace) -> int:
+    from edgevision.config import find_config, load_config
+    from edgevision.daemon.soak import run_soak
+    from edgevision.errors import EdgevisionError
+    from edgevision.logs import configure_logging
+
+    config = load_config(find_config(args.config))
+    configure_logging("warning", args.debug)
+    if args.tokens < 1:
+        raise EdgevisionError("bench soak: --tokens must be at least 1")
+    report = run_soak(config, n=args.answers, tokens=args.tokens)
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.to_json(), indent=1), encoding="utf-8")
+        print(f"samples: {args.json}")
     return 0

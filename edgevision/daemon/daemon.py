@@ -143,6 +143,8 @@ class Daemon:
         """Warm up, tell systemd READY, then serve until `stop()`; closes every component on the way out."""
         self._loop = asyncio.get_running_loop()
         try:
+            if self.control is not None:  # no READY without the control socket: a broken one is a lasting fault
+                await self.control.start()
             self.notifier.status("warming up the models")
             await self._in_worker(self._warm_up)
             self._start_camera()
@@ -547,14 +549,14 @@ class Daemon:
         model step stuck for longer than daemon.worker_timeout_s."""
         assert self.notifier.watchdog_s is not None
         period = self.notifier.watchdog_s / 2
-        warned = False
+        warned: float | None = None  # the start of the step last said to be stuck (each stuck step is said once)
         while True:
             busy = self._busy_since
             if busy is not None and time.monotonic() - busy > self.settings.worker_timeout_s:
-                if not warned:
+                if warned != busy:
                     logger.error("a model step has run for over %.0f s; letting the watchdog restart the service",
                                  self.settings.worker_timeout_s)
-                    warned = True
+                    warned = busy
             else:
                 self.notifier.watchdog()
             await asyncio.sleep(period)

@@ -20,6 +20,7 @@ from typing import Any
 from edgevision.assistant import Answer, Scene
 from edgevision.daemon.state import PressKind
 from edgevision.devices.camera import Frame
+from edgevision.errors import InputError
 from edgevision.speech.audio import Audio, write_wav
 
 logger = logging.getLogger(__name__)
@@ -195,6 +196,6 @@ def keep_captures(ix: Interaction, folder: Path, *, audio: bool, image: bool) ->
         if image and ix.frame is not None:
             ix.frame.image.save(stem.with_suffix(".jpg"), quality=90)
             kept["image_file"] = str(stem.with_suffix(".jpg"))
-    except OSError as error:
+    except (OSError, InputError) as error:  # write_wav reports a full disk as InputError, leaving no partial file
         logger.error("cannot keep the capture in %s: %s", folder, error)
     return kept

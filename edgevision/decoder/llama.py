@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgevision.decoder.native import llama_cpp_library, native_log_capture
+from edgevision.decoder.native import llama_cpp_library, native_log_capture, weight_buffers
 from edgevision.errors import EdgevisionError, InputError, ModelError
 
 if TYPE_CHECKING:
@@ -121,9 +121,11 @@ class LlamaDecoder:
         tensor_overrides: ``(regex, buffer type)`` pairs placing matching weights in that buffer type (llama.cpp's
             ``tensor_buft_overrides``, e.g. ``[("^blk[.](0|1)[.].*_exps", "CPU")]`` keeps two layers' experts
             in system RAM on a CUDA build); see `edgevision.moe.buft`.
-        extra_buffer_types: let llama.cpp's CPU back-end repack weights into its own buffers (AMX, CPU_REPACK
-            for Q4_0 on AVX2/ARM). Off by default: the AMX type crashes on some hosts, and repacked weights
-            leave the file mapping, where expert residency (`edgevision.moe`) manages them.
+        extra_buffer_types: let llama.cpp's CPU back-end copy weights into its extra buffer types (``AMX`` on
+            x86 with AMX, ``CPU_REPACK`` for Q4_0 on AVX2 and Arm dot-product CPUs, ...). Off by default: the AMX
+            buffer type crashes on some hosts, and repacked weights leave the file mapping, so expert
+            residency (pinning, prefetch, the page cache) no longer manages them. `weight_buffers` says where
+            the weights went.
 
     Raises:
         ModelError: the file is missing, not GGUF, corrupt or of an unsupported architecture.
@@ -199,13 +201,13 @@ class LlamaDecoder:
 
         ll = self._ll
         params = ll.llama_model_default_params()
-        params.use_extra_bufts = extra_buffer_types
         params.load_mode = {
             (True, True): ll.LLAMA_LOAD_MODE_MMAP_MLOCK,
             (False, True): ll.LLAMA_LOAD_MODE_MLOCK,
             (True, False): ll.LLAMA_LOAD_MODE_MMAP,
             (False, False): ll.LLAMA_LOAD_MODE_NONE,
         }[(use_mmap, use_mlock)]
+        params.use_extra_bufts = extra_buffer_types
         if n_gpu_layers is not None:
             params.n_gpu_layers = n_gpu_layers
         if tensor_overrides:
@@ -214,8 +216,10 @@ class LlamaDecoder:
             self._overrides = TensorOverrides(tensor_overrides)  # must outlive the model
             params.tensor_buft_overrides = self._overrides.address
         before = set(file_mappings(self.path))
-        with native_log_capture() as problems:
+        with native_log_capture() as problems, native_log_capture(logging.DEBUG) as load_log:
             model = ll.llama_model_load_from_file(os.fsencode(self.path), params)
+        #: where llama.cpp put the weights, MiB per buffer type (``{"CPU_Mapped": 241.6}``); see `weight_buffers`
+        self.weight_buffers = weight_buffers(load_log)
         bases = {vma.base for vma in file_mappings(self.path) if vma not in before}
         self.mapping_base = bases.pop() if len(bases) == 1 else None
         if not model:

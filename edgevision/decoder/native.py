@@ -10,8 +10,9 @@ import ctypes
 import functools
 import importlib.util
 import logging
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,7 +31,8 @@ class NativeLog:
     """A process-wide native log callback (llama.cpp/ggml's, mtmd's), forwarding whole lines to `logger`.
 
     The callback is global in the native library, so one instance lives for the process. While
-    `capture` is active, error lines are also collected, so a failed load can say why.
+    `capture` is active, error lines are collected instead of logged as errors (they are logged at debug
+    level), so a failed load says why in its own one-line error and nothing else is printed before it.
     """
 
     def __init__(self, logger: logging.Logger) -> None:
@@ -38,7 +40,7 @@ class NativeLog:
         self._lock = threading.Lock()
         self._buffer = ""
         self._level = logging.DEBUG
-        self._captures: list[list[str]] = []
+        self._captures: list[tuple[int, list[str]]] = []
         self.c_callback: Any = None  # the ctypes object; must stay alive as long as the library
 
     def __call__(self, level: int, text: bytes | None, _user_data: object) -> None:
@@ -51,23 +53,29 @@ class NativeLog:
                 return  # progress dots and other partial lines wait for their end
             *lines, self._buffer = self._buffer.split("\n")
             lines = [line.rstrip() for line in lines if line.strip()]
-            if self._level >= logging.ERROR:
-                for capture in self._captures:
-                    capture.extend(lines)
             level_now = self._level
+            reported = False  # taken by a capture of errors, whose caller puts them in its one-line error
+            for lowest, capture in self._captures:
+                if self._level >= lowest:
+                    capture.extend(lines)
+                    reported = reported or lowest >= logging.ERROR
+            if reported:
+                # the code that captures them says why in its one-line error: here they are detail (--debug)
+                level_now = logging.DEBUG
         for line in lines:
             self._logger.log(level_now, "%s", line)
 
     @contextmanager
-    def capture(self) -> Iterator[list[str]]:
-        lines: list[str] = []
+    def capture(self, level: int = logging.ERROR) -> Iterator[list[str]]:
+        """Collects the lines logged at `level` or above while active (every thread's: the log is global)."""
+        entry: tuple[int, list[str]] = (level, [])
         with self._lock:
-            self._captures.append(lines)
+            self._captures.append(entry)
         try:
-            yield lines
+            yield entry[1]
         finally:
             with self._lock:
-                self._captures.remove(lines)
+                self._captures.remove(entry)
 
 
 _native_log = NativeLog(logging.getLogger(__name__))
@@ -137,6 +145,45 @@ def tensor_array(tensor: int) -> np.ndarray:
     return out
 
 
-def native_log_capture():
-    """While active, collects llama.cpp's error lines (so a failed load can say why); see `NativeLog.capture`."""
-    return _native_log.capture()
+def native_log_capture(level: int = logging.ERROR):
+    """While active, collects llama.cpp's lines at `level` or above (errors by default, so a failed load can
+    say why); see `NativeLog.capture`."""
+    return _native_log.capture(level)
+
+
+_BUFFER_LINE = re.compile(r"\b([A-Za-z0-9_]+) model buffer size\s*=\s*([0-9.]+) MiB")
+
+
+def weight_buffers(load_log: Iterable[str]) -> dict[str, float]:
+    """The buffer types llama.cpp put a model's weights in, in MiB each, from the lines it logs while loading
+    (``load_tensors: CPU_REPACK model buffer size = 10.5 MiB``). ``CPU_Mapped`` is the file mapping; an extra
+    buffer type (``CPU_REPACK``, ``AMX``) is a copy llama.cpp made of the weights in its own memory."""
+    buffers: dict[str, float] = {}
+    for line in load_log:
+        for name, mib in _BUFFER_LINE.findall(line):
+            buffers[name] = buffers.get(name, 0.0) + float(mib)
+    return buffers
+
+
+@contextmanager
+def high_level_without_extra_buffer_types() -> Iterator[None]:
+    """Models that llama-cpp-python's high-level ``Llama`` loads inside this block use no extra buffer types.
+
+    ``Llama`` has no argument for ``use_extra_bufts`` and takes ``llama_model_default_params()`` as they come;
+    on hosts with AMX that default (on) crashes in llama.cpp's AMX buffer type. This swaps the defaults
+    function for the duration of the block (not thread-safe: load models from one thread while inside it).
+    """
+    ll = llama_cpp_library()
+    module = ll.llama_cpp
+    original = module.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = defaults
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original

@@ -1,7 +1,7 @@
 """Prompt assembly for one question about one camera frame, as segments the decoder prefills in order.
 
-A turn is a tuple of `Text` and `Image` segments. Text is tokenized with special markers parsed (so
-``<start_of_turn>`` becomes its token id); an `Image` stands for ``n_tokens`` rows of the vision tower's
+A turn is a tuple of `Text` and `Image` segments. The template's text is tokenized with special markers
+parsed (so ``<start_of_turn>`` becomes its token id), the user's question as plain text; an `Image` stands for ``n_tokens`` rows of the vision tower's
 output, injected as embeddings where it sits. The chat layout of a model family is a `ChatFormat`:
 
     Gemma 3:  <bos><start_of_turn>user\\n{system}\\n\\n{image}{question}<end_of_turn>\\n<start_of_turn>model\\n
@@ -28,9 +28,12 @@ from edgevision.errors import InputError
 
 @dataclass(frozen=True)
 class Text:
-    """Prompt text; special markers in it are parsed into their token ids."""
+    """Prompt text. With `special` (the template's own text) markers such as ``<start_of_turn>`` in it are
+    parsed into their token ids; without (what the user said or typed) they stay plain text, so a question
+    cannot close its turn and write the model's part."""
 
     text: str
+    special: bool = True
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class ChatFormat:
     image_end: str = ""
     image_causal: bool = True
     answer_prefix: str = ""  # opens the model's answer after its role line (e.g. an empty thought channel)
+    architectures: tuple[str, ...] = ()  # GGUF general.architecture values that `chat_format: auto` maps here
+    causal_image_widths: tuple[int, ...] = ()  # decoder widths (n_embd) whose images attend causally after all
 
 
 # Markers around the image follow Gemma 3's processor: "\n\n<start_of_image>" + soft tokens + "<end_of_image>\n\n";
@@ -85,6 +90,7 @@ GEMMA3 = ChatFormat(
     image_start="\n\n<start_of_image>",
     image_end="<end_of_image>\n\n",
     image_causal=False,
+    architectures=("gemma3",),
 )
 
 # Gemma 4: a real system role, <|turn>/<turn|> markers and an empty thought channel when thinking is off
@@ -103,6 +109,8 @@ GEMMA4 = ChatFormat(
     image_end="<image|>",
     image_causal=False,
     answer_prefix="<|channel>thought\n<channel|>",
+    architectures=("gemma4",),
+    causal_image_widths=(1536, 2560),  # E2B, E4B
 )
 
 # LLaVA-1.5 (vicuna_v1 layout) and the MoE-LLaVA / LLaVA-GM models built on it: the image's rows replace
@@ -121,12 +129,19 @@ LLAVA = ChatFormat(
     image_causal=True,
 )
 
+# The chat layouts `decoder.chat_format` can name. A new layout is one ChatFormat and one entry here; with
+# `architectures` set, `chat_format: auto` picks it for those GGUF architectures.
 FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4, LLAVA)}
+
+
+def format_for_architecture(architecture: str) -> ChatFormat | None:
+    """The registered layout that claims this GGUF architecture, if one does."""
+    return next((fmt for fmt in FORMATS.values() if architecture in fmt.architectures), None)
 
 
 def image_causal_for(fmt: ChatFormat, n_embd: int) -> ChatFormat:
     """`fmt` with the image attention mtmd uses for a decoder of width `n_embd` (Gemma 4 E2B/E4B: causal)."""
-    if fmt.name == "gemma4" and n_embd in (1536, 2560):
+    if n_embd in fmt.causal_image_widths:
         return dataclasses.replace(fmt, image_causal=True)
     return fmt
 
@@ -161,19 +176,19 @@ def build_turn(question: str, *, image_tokens: int = 0, system: str = "", fmt: C
     prefix: list[Segment] = [Text(head)]
     if image_tokens:
         prefix += [Text(fmt.image_start), Image(image_tokens, causal=fmt.image_causal), Text(fmt.image_end)]
-    tail = f"{question}{fmt.turn_end}{fmt.turn_start}{fmt.model_role}{fmt.model_role_end}{fmt.answer_prefix}"
-    return Turn(prefix=merge_text(prefix), question=merge_text([Text(tail)]))
+    tail = f"{fmt.turn_end}{fmt.turn_start}{fmt.model_role}{fmt.model_role_end}{fmt.answer_prefix}"
+    return Turn(prefix=merge_text(prefix), question=merge_text([Text(question, special=False), Text(tail)]))
 
 
 def merge_text(segments: Sequence[Segment]) -> tuple[Segment, ...]:
-    """Join neighbouring `Text` segments and drop empty ones."""
+    """Join neighbouring `Text` segments of the same kind (template or user text) and drop empty ones."""
     out: list[Segment] = []
     for seg in segments:
         if isinstance(seg, Text):
             if not seg.text:
                 continue
-            if out and isinstance(out[-1], Text):
-                out[-1] = Text(out[-1].text + seg.text)
+            if out and isinstance(out[-1], Text) and out[-1].special == seg.special:
+                out[-1] = Text(out[-1].text + seg.text, special=seg.special)
                 continue
         out.append(seg)
     return tuple(out)
@@ -196,7 +211,8 @@ def run_prompt(decoder: Prefiller, segments: Sequence[Segment], image_embeddings
     """Prefill `segments` in order at the decoder's next positions; returns its `n_past` afterwards.
 
     `image_embeddings` holds the rows of every `Image` segment, in order (``sum(n_tokens)`` rows). Text is
-    tokenized without an implicit BOS (a format writes its BOS itself) and with special markers parsed.
+    tokenized without an implicit BOS (a format writes its BOS itself), with special markers parsed in the
+    template's text only (`Text.special`).
     """
     needed = sum(s.n_tokens for s in segments if isinstance(s, Image))
     have = 0 if image_embeddings is None else len(image_embeddings)
@@ -208,8 +224,8 @@ def run_prompt(decoder: Prefiller, segments: Sequence[Segment], image_embeddings
     row = 0
     for seg in segments:
         match seg:
-            case Text(text=text):
-                decoder.prefill_tokens(decoder.tokenize(text, add_special=False, parse_special=True))
+            case Text(text=text, special=special):
+                decoder.prefill_tokens(decoder.tokenize(text, add_special=False, parse_special=special))
             case Image(n_tokens=n, causal=causal):
                 assert image_embeddings is not None
                 decoder.prefill_embeddings(image_embeddings[row : row + n], causal=causal)

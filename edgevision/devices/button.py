@@ -9,14 +9,11 @@ window ends — so a short tap is never lost and a bouncing contact never report
 from __future__ import annotations
 
 import asyncio
-import importlib
 import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-from edgevision.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -43,24 +40,6 @@ class Button(Protocol):
         """Debounced presses and releases, in order, until `close()`."""
 
     async def close(self) -> None: ...
-
-
-# Button kind → "module:class"; evdev and GPIO libraries are imported only when their kind is chosen.
-BUTTONS: dict[str, str] = {
-    "socket": "edgevision.devices.socket_button:SocketButton",
-    "evdev": "edgevision.devices.evdev_button:EvdevButton",
-    "gpio": "edgevision.devices.gpio_button:GpioButton",
-}
-
-
-def open_button(kind: str, **options: Any) -> Button:
-    """The button of `kind`; options are the back-end's (socket_path, device and key, pin and chip, debounce)."""
-    try:
-        module_name, class_name = BUTTONS[kind].split(":")
-    except KeyError:
-        raise ConfigError(f"devices.button: {kind!r} is not a button kind; choose one of {sorted(BUTTONS)}") from None
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)
 
 
 class Debouncer:

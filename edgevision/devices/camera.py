@@ -8,7 +8,6 @@ while it is gone and works again once it is back.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -17,7 +16,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from edgevision.errors import ConfigError, DeviceError
+from edgevision.errors import DeviceError
 
 logger = logging.getLogger(__name__)
 
@@ -41,36 +40,6 @@ class Camera(Protocol):
         """The newest frame; raises DeviceError if there is none (not started, camera gone)."""
 
     def close(self) -> None: ...
-
-
-# Camera kind → "module:class"; a module is imported only when its kind is chosen (cv2 is not needed for
-# a still image).
-CAMERAS: dict[str, str] = {
-    "opencv": "edgevision.devices.opencv_camera:OpenCvCamera",
-    "video": "edgevision.devices.opencv_camera:VideoFileCamera",
-    "image": "edgevision.devices.image_camera:StillImageCamera",
-}
-
-
-def open_camera(kind: str, source: str, **options: Any) -> Camera:
-    """The camera of `kind` reading `source` (not started yet: call `start()`).
-
-    opencv: a V4L2 index ("0") or device path ("/dev/video0"), or a GStreamer pipeline (contains "!") for a
-    CSI camera where OpenCV was built with GStreamer; video: a video file, played at its frame rate,
-    looping; image: a still image file (re-read when it changes).
-    """
-    try:
-        module_name, class_name = CAMERAS[kind].split(":")
-    except KeyError:
-        raise ConfigError(f"devices.camera: {kind!r} is not a camera kind; choose one of {sorted(CAMERAS)}") from None
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(source, **options)
-
-
-def open_configured_camera(devices: Any) -> Camera:
-    """The camera the config's `devices` section names (not started yet)."""
-    options = {"width": devices.camera_width, "height": devices.camera_height} if devices.camera == "opencv" else {}
-    return open_camera(devices.camera, devices.camera_source, **options)
 
 
 def take_frame(camera: Camera, *, timeout: float = 5.0) -> Frame:

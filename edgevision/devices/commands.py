@@ -119,9 +119,10 @@ def _gpu_memory(base: Path) -> dict[str, Any]:
 
 
 def _cmd_devices(args: argparse.Namespace) -> int:
+    image_format = _snapshot_format(args.snapshot) if args.snapshot else None  # a bad path fails before the survey
     found = survey()
     if args.snapshot:
-        found["snapshot"] = _snapshot(args)
+        found["snapshot"] = _snapshot(args, image_format)
     if args.json:
         print(json.dumps(found, indent=2))
         return 0
@@ -129,9 +130,25 @@ def _cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
-def _snapshot(args: argparse.Namespace) -> str:
+def _snapshot_format(path: Path) -> str:
+    """The image format for the snapshot's file name, once the path is known to be writable."""
+    from PIL import Image
+
+    from edgevision.errors import InputError
+    from edgevision.files import check_output
+
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        raise InputError(f"--snapshot {path}: name the file .jpg or .png, so its format is known")
+    check_output(path, what="--snapshot")
+    return image_format
+
+
+def _snapshot(args: argparse.Namespace, image_format: str) -> str:
     from edgevision.config import find_config, load_config
-    from edgevision.devices.camera import open_configured_camera, take_frame
+    from edgevision.devices.backends import open_configured_camera
+    from edgevision.devices.camera import take_frame
+    from edgevision.files import atomic_write
 
     devices = load_config(find_config(args.config)).devices
     camera = open_configured_camera(devices)
@@ -139,8 +156,10 @@ def _snapshot(args: argparse.Namespace) -> str:
         frame = take_frame(camera)
     finally:
         camera.close()
-    frame.image.save(args.snapshot)
-    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera} {devices.camera_source})"
+    with atomic_write(args.snapshot) as file:
+        frame.image.save(file, format=image_format)
+    source = getattr(devices.camera.options, "source", "")
+    return f"{args.snapshot} ({frame.image.width}x{frame.image.height}, {devices.camera.kind} {source})"
 
 
 def render(found: dict[str, Any]) -> str:

@@ -11,10 +11,12 @@ import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from edgevision.devices.button import CLOSED, ButtonEvent, debounced
 from edgevision.errors import DeviceError, MissingDependencyError
+from edgevision.schema import setting
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,13 @@ class EvdevButton:
     With no device, the first device that has the key is used. `grab` takes the device for this process
     alone, so a keyboard key used as the button does not also type.
     """
+
+    @dataclass(frozen=True)
+    class Settings:
+        """a USB button or keyboard key (Linux input events)"""
+
+        device: str = setting("", "The input device's path or part of its name; empty takes the first with the key.")
+        key: str = setting("KEY_SPACE", "The key code the button sends (`evtest` shows it).")
 
     def __init__(
         self, device: str = "", *, key: str | int = "KEY_SPACE", debounce: float = 0.02, grab: bool = False,

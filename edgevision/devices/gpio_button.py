@@ -12,17 +12,27 @@ import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from edgevision.devices.button import CLOSED, ButtonEvent, debounced
 from edgevision.errors import DeviceError, MissingDependencyError
+from edgevision.schema import setting
 
 logger = logging.getLogger(__name__)
 
 
 class GpioButton:
     """A GPIO input as the push-to-talk button; edges come from the kernel, not from polling."""
+
+    @dataclass(frozen=True)
+    class Settings:
+        """a button on the 40-pin header"""
+
+        pin: int = setting(7, "The BOARD pin number (Jetson.GPIO), or the line offset with chip.", min=0, max=1023)
+        chip: str = setting("", "A gpiochip (/dev/gpiochip0) to use libgpiod; empty uses Jetson.GPIO.")
+        active_low: bool = setting(True, "The button connects the pin to ground (pull-up on).")
 
     def __init__(
         self, *, pin: int = 7, chip: str = "", line: int | None = None, active_low: bool = True,
@@ -39,7 +49,7 @@ class GpioButton:
         elif importlib.util.find_spec("Jetson") is None:
             raise MissingDependencyError(
                 "Jetson.GPIO is not installed: `pip install Jetson.GPIO` (or `pip install edgevision[jetson]`), "
-                "or set devices.button_chip to use libgpiod"
+                "or set devices.button.chip to use libgpiod"
             )
 
     async def events(self) -> AsyncIterator[ButtonEvent]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +12,19 @@ from PIL import Image, UnidentifiedImageError
 
 from edgevision.devices.camera import CaptureLoop
 from edgevision.errors import DeviceError
+from edgevision.schema import setting
 
 logger = logging.getLogger(__name__)
 
 
 class StillImageCamera(CaptureLoop):
     """Delivers the same image `rate` times a second; replacing the file changes what it sees."""
+
+    @dataclass(frozen=True)
+    class Settings:
+        """a still photo, re-read when it changes"""
+
+        source: str = setting("", "The photo's path (JPEG or PNG).")
 
     def __init__(self, source: str, *, rate: float = 10.0, **loop: Any) -> None:
         self.path = Path(source).expanduser()
@@ -33,7 +41,7 @@ class StillImageCamera(CaptureLoop):
             stat = os.stat(self.path)
         except FileNotFoundError:
             raise DeviceError(
-                f"camera {self.name}: image file not found: {self.path} — check devices.camera_source"
+                f"camera {self.name}: image file not found: {self.path} — check devices.camera.source"
             ) from None
         stamp = (stat.st_mtime_ns, stat.st_size)
         if stamp == self._stamp and self._image is not None:

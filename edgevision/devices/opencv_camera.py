@@ -11,11 +11,13 @@ import importlib.util
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgevision.devices.camera import CaptureLoop
 from edgevision.errors import DeviceError, MissingDependencyError
+from edgevision.schema import setting
 
 logger = logging.getLogger(__name__)
 
@@ -85,17 +87,25 @@ class _DeferredDecoding(CaptureLoop):
 class OpenCvCamera(_DeferredDecoding):
     """A live camera through cv2.VideoCapture: "0" (index), "/dev/video0" (V4L2) or a GStreamer pipeline."""
 
+    @dataclass(frozen=True)
+    class Settings:
+        """a live camera (USB/V4L2, or CSI through GStreamer)"""
+
+        source: str = setting("0", "A camera index (0), a device (/dev/video0) or a GStreamer pipeline.")
+        width: int = setting(1280, "Requested frame width; 0 keeps the driver's.", min=0, max=8192)
+        height: int = setting(720, "Requested frame height; 0 keeps the driver's.", min=0, max=8192)
+
     def __init__(self, source: str, *, width: int = 0, height: int = 0, fps: int = 0, **loop: Any) -> None:
         self._cv2 = import_cv2()
         self.source = source.strip()
         if not self.source:
-            raise DeviceError("camera: no source given — set devices.camera_source (e.g. 0 or /dev/video0)")
+            raise DeviceError("camera: no source given — set devices.camera.source (e.g. 0 or /dev/video0)")
         self._gstreamer = "!" in self.source
         if self._gstreamer and not has_gstreamer(self._cv2):
             raise DeviceError(
                 "camera: the source is a GStreamer pipeline but this OpenCV build has no GStreamer "
                 f"(cv2 {self._cv2.__version__}; pip wheels never have it) — on a Jetson use JetPack's python3-opencv "
-                "in a venv made with --system-site-packages, or use a USB camera (devices.camera_source: 0)"
+                "in a venv made with --system-site-packages, or use a USB camera (devices.camera.source: 0)"
             )
         self.width, self.height, self.fps = width, height, fps
         self._capture: Any = None
@@ -147,6 +157,12 @@ class VideoFileCamera(_DeferredDecoding):
     file is back.
     """
 
+    @dataclass(frozen=True)
+    class Settings:
+        """a video file, played at its frame rate and looping"""
+
+        source: str = setting("", "The video file's path.")
+
     def __init__(self, source: str, *, fps: float = 0.0, **loop: Any) -> None:
         self._cv2 = import_cv2()
         self.path = Path(source).expanduser()
@@ -160,7 +176,7 @@ class VideoFileCamera(_DeferredDecoding):
 
     def _open(self) -> None:
         if not self.path.is_file():
-            raise DeviceError(f"camera {self.name}: video file not found: {self.path} — check devices.camera_source")
+            raise DeviceError(f"camera {self.name}: video file not found: {self.path} — check devices.camera.source")
         capture = self._cv2.VideoCapture(str(self.path))
         if not capture.isOpened():
             capture.release()

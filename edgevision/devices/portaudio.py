@@ -12,11 +12,13 @@ import importlib.util
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgevision.errors import DeviceError, MissingDependencyError
+from edgevision.schema import setting
 from edgevision.speech.audio import WHISPER_SAMPLE_RATE, Audio, resample
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,12 @@ def _device_info(sd: Any, device: str | int | None, kind: str) -> tuple[str | in
 
 class SounddeviceMicrophone:
     """Records from a PortAudio input device between start() and stop(); hands back 16 kHz mono."""
+
+    @dataclass(frozen=True)
+    class Settings:
+        """a real microphone (PortAudio)"""
+
+        device: str = setting("", "The input device's name or index; empty for the default.")
 
     def __init__(self, device: str | int | None = None, *, max_seconds: float = 30.0, blocksize: int = 0) -> None:
         self._sd = import_sounddevice()
@@ -145,6 +153,12 @@ class SounddeviceMicrophone:
 
 class SounddeviceSpeaker:
     """Plays queued audio through a PortAudio output device; the stream runs only while there is audio."""
+
+    @dataclass(frozen=True)
+    class Settings:
+        """a real speaker (PortAudio)"""
+
+        device: str = setting("", "The output device's name or index; empty for the default.")
 
     def __init__(self, device: str | int | None = None, *, blocksize: int = 0, latency: str | float = "low") -> None:
         self._sd = import_sounddevice()

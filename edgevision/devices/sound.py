@@ -8,10 +8,8 @@ the queue (barge-in: the user pressed while it spoke).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, Protocol
+from typing import Protocol
 
-from edgevision.errors import ConfigError
 from edgevision.speech.audio import Audio
 
 
@@ -50,31 +48,3 @@ class Speaker(Protocol):
     def close(self) -> None: ...
 
 
-# Kind → "module:class"; sounddevice (PortAudio) is imported only when its kind is chosen.
-MICROPHONES: dict[str, str] = {
-    "sounddevice": "edgevision.devices.portaudio:SounddeviceMicrophone",
-    "wav": "edgevision.devices.wav_devices:WavMicrophone",
-}
-
-SPEAKERS: dict[str, str] = {
-    "sounddevice": "edgevision.devices.portaudio:SounddeviceSpeaker",
-    "wav": "edgevision.devices.wav_devices:WavSpeaker",
-}
-
-
-def open_microphone(kind: str, **options: Any) -> Microphone:
-    """sounddevice: options device (name or index; None = default), max_seconds; wav: files, loop, max_seconds."""
-    return _load(MICROPHONES, "devices.microphone", kind)(**options)
-
-
-def open_speaker(kind: str, **options: Any) -> Speaker:
-    """sounddevice: options device (name or index; None = default); wav: folder, realtime."""
-    return _load(SPEAKERS, "devices.speaker", kind)(**options)
-
-
-def _load(table: dict[str, str], key: str, kind: str) -> Any:
-    try:
-        module_name, class_name = table[kind].split(":")
-    except KeyError:
-        raise ConfigError(f"{key}: {kind!r} is not available; choose one of {sorted(table)}") from None
-    return getattr(importlib.import_module(module_name), class_name)

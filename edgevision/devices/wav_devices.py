@@ -14,11 +14,13 @@ import threading
 import time
 import wave
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgevision.errors import DeviceError
+from edgevision.schema import setting
 from edgevision.speech.audio import WHISPER_SAMPLE_RATE, Audio, read_wav, resample
 
 logger = logging.getLogger(__name__)
@@ -27,15 +29,22 @@ logger = logging.getLogger(__name__)
 class WavMicrophone:
     """Each start()/stop() captures the next queued clip (a WAV file or an Audio), resampled to 16 kHz.
 
-    `device` is a WAV file or a folder of them (played in name order); `push()` queues more. With `loop`
+    `source` is a WAV file or a folder of them (played in name order); `push()` queues more. With `loop`
     the clips repeat. `captured()` gives the part of the clip "spoken" so far: as much as real time since
     start() covers. stop() hands in the whole clip however briefly the button was held, or with `realtime`
     only the part spoken while it was held, like a real microphone.
     """
 
+    @dataclass(frozen=True)
+    class Settings:
+        """WAV files played in as the questions, one per press (tests, scripts)"""
+
+        source: str = setting("", "A WAV file or a folder of them, played in name order.")
+        loop: bool = setting(True, "Start again from the first clip after the last.")
+
     def __init__(
         self,
-        device: str | Path | None = None,
+        source: str | Path | None = None,
         *,
         files: Iterable[str | Path] = (),
         loop: bool = False,
@@ -44,15 +53,15 @@ class WavMicrophone:
     ) -> None:
         self.loop, self.max_seconds, self.realtime = loop, max_seconds, realtime
         self._clips: collections.deque[Audio | Path] = collections.deque()
-        if device:
-            path = Path(device).expanduser()
+        if source:
+            path = Path(source).expanduser()
             if path.is_dir():
                 self._clips.extend(sorted(path.glob("*.wav")))
             elif path.is_file():
                 self._clips.append(path)
             else:
                 raise DeviceError(f"WAV microphone: {path} is neither a WAV file nor a folder — check "
-                                  "devices.microphone_device")
+                                  "devices.microphone.source")
         for file in files:
             self._clips.append(Path(file))
         self._current: Audio | None = None
@@ -112,12 +121,19 @@ class WavMicrophone:
 class WavSpeaker:
     """Writes each played Audio to `folder/speech-NNNN.wav`, in order, on its own thread."""
 
+    @dataclass(frozen=True)
+    class Settings:
+        """what is played is written into numbered WAV files"""
+
+        folder: str = setting("", "The folder to write the WAV files into.")
+        realtime: bool = setting(True, "Take as long as the audio lasts (false: write at once).")
+
     _STEP = 0.02  # seconds written at a time in real time: how late stop() can be
 
-    def __init__(self, device: str | Path | None = None, *, realtime: bool = True, prefix: str = "speech") -> None:
-        if not device:
-            raise DeviceError("WAV speaker: no folder given — set devices.speaker_device to a folder to write into")
-        self.folder = Path(device).expanduser()
+    def __init__(self, folder: str | Path | None = None, *, realtime: bool = True, prefix: str = "speech") -> None:
+        if not folder:
+            raise DeviceError("WAV speaker: no folder given — set devices.speaker.folder to a folder to write into")
+        self.folder = Path(folder).expanduser()
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -121,7 +121,7 @@ class ScoredCache(_Sized):
         expert_bytes: Sequence[int],
         prior: np.ndarray,
         *,
-        half_life: float = 32.0,
+        half_life: float = 2.0,
         prior_tokens: float = 8.0,
         hint_weight: float = 0.5,
     ) -> None:
@@ -137,6 +137,7 @@ class ScoredCache(_Sized):
         self.hint_weight = hint_weight
         self._mask = np.zeros(self._base.shape, dtype=bool)  # resident
         self._sizes = np.broadcast_to(np.asarray(self.expert_bytes, dtype=np.int64)[:, None], self._base.shape)
+        self._unit = min((b for b in self.expert_bytes if b > 0), default=0)  # the smallest expert
 
     def _scale(self, now: float) -> float:
         factor = math.exp(self._rate * (now - self._origin))
@@ -150,7 +151,10 @@ class ScoredCache(_Sized):
         return self._boost / self._scale(now) + self._base
 
     def _add(self, layer: int, experts: Sequence[int], weight: float, now: float) -> None:
-        self._boost[layer, experts] += weight * self._scale(now)
+        amount = weight * self._scale(now)
+        row = self._boost[layer]
+        for expert in experts:  # a handful: scalar updates beat fancy indexing here
+            row[expert] += amount
 
     def _make_room(self, layer: int, expert: int, now: float, protect: Sequence[int], strict: bool) -> list[Expert] | None:
         """Free room for (layer, expert) by evicting lower-scored residents (not `protect`, of the same layer):
@@ -162,6 +166,15 @@ class ScoredCache(_Sized):
         mine = scores[layer, expert]
         candidates = self._mask.copy()
         candidates[layer, protect] = False
+        if need <= self._unit:  # one victim is enough (experts of one size): the lowest score
+            masked = np.where(candidates, scores, np.inf)
+            victim = int(np.argmin(masked))
+            worst = masked.flat[victim]
+            if not np.isfinite(worst) or worst > mine or (strict and worst == mine):
+                return None
+            self._mask.flat[victim] = False
+            self.resident_bytes -= int(self._sizes.flat[victim])
+            return [divmod(victim, self._base.shape[1])]
         flat = np.flatnonzero(candidates)
         order = flat[np.argsort(scores.ravel()[flat], kind="stable")]
         sizes = self._sizes.ravel()[order]
@@ -180,9 +193,13 @@ class ScoredCache(_Sized):
         self._mask[layer, expert] = True
         self.resident_bytes += self.size(layer)
 
-    def access(self, layer: int, experts: Iterable[int], now: int) -> tuple[list[int], list[Expert]]:
+    def access(
+        self, layer: int, experts: Iterable[int], now: int, weight: float = 1.0
+    ) -> tuple[list[int], list[Expert]]:
+        """See `Cache.access`; `weight` is what each selection adds to the score (a prompt prefill, which
+        selects most experts once, may count for less than a generated token)."""
         chosen = [int(e) for e in experts]
-        self._add(layer, chosen, 1.0, now)
+        self._add(layer, chosen, weight, now)
         missed = [e for e in chosen if not self._mask[layer, e]]
         evicted: list[Expert] = []
         for e in missed:
@@ -242,7 +259,7 @@ class ScoredCache(_Sized):
         return added
 
     def resident(self) -> set[Expert]:
-        return {(int(a), int(b)) for a, b in zip(*np.nonzero(self._mask))}
+        return {(int(a), int(b)) for a, b in zip(*np.nonzero(self._mask), strict=True)}
 
     def __contains__(self, expert: Expert) -> bool:
         return bool(self._mask[expert])
@@ -310,12 +327,16 @@ def simulate(
     *,
     predictions: Sequence[Sequence[Sequence[int]]] | None = None,
     warm: bool = False,
+    counted: Sequence[bool] | None = None,
+    prefill_weight: float = 1.0,
 ) -> SimResult:
     """Replay `trace` (``trace[t][i]``: ids selected at token t by MoE layer ``layers[i]``) through `cache`.
 
     With `predictions` (same shape: the ids predicted for layer i before it ran) a `ScoredCache` gets them as
     hints; an expert read ahead on a hint and then selected counts as a hit (it was read while earlier layers
-    computed), and its bytes count as read. Returns hits, misses and bytes read per token.
+    computed), and its bytes count as read. With `counted`, only the steps marked True are counted (e.g. the
+    single-token decode steps), though every step goes through the cache. Returns hits, misses and bytes read
+    per counted step.
     """
     result = SimResult(name)
     if warm and isinstance(cache, ScoredCache):
@@ -323,13 +344,19 @@ def simulate(
     for t, token in enumerate(trace):
         for i, ids in enumerate(token):
             layer = layers[i]
-            if predictions is not None and isinstance(cache, ScoredCache):
+            if predictions is not None and isinstance(cache, ScoredCache) and predictions[t][i]:
                 ahead, _ = cache.hint(layer, predictions[t][i], t)
-                result.bytes_read += len(ahead) * expert_bytes[layer]
+                if counted is None or counted[t]:
+                    result.bytes_read += len(ahead) * expert_bytes[layer]
             unique = list(dict.fromkeys(int(e) for e in ids))
-            missed, _ = cache.access(layer, unique, t)
-            result.misses += len(missed)
-            result.hits += len(unique) - len(missed)
-            result.bytes_read += len(missed) * expert_bytes[layer]
-        result.tokens += 1
+            if isinstance(cache, ScoredCache) and counted is not None and not counted[t]:
+                missed, _ = cache.access(layer, unique, t, prefill_weight)
+            else:
+                missed, _ = cache.access(layer, unique, t)
+            if counted is None or counted[t]:
+                result.misses += len(missed)
+                result.hits += len(unique) - len(missed)
+                result.bytes_read += len(missed) * expert_bytes[layer]
+        if counted is None or counted[t]:
+            result.tokens += 1
     return result

@@ -168,6 +168,18 @@ def _cmd_bench_moe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_policy(args: argparse.Namespace) -> int:
+    from edgevision.moe.replay import bench_policy
+
+    fractions = [float(f) for f in args.capacity.split(",")]
+    print(
+        bench_policy(
+            args.model, calibration=args.calibration, fractions=fractions, tokens=args.tokens, n_threads=args.threads
+        )
+    )
+    return 0
+
+
 def _cmd_bench_routing(args: argparse.Namespace) -> int:
     from edgevision.moe.routing import routing_report
 
@@ -230,6 +242,22 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
         "'router-aware:predict=0,evict=0' switches pieces off (predict, prefetch, evict, prior, follow)",
     )
     moe.set_defaults(func=_cmd_bench_moe)
+
+    policy = bench.add_parser(
+        "policy",
+        help="record a MoE model's routing and replay it through the expert LRU, the router-aware policy (with "
+        "and without its prior and predicted routing) and Belady's optimum: hit rate and bytes read per token",
+    )
+    policy.add_argument("--model", default=DEFAULT_MODEL, help="MoE decoder GGUF (default: %(default)s)")
+    policy.add_argument(
+        "--calibration", default=DEFAULT_CALIBRATION, help="prompts.txt (the prior) and heldout.txt (default: %(default)s)"
+    )
+    policy.add_argument(
+        "--capacity", default="0.3,0.45,0.6", help="expert cache sizes, shares of all experts' bytes (default: %(default)s)"
+    )
+    policy.add_argument("--tokens", type=int, default=16, help="generated tokens per question (default: %(default)s)")
+    policy.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    policy.set_defaults(func=_cmd_bench_policy)
 
     routing = bench.add_parser(
         "routing",

@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgevision.moe.cache import Expert, ScoredCache
 from edgevision.moe.layout import ExpertLayout
 from edgevision.moe.mapping import ModelMapping
-from edgevision.moe.cache import Expert, ScoredCache
 from edgevision.moe.prefetch import AHEAD, NOW, ExpertPrefetcher
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class ExpertManager:
         warm: bool = True,
         random_access: bool = True,
         workers: int = 4,
-        half_life: float = 32.0,
+        half_life: float = 2.0,
         prior_tokens: float = 8.0,
         poll: float = 0.25,
     ) -> None:
@@ -135,6 +135,7 @@ class ExpertManager:
         self._after_use: list[Expert] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._policy_thread: threading.Thread | None = None
+        self._observer: PredictingObserver | None = None
         self.n_used = layout.n_expert_used
         self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
         self._worker: threading.Thread | None = None
@@ -146,15 +147,18 @@ class ExpertManager:
         """Take the router's choices from `observer` on this manager's own thread: the decoding thread only
         copies each MoE layer's router logits and input and queues them (`PredictingObserver.deferred`)."""
         self.n_used = observer.n_expert_used
+        self._observer = observer
         observer.deferred = self._enqueue
         self._inbox = queue.SimpleQueue()
         self._policy_thread = threading.Thread(target=self._follow, name="moe-policy", daemon=True)
         self._policy_thread.start()
 
     def _enqueue(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
-        """On the decoding thread, before the layer's expert matmuls: the chosen experts the cache does not
-        hold are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
+        """On the decoding thread, before the layer's expert matmuls: the chosen experts not wholly in the page
+        cache are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
         them in a read-ahead window at a time); the rest of the work is queued for the policy's thread."""
+        if self._error is not None:  # the policy has stopped (reported by `stats`); the kernel decides
+            return
         if self.prefetcher is not None:
             from edgevision.moe.predict import topk_gates
 
@@ -162,8 +166,8 @@ class ExpertManager:
                 chosen = topk_gates(logits, self.n_used)[0][0]
             else:  # a prefill: every expert any row chose
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
-            held = self.cache._mask[layer]  # the policy thread's view; a stale answer costs a read or a fault
-            cold = [(layer, int(e)) for e in chosen if not held[e]]
+            # what the page cache holds now (mincore), not the policy thread's view, which may lag a layer
+            cold = self.mapping.cold([(layer, int(e)) for e in chosen])
             if cold:
                 self.prefetcher.submit(cold, NOW)
                 self._waited += len(cold)
@@ -195,6 +199,10 @@ class ExpertManager:
         """`RouterObserver` listener: the router's choice for `layer`."""
         if layer == self._first:
             self._step += 1
+            if self._step == 2 and self._observer is not None:  # the first graph has been seen whole
+                from edgevision.moe.mapping import check_managed
+
+                check_managed(self.mapping, self._observer.placement)  # raises if llama.cpp repacked them
             if self._after_use:  # the experts read for one decode only: that decode is over
                 self._dropped.put((self._calls, self._after_use))
                 self._after_use = []
@@ -216,8 +224,8 @@ class ExpertManager:
 
     def hidden(self, layer: int, router_input: np.ndarray) -> None:
         """`PredictingObserver` hidden listener: predict the layers ahead and read their experts early."""
-        if self.predictor is None:
-            return
+        if self.predictor is None or router_input.shape[0] != 1:
+            return  # a prefill reads nearly every expert anyway: its predictions would only flood the cache
         for target in self.predictor.ahead(layer, self.depth):
             guess = np.unique(self.predictor.predict(layer, router_input, target)).tolist()
             with self._lock:
@@ -302,8 +310,12 @@ class ExpertManager:
         if self._policy_thread is not None:
             done = threading.Event()
             self._inbox.put(done)
-            if not done.wait(timeout):
-                raise TimeoutError(f"the expert policy took more than {timeout} s to catch up")
+            deadline = time.monotonic() + timeout
+            while not done.wait(0.05):
+                if self._error is not None:
+                    raise self._error
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the expert policy took more than {timeout} s to catch up")
         if self.prefetcher is not None:
             self.prefetcher.wait(timeout)
         done = threading.Event()
@@ -384,7 +396,7 @@ class RouterAwarePolicy:
             room = cgroup_budget(layout.other_bytes, self.headroom)
             ceiling = ctx.budget
 
-            def budget(resident: int) -> int:  # noqa: F811 - the following budget, capped by the harness's
+            def budget(resident: int) -> int:
                 return min(ceiling, room(resident)) if resident else ceiling
 
         predictor = RoutePredictor.from_gguf(layout.path) if self.options["predict"] else None

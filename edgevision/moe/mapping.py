@@ -98,7 +98,29 @@ class ModelMapping:
         if not vmas:
             raise EdgevisionError(f"{layout.path.name} is not mapped at {base:#x} in this process")
         self._vmas = vmas
+        self._spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._vec = np.zeros(1, dtype=np.uint8)  # mincore's answer for `cold` (one thread: the decoding one)
         self._fd = os.open(layout.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def cold(self, experts: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The experts of `experts` with a page not in the page cache (``mincore``, a few microseconds each)."""
+        out = []
+        mincore = _libc().mincore
+        for expert in experts:
+            spans = self._spans.get(expert)
+            if spans is None:
+                spans = self._spans[expert] = [
+                    (self.base + start // PAGE * PAGE, (end - 1) // PAGE - start // PAGE + 1)
+                    for start, end in self.layout.expert_ranges(*expert)
+                ]
+            for address, pages in spans:
+                if pages > len(self._vec):
+                    self._vec = np.zeros(pages, dtype=np.uint8)
+                vec = self._vec[:pages]
+                if mincore(address, pages * PAGE, vec.ctypes.data) != 0 or not vec.all():
+                    out.append(expert)
+                    break
+        return out
 
     def covers(self, address: int) -> bool:
         """Whether `address` lies in this mapping (a weight llama.cpp reads from the file)."""

@@ -5,8 +5,8 @@ no eval callback (llama.cpp computes each graph in one go); ``callback`` has a P
 about every node and wants none (the price of crossing into Python per node); ``observer`` is the
 `RouterObserver` (two small nodes per MoE layer read back and counted, which also splits the graph there);
 ``predicting`` is the `PredictingObserver` the router-aware policy uses (the router logits node per MoE
-layer: the choice, the gates and the router input for predicting the next layers); ``sampled 1/N`` observes
-one decode in N (the others run as one graph); ``policy`` is the router-aware policy as it runs: the
+layer: the choice, the gates and the router input for predicting the next layers); ``sampled 1/4`` observes
+one decode in 4 (the others run as one graph); ``policy`` is the router-aware policy as it runs: the
 decoding thread copies each layer's router logits and input and queues them, and the policy's own thread
 does the top-k, the cache's bookkeeping and the next layer's predicted routing (`ExpertManager.attach`),
 here with room for every expert so that nothing is read or evicted. CPU time counts every thread.
@@ -32,6 +32,10 @@ def _no_nodes(_tensor: int, _ask: bool) -> bool:
     return False
 
 
+VARIANTS = ("plain", "callback", "observer", "predicting", "sampled 1/4", "policy")
+SAMPLE_EVERY = 4
+
+
 def _attach_policy(stack: ExitStack, path: Path, decoder: object, observer: PredictingObserver) -> None:
     import numpy as np
 
@@ -52,37 +56,44 @@ def _attach_policy(stack: ExitStack, path: Path, decoder: object, observer: Pred
     manager.start()
 
 
-def bench_router(
-    decoder_path: Path, *, tokens: int = 64, repeats: int = 5, n_threads: int = 1, sample_every: int = 4
-) -> str:
-    """Run the benchmark and return its table.
+def measure_router(
+    decoder_path: Path,
+    *,
+    tokens: int = 64,
+    repeats: int = 5,
+    n_threads: int = 1,
+    variants: tuple[str, ...] = ("plain", "callback", "observer"),
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Per variant, one (prefill tok/s, decode tok/s, CPU s per decoded token) per repeat, interleaved.
 
-    Wall-clock speed is what a user sees, but on a shared machine it swings with other load; CPU time per
-    token (the process's, so worker threads count too) is steadier, and is what the overhead column uses.
+    Raises AssertionError if the observer changed the generated text (it only reads; that would be a bug).
     """
+    return _measure(decoder_path, tokens, repeats, n_threads, variants)[0]
+
+
+def _measure(decoder_path: Path, tokens: int, repeats: int, n_threads: int, wanted: tuple[str, ...]) -> tuple:
     from edgevision.decoder.llama import LlamaDecoder
 
     observer = RouterObserver.for_model(decoder_path)
-    predicting = PredictingObserver.for_model(decoder_path)
-    with_policy = PredictingObserver.for_model(decoder_path)
-    sampled = PredictingObserver.for_model(decoder_path, sample_every=sample_every)
-    variants = {
+    every = {
         "plain": None,
         "callback": _no_nodes,
         "observer": observer,
-        "predicting": predicting,
-        f"sampled 1/{sample_every}": sampled,
-        "policy": with_policy,
+        "predicting": PredictingObserver.for_model(decoder_path),
+        f"sampled 1/{SAMPLE_EVERY}": PredictingObserver.for_model(decoder_path, sample_every=SAMPLE_EVERY),
+        "policy": PredictingObserver.for_model(decoder_path),
     }
-    observers = (observer, predicting, sampled, with_policy)
+    variants = {name: cb for name, cb in every.items() if name in wanted}
+    observers = [cb for cb in variants.values() if isinstance(cb, RouterObserver)]
     runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     with ExitStack() as stack:
         decoders = {
             name: stack.enter_context(LlamaDecoder(decoder_path, n_ctx=512, n_threads=n_threads, cb_eval=cb))
             for name, cb in variants.items()
         }
-        _attach_policy(stack, decoder_path, decoders["policy"], with_policy)
-        prompt = decoders["plain"].tokenize(PROMPT)
+        if "policy" in decoders:
+            _attach_policy(stack, decoder_path, decoders["policy"], variants["policy"])
+        prompt = next(iter(decoders.values())).tokenize(PROMPT)
         texts = {}
         for repeat in range(repeats + 1):  # the first round warms up and is not counted
             for name, decoder in decoders.items():
@@ -100,7 +111,18 @@ def bench_router(
                     n = tokens - 1  # the first token comes from the prefill's logits
                     runs[name].append((len(prompt) / (middle - start), n / (end - middle), (cpu_end - cpu_start) / n))
     if len(set(texts.values())) != 1:
-        raise AssertionError("the observer changed the generated text")  # it only reads; this would be a bug
+        raise AssertionError("the observer changed the generated text")
+    return runs, observer, prompt
+
+
+def bench_router(decoder_path: Path, *, tokens: int = 64, repeats: int = 5, n_threads: int = 1) -> str:
+    """Run the benchmark and return its table.
+
+    Wall-clock speed is what a user sees, but on a shared machine it swings with other load; CPU time per
+    token (the process's, so worker threads count too) is steadier, and is what the overhead column uses.
+    """
+    variants = VARIANTS
+    runs, observer, prompt = _measure(decoder_path, tokens, repeats, n_threads, variants)
 
     def median(name: str, i: int) -> float:
         return statistics.median(run[i] for run in runs[name])

@@ -133,8 +133,8 @@ class PredictingObserver(RouterObserver):
 
     `hidden_listeners` get ``(layer, router_input)`` after the layer's `listeners`. With `deferred` set
     (``deferred(layer, logits, router_input)``, copies the callee may keep) the decoding thread only reads the
-    two nodes and hands them over: the top-k, the statistics and the listeners are skipped unless `listeners`
-    is not empty, so a policy can do its work on its own thread.
+    two nodes and hands them over (after the `listeners`, if any, and without `hidden_listeners`), so a policy
+    can do its work on its own thread.
     """
 
     def __init__(
@@ -189,10 +189,12 @@ class PredictingObserver(RouterObserver):
     def _on_logits(self, layer: int, tensor: int) -> None:
         logits = strided_array(tensor, self._buffers, (layer, 2))
         if self.deferred is not None:
+            if self.listeners:  # first, so that they see the layer as the policy found it (a benchmark's probe)
+                ids, weights = topk_gates(logits, self.n_expert_used)
+                self._accumulate(layer, ids, weights)
             hidden = self._router_input(tensor, layer)
             self.deferred(layer, logits.copy(), None if hidden is None else hidden.copy())
-            if not self.listeners:
-                return
+            return
         ids, weights = topk_gates(logits, self.n_expert_used)
         self._accumulate(layer, ids, weights)
         if self.hidden_listeners:

@@ -32,7 +32,7 @@ from edgevision.moe.layout import ExpertLayout
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NOW", "AHEAD", "ExpertPrefetcher", "PrefetchStats", "ReadRecord"]
+__all__ = ["AHEAD", "NOW", "ExpertPrefetcher", "PrefetchStats", "ReadRecord"]
 
 Expert = tuple[int, int]  # (layer, expert)
 NOW, AHEAD = 0, 1  # priorities: selected by the current layer's router; predicted for a layer ahead

@@ -43,9 +43,11 @@ class RoutingTrace:
 
 
 def record_trace(
-    model: str | os.PathLike[str], questions: Sequence[str], *, tokens: int = 16, n_threads: int = 1
+    model: str | os.PathLike[str], questions: Sequence[str], *, tokens: int = 16, n_threads: int = 1, seed: int = 0
 ) -> RoutingTrace:
-    """Decode each question greedily for `tokens` steps and record its routing."""
+    """Decode each question for `tokens` steps, sampling at temperature 1 (as `edgevision bench moe`'s
+    reference continuation: greedy decoding of a synthetic model repeats itself and flatters every cache),
+    and record its routing."""
     from edgevision.decoder.llama import LlamaDecoder
     from edgevision.decoder.prompt import GEMMA4, build_turn, run_prompt
     from edgevision.moe.calibrate import SYSTEM_PROMPT
@@ -71,50 +73,57 @@ def record_trace(
 
     def on_hidden(layer: int, hidden: np.ndarray) -> None:
         nxt = predictor.ahead(layer, 1)
-        if nxt:
+        if nxt and hidden.shape[0] == 1:  # single-token steps only, as the policy does
             guess = predictor.predict(layer, hidden, nxt[0])
             current["pred"][position[nxt[0]]] = sorted(set(guess.ravel().tolist()))
 
     observer.listeners.append(on_ids)
     observer.hidden_listeners.append(on_hidden)
     with LlamaDecoder(model, n_ctx=512, n_threads=n_threads, cb_eval=observer) as decoder:
-        for question in questions:
+        for i, question in enumerate(questions):
             decoder.reset()
             run_prompt(decoder, build_turn(question, system=SYSTEM_PROMPT, fmt=GEMMA4).segments)
+            rng = np.random.default_rng([seed, i])
             for _ in range(tokens):
-                decoder.prefill_tokens([int(np.argmax(decoder.logits()))])
+                z = decoder.logits().astype(np.float64)
+                p = np.exp(z - z.max())
+                decoder.prefill_tokens([int(rng.choice(p.size, p=p / p.sum()))])
     return RoutingTrace(tuple(layers), observer.n_expert, steps, predicted, rows)
 
 
 def compare_policies(
     trace: RoutingTrace, prior: np.ndarray, expert_bytes: Sequence[int], capacity: int, **scored: float
 ) -> list[SimResult]:
-    """Replay `trace` through each policy at `capacity` bytes of experts."""
+    """Replay `trace` through each policy at `capacity` bytes of experts; hits are counted on the single-token
+    decode steps (a prefill's union covers most experts whatever the policy)."""
     layers = trace.layers
-    results = [simulate("expert LRU", LruCache(capacity, expert_bytes), trace.steps, layers, expert_bytes)]
+    counted = [rows == 1 for rows in trace.rows]
+    results = [
+        simulate("expert LRU", LruCache(capacity, expert_bytes), trace.steps, layers, expert_bytes, counted=counted)
+    ]
     results.append(
         simulate(
             "router-aware, recency only",
             ScoredCache(capacity, expert_bytes, prior, prior_tokens=0.0, **scored),
-            trace.steps, layers, expert_bytes,
+            trace.steps, layers, expert_bytes, counted=counted,
         )
     )
     results.append(
         simulate(
             "router-aware (prior + recency)",
             ScoredCache(capacity, expert_bytes, prior, **scored),
-            trace.steps, layers, expert_bytes,
+            trace.steps, layers, expert_bytes, counted=counted,
         )
     )
     results.append(
         simulate(
             "router-aware + predicted routing",
             ScoredCache(capacity, expert_bytes, prior, **scored),
-            trace.steps, layers, expert_bytes, predictions=trace.predicted,
+            trace.steps, layers, expert_bytes, predictions=trace.predicted, counted=counted,
         )
     )
     belady = BeladyCache(capacity, expert_bytes, trace.steps, layers)
-    results.append(simulate("Belady (optimal)", belady, trace.steps, layers, expert_bytes))
+    results.append(simulate("Belady (optimal)", belady, trace.steps, layers, expert_bytes, counted=counted))
     return results
 
 
@@ -141,25 +150,31 @@ def bench_policy(
     recall = predicted_recall(held)
     decode_steps = sum(1 for n in held.rows if n == 1)
     lines = [
-        f"edgevision bench policy: {Path(model).name}: {len(layout.moe_layers)} MoE layers x {layout.n_expert} "
-        f"experts (top {layout.n_expert_used}), experts {total / MIB:.0f} MiB",
-        f"prior: selections on {folder}/prompts.txt ({len(calib.steps)} steps); replayed: {folder}/{heldout} "
-        f"({len(held.steps)} steps, {decode_steps} of them single-token decode steps, {tokens} per question)",
-        f"predicted routing (next MoE layer's router on this layer's input): recall {100 * recall:.1f}% of the "
-        f"selected experts (chance {100 * layout.n_expert_used / layout.n_expert:.1f}%)",
+        (
+            f"edgevision bench policy: {Path(model).name}: {len(layout.moe_layers)} MoE layers x {layout.n_expert} "
+            f"experts (top {layout.n_expert_used}), experts {total / MIB:.0f} MiB"
+        ),
+        (
+            f"prior: selections on {folder}/prompts.txt ({len(calib.steps)} steps); replayed: {folder}/{heldout} "
+            f"({len(held.steps)} steps, {decode_steps} of them single-token decode steps, {tokens} per question)"
+        ),
+        (
+            f"predicted routing (next MoE layer's router on this layer's input): recall {100 * recall:.1f}% of the "
+            f"selected experts (chance {100 * layout.n_expert_used / layout.n_expert:.1f}%)"
+        ),
         "",
-        f"{'capacity':>9} {'policy':<34} {'hit rate':>8} {'MiB read/step':>13}",
+        f"{'capacity':>9} {'policy':<34} {'hit rate':>8} {'MiB read/token':>14}",
     ]
     for fraction in fractions:
         capacity = int(fraction * total)
         for result in compare_policies(held, prior, expert_bytes, capacity):
             lines.append(
                 f"{100 * fraction:>8.0f}% {result.name:<34} {100 * result.hit_rate:>7.1f}% "
-                f"{result.bytes_per_token / MIB:>13.2f}"
+                f"{result.bytes_per_token / MIB:>14.2f}"
             )
     lines.append(
-        "capacity: share of all experts' bytes the cache may hold. A step is one llama_decode (a prompt prefill "
-        "or one generated token); hits and misses count selected experts (union over the step's rows). With "
+        "capacity: share of all experts' bytes the cache may hold. Every step (a prompt prefill or one generated "
+        "token) goes through the cache; hits, misses and bytes read are counted over the generated tokens. With "
         "predicted routing an expert read ahead on a prediction counts as a hit when selected, and its bytes as "
         "read whether or not it was."
     )

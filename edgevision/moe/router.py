@@ -262,7 +262,7 @@ class RouterObserver:
 
     def _probe(self, name: bytes, tensor: int) -> None:
         """While the first graph is built: where the expert matmuls' weights are (their buffer, their data)."""
-        head, _, tail = name.rpartition(b"-")
+        _, _, tail = name.rpartition(b"-")
         if not tail.isdigit():  # a view or reshape llama.cpp named after its source
             return
         layer = int(tail)

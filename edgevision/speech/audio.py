@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from edgevision.errors import InputError
+from edgevision.files import atomic_write
 
 WHISPER_SAMPLE_RATE = 16_000
+
+# Limits on what a WAV file may ask of us: a header is a few bytes, but a rate of 1 Hz would need an
+# enormous resampling, and a long recording gigabytes of float samples.
+MIN_SAMPLE_RATE = 8_000
+MAX_SAMPLE_RATE = 192_000
+MAX_AUDIO_SECONDS = 120.0  # the daemon's longest question is 120 s too (daemon.max_recording_s)
+MAX_CHANNELS = 8
 
 _CONVERT_HINT = "convert it with e.g. `ffmpeg -i INPUT -ac 1 -ar 16000 -c:a pcm_s16le OUTPUT.wav`"
 
@@ -55,15 +63,19 @@ def read_wav(path: str | Path) -> Audio:
     if not path.exists():
         raise InputError(f"Audio file not found: {path}. Check the path and that the recording was saved.")
     if not path.is_file():
-        raise InputError(f"Audio path is not a file: {path}.")
+        raise InputError(f"Audio path {path} is not a file; give the path of a WAV recording.")
     try:
         with wave.open(str(path), "rb") as wav:
             channels = wav.getnchannels()
             sample_width = wav.getsampwidth()
             sample_rate = wav.getframerate()
+            check_format(path, sample_rate, channels, wav.getnframes())
             data = wav.readframes(wav.getnframes())
     except (wave.Error, EOFError) as error:
-        raise InputError(f"{path} is not a PCM WAV file ({error}); {_CONVERT_HINT}.") from error
+        reason = str(error) or "it ends inside its header"
+        raise InputError(f"{path} is not a PCM WAV file ({reason}); {_CONVERT_HINT}.") from error
+    except OSError as error:
+        raise InputError(f"cannot read {path} ({error.strerror}); check the file and its permissions.") from error
 
     frame_size = channels * sample_width
     data = data[: len(data) - len(data) % frame_size]  # a truncated file may end in half a frame
@@ -73,9 +85,27 @@ def read_wav(path: str | Path) -> Audio:
     return Audio(samples, sample_rate)
 
 
+def check_format(path: str | Path, sample_rate: int, channels: int, n_frames: int) -> None:
+    """Refuse a WAV header whose rate, channels or length is outside what a spoken question can be, before
+    any sample is read."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise InputError(
+            f"{path} has a sample rate of {sample_rate} Hz; edgevision takes {MIN_SAMPLE_RATE} to "
+            f"{MAX_SAMPLE_RATE} Hz: {_CONVERT_HINT}."
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise InputError(f"{path} has {channels} channels (1 to {MAX_CHANNELS} are read); {_CONVERT_HINT}.")
+    seconds = n_frames / sample_rate
+    if seconds > MAX_AUDIO_SECONDS:
+        raise InputError(
+            f"{path} is {seconds:.0f} s long; a question may last at most {MAX_AUDIO_SECONDS:.0f} s: "
+            "cut it to the question (e.g. `ffmpeg -i INPUT -t 30 OUTPUT.wav`)."
+        )
+
+
 def write_wav(path: str | Path, audio: Audio) -> None:
-    """Write `audio` as a 16-bit mono PCM WAV file."""
-    with wave.open(str(path), "wb") as wav:
+    """Write `audio` as a 16-bit mono PCM WAV file, atomically: the file appears whole or not at all."""
+    with atomic_write(path) as file, wave.open(file, "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
         wav.setframerate(audio.sample_rate)
@@ -91,6 +121,12 @@ def resample(audio: Audio, sample_rate: int) -> Audio:
     """
     if sample_rate == audio.sample_rate:
         return audio
+    for rate in (audio.sample_rate, sample_rate):
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise InputError(
+                f"cannot resample audio between {audio.sample_rate} Hz and {sample_rate} Hz: edgevision takes "
+                f"{MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz; {_CONVERT_HINT}."
+            )
     n_in = len(audio.samples)
     n_out = round(n_in * sample_rate / audio.sample_rate)
     if n_in == 0 or n_out == 0:

@@ -7,8 +7,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 from edgevision.errors import EdgevisionError, MissingDependencyError, ModelError
+from edgevision.schema import setting
 from edgevision.speech.audio import WHISPER_SAMPLE_RATE, Audio, resample
 
 logger = logging.getLogger(__name__)
@@ -32,17 +34,38 @@ class Transcript:
     no_speech: bool
 
 
+class Recognizer(Protocol):
+    """Speech to text. An engine implements this, declares its `Settings` dataclass on the class (its fields are
+    the constructor's keyword arguments) and is registered in `edgevision.speech.engines.RECOGNIZERS`."""
+
+    def transcribe(self, audio: Audio) -> Transcript:
+        """What was said in `audio` (any sample rate)."""
+
+    def close(self) -> None: ...
+
+
 class WhisperRecognizer:
     """A faster-whisper model loaded from a CTranslate2 directory; close it (or use `with`) to free it."""
 
+    @dataclass(frozen=True)
+    class Settings:
+        """Whisper through faster-whisper (CTranslate2), from a local model directory"""
+
+        model: Path = setting(
+            "../models/whisper-tiny.en", "Whisper model directory (CTranslate2 format).", path="dir"
+        )
+        language: str = setting("en", "Language the user speaks, as a Whisper language code.")
+        beam_size: int = setting(1, "Beam size; 1 is greedy decoding, the fastest.", min=1, max=10)
+        threads: int = setting(0, "CPU threads; 0 picks automatically.", min=0, max=64)
+
     def __init__(
         self,
-        model_dir: str | Path,
+        model: str | Path,
         *,
         language: str | None = "en",
         beam_size: int = 1,
         compute_type: str = "int8",
-        cpu_threads: int = 0,
+        threads: int = 0,
         device: str = "cpu",
         no_speech_threshold: float = 0.6,
     ) -> None:
@@ -50,7 +73,7 @@ class WhisperRecognizer:
             raise MissingDependencyError(
                 "Speech recognition needs the faster-whisper package; install it with `pip install faster-whisper`."
             )
-        model_dir = Path(model_dir)
+        model_dir = Path(model)
         if not model_dir.is_dir():
             raise ModelError(
                 f"Whisper model directory not found: {model_dir}. Point the speech recognition setting at a "
@@ -70,7 +93,7 @@ class WhisperRecognizer:
                 str(model_dir),
                 device=device,
                 compute_type=compute_type,
-                cpu_threads=cpu_threads,
+                cpu_threads=threads,
                 local_files_only=True,
             )
         except (RuntimeError, ValueError, OSError) as error:

@@ -24,13 +24,15 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 
 from edgevision.errors import EdgevisionError, MissingDependencyError, ModelError
+from edgevision.schema import setting
 from edgevision.speech.audio import Audio, read_wav
 
 logger = logging.getLogger(__name__)
@@ -94,12 +96,40 @@ def _ends_early(sentence: str) -> bool:
     return last_word in _ABBREVIATIONS or _LIST_MARKER.fullmatch(sentence) is not None
 
 
+class Synthesizer(Protocol):
+    """Text to speech. An engine implements this, declares its `Settings` dataclass on the class (its fields are
+    the constructor's keyword arguments) and is registered in `edgevision.speech.engines.SYNTHESIZERS`."""
+
+    sample_rate: int  # of the audio it makes (earcons are made at this rate, to queue with speech)
+
+    def synthesize(self, text: str) -> Audio:
+        """`text` spoken; empty audio for text without words."""
+
+    def stream(self, sentences: Iterable[str]) -> Iterator[Audio]:
+        """Each sentence spoken, in order, as soon as it is ready."""
+
+    def close(self) -> None: ...
+
+
 class PiperSynthesizer:
     """A Piper voice in a child process; close it (or use `with`) to stop the process."""
 
+    @dataclass(frozen=True)
+    class Settings:
+        """a Piper voice (.onnx with its .onnx.json), run as a separate process"""
+
+        voice: Path = setting(
+            "../models/piper/en_US-joe-medium.onnx",
+            "Piper voice model (.onnx, with its .onnx.json beside it).",
+            path="file",
+        )
+        length_scale: float = setting(
+            1.0, "Speaking rate: below 1 speaks faster, above 1 slower.", min=0.5, max=2.0
+        )
+
     def __init__(
         self,
-        voice_path: str | Path,
+        voice: str | Path,
         *,
         length_scale: float = 1.0,
         noise_scale: float | None = None,
@@ -112,11 +142,11 @@ class PiperSynthesizer:
             raise MissingDependencyError(
                 "Speech synthesis needs Piper; install it with `pip install piper-tts` (it runs as a separate process)."
             )
-        voice_path = Path(voice_path).expanduser().resolve()
-        config_path = voice_path.with_name(voice_path.name + ".json")
-        if not voice_path.is_file():
+        voice_file = Path(voice).expanduser().resolve()
+        config_path = voice_file.with_name(voice_file.name + ".json")
+        if not voice_file.is_file():
             raise ModelError(
-                f"Piper voice not found: {voice_path}. Point the speech synthesis setting at a voice's .onnx file."
+                f"Piper voice not found: {voice_file}. Point the speech synthesis setting at a voice's .onnx file."
             )
         if not config_path.is_file():
             raise ModelError(
@@ -130,10 +160,10 @@ class PiperSynthesizer:
                 "download the voice's .onnx.json again."
             ) from error
 
-        self.voice_path = voice_path
+        self.voice_file = voice_file
         self._timeout_s = timeout_s
         self._output_dir = Path(tempfile.mkdtemp(prefix="edgevision-piper-"))
-        self._command = [sys.executable, "-m", "piper", "--model", str(voice_path), "--config", str(config_path)]
+        self._command = [sys.executable, "-m", "piper", "--model", str(voice_file), "--config", str(config_path)]
         self._command += ["--output-dir", str(self._output_dir), "--length-scale", str(length_scale)]
         self._command += ["--sentence-silence", str(sentence_silence_s)]
         optional = {"--noise-scale": noise_scale, "--noise-w-scale": noise_w_scale, "--speaker": speaker_id}
@@ -187,7 +217,7 @@ class PiperSynthesizer:
                 last_message = self._stderr_tail[-1] if self._stderr_tail else "no message"
                 raise ModelError(
                     f"Piper stopped (exit code {process.wait()}) while speaking {line[:60]!r}: {last_message} "
-                    f"(full output in the log). Check the voice file {self.voice_path}."
+                    f"(full output in the log). Check the voice file {self.voice_file}."
                 )
             try:
                 return read_wav(wav_path)
@@ -220,7 +250,7 @@ class PiperSynthesizer:
     def _start(self) -> None:
         self._stop()
         logger.debug("Starting Piper: %s", " ".join(self._command))
-        environment = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1")
+        environment = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONUNBUFFERED="1", ORT_DISABLE_TELEMETRY="1")
         self._process = subprocess.Popen(
             self._command,
             stdin=subprocess.PIPE,

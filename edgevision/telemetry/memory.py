@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 _KB = re.compile(r"^(\w+):\s+(\d+)\s*kB", re.MULTILINE)
 _NVMAP_CLIENTS = "sys/kernel/debug/nvmap/iovmm/clients"
+_HWM_RESET_SLACK_KB = 16 * 1024  # RSS may grow between the reset and the read; a kept old mark is far above
 
 
 def meminfo(root: Path = Path("/")) -> dict[str, int]:
@@ -196,5 +197,12 @@ class MemoryMeter:
             Path(f"/proc/{self._proc}/clear_refs").write_text("5")
         except OSError as error:
             logger.debug("memory: cannot reset the RSS high-water mark (%s); sampling instead", error)
+            return False
+        # VmHWM is process-wide: trust it only if the reset took (some kernels and sandboxes accept the write
+        # and keep the old mark, which would report an earlier, higher peak as this span's).
+        status = process_status(self.root, self._proc)
+        hwm, rss = status.get("VmHWM"), status.get("VmRSS")
+        if hwm is None or rss is None or hwm - rss > _HWM_RESET_SLACK_KB:
+            logger.debug("memory: the RSS high-water mark did not reset (VmHWM %s kB, VmRSS %s kB); sampling", hwm, rss)
             return False
         return True

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from edgevision.errors import ConfigError, DeviceError
+from edgevision.errors import DeviceError
+from edgevision.plugins import load_class
 
 logger = logging.getLogger(__name__)
 
@@ -253,11 +254,12 @@ class NoPowerReader:
         pass
 
 
-POWER_READERS: dict[str, type] = {
-    "ina3221": Ina3221Reader,
-    "tegrastats": TegrastatsReader,
-    "rapl": RaplReader,
-    "none": NoPowerReader,
+# Reader name → "module:class" (`edgevision.plugins`); "auto" picks the first of these that is present.
+POWER_READERS: dict[str, str] = {
+    "ina3221": f"{__name__}:Ina3221Reader",
+    "tegrastats": f"{__name__}:TegrastatsReader",
+    "rapl": f"{__name__}:RaplReader",
+    "none": f"{__name__}:NoPowerReader",
 }
 
 
@@ -265,13 +267,8 @@ def open_power_reader(name: str, *, root: str | os.PathLike[str] = "/", **option
     """The reader called `name` ("auto" picks the best available); DeviceError if that one is not here."""
     if name == "auto":
         return detect_power_reader(root)
-    match name:
-        case "ina3221" | "rapl":
-            return POWER_READERS[name](root)
-        case "tegrastats" | "none":
-            return POWER_READERS[name](**options)
-    raise ConfigError(f"telemetry.power_reader: {name!r} is not a power reader; choose auto or one of "
-                      f"{', '.join(POWER_READERS)}")
+    reader = load_class(POWER_READERS, "telemetry.power_reader", name)
+    return reader(root) if name in ("ina3221", "rapl") else reader(**options)
 
 
 def detect_power_reader(root: str | os.PathLike[str] = "/") -> PowerReader:

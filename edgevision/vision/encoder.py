@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from edgevision.errors import ConfigError
+from edgevision.plugins import load_class
 from edgevision.vision.preprocess import TowerSpec, preprocess
 
 
@@ -33,14 +32,7 @@ BACKENDS = {
 
 def open_encoder(backend: str, tower: Path, *, threads: int = 0) -> VisionEncoder:
     """Open the configured back-end on a tower file."""
-    try:
-        module_name, class_name = BACKENDS[backend].split(":")
-    except KeyError:
-        raise ConfigError(
-            f"vision.backend: {backend!r} is not available on this build; choose one of {sorted(BACKENDS)}"
-        ) from None
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(tower, threads=threads)
+    return load_class(BACKENDS, "vision.backend", backend)(tower, threads=threads)
 
 
 def encode_image(encoder: VisionEncoder, image) -> np.ndarray:

@@ -5,7 +5,8 @@ Each plan `engines/NAME.plan` has a manifest `engines/NAME.manifest.json` beside
 the sha256 of the ONNX tower it was built from, the precision, the I/O tensors, the builder flags, the
 tower's preprocessing (TowerSpec) and when it was built. A TensorRT plan only runs on the GPU model and
 TensorRT version it was built with, and silently answers for the old tower if the ONNX has been
-re-exported since; `check_manifest` refuses both, with a message that says to run `make engines`.
+re-exported since; `check_manifest` refuses both, with a message that says to run `make engines`. The ONNX's
+sha256 comes from the digest cache (`edgevision.digests`), so a load re-hashes it only after it changed.
 
 Nothing here imports TensorRT: the manifest and the guard are plain logic (tested on any machine), and
 the Q/DQ quantization runs on ONNX Runtime on the CPU.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevision.digests import sha256_of
 from edgevision.errors import InputError, ModelError
 from edgevision.vision.preprocess import METADATA_KEY, TowerSpec, load_image, preprocess
 
@@ -169,7 +171,7 @@ def check_manifest(plan: str | Path, manifest: Manifest, running: Platform) -> N
     if not onnx.is_file():
         problems.append(f"the ONNX tower it was built from, {onnx}, is missing, so the plan cannot be checked")
     else:
-        current = sha256_file(onnx)
+        current = sha256_of(onnx)  # cached by stat: an unchanged tower is not read again on every load
         if current != manifest.onnx_sha256:
             problems.append(
                 f"its ONNX tower {onnx} has changed since (sha256 {current[:12]}…, built from "

@@ -8,6 +8,7 @@ normalisation is hard-coded in a back-end.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,12 @@ METADATA_KEY = "edgevision.preprocess"
 # CLIP's normalisation constants (OpenAI CLIP, also used by LLaVA and MoE-LLaVA).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# A photo larger than this is refused before it is decoded (its header gives the size): 50 megapixels take
+# 150 MB as RGB, and larger "photos" are decompression bombs or scans no camera of ours makes.
+MAX_IMAGE_PIXELS = 50_000_000
+# The largest square input side a tower may declare; the preprocessed image is 12 * side**2 bytes.
+MAX_TOWER_IMAGE_SIZE = 4096
 
 RESIZE_MODES = ("crop", "pad", "squash")
 PAD_ROUNDINGS = ("round", "ceil")
@@ -48,6 +55,16 @@ class TowerSpec:
     """Where the tower came from (e.g. "mmproj:mlp", "hf:clip+llava"), for people and manifests."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.image_size <= MAX_TOWER_IMAGE_SIZE:
+            raise ModelError(
+                f"tower preprocessing: image_size {self.image_size} is outside 1 to {MAX_TOWER_IMAGE_SIZE} pixels; "
+                "the tower's metadata is wrong: re-export it with the tools in tools/"
+            )
+        if self.n_tokens < 1 or self.n_embd < 1:
+            raise ModelError(
+                f"tower preprocessing: n_tokens {self.n_tokens} and n_embd {self.n_embd} must be positive; "
+                "re-export the tower with the tools in tools/"
+            )
         if self.resize not in RESIZE_MODES:
             raise ModelError(f"tower preprocessing: unknown resize mode {self.resize!r} (one of {RESIZE_MODES})")
         if self.pad_rounding not in PAD_ROUNDINGS:
@@ -73,6 +90,8 @@ class TowerSpec:
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"{source}: preprocessing metadata is malformed ({exc}); re-export the tower") from exc
+        except ModelError as exc:  # out of its limits: say which tower
+            raise ModelError(f"{source}: {exc}") from exc
 
 
 def load_image(path: str | Path):
@@ -81,12 +100,27 @@ def load_image(path: str | Path):
 
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"image not found: {path}")
+        what = "is not a file" if path.exists() else "not found"
+        raise InputError(f"image {path} {what}; give the path of a JPEG or PNG photo")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns of large images while opening; ours is the refusal below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{path} is {width}x{height} pixels ({width * height / 1e6:.0f} megapixels); edgevision takes "
+                    f"photos of up to {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: scale it down first"
+                )
             img.load()
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, above ours, met while reading the header
+        raise InputError(
+            f"{path} declares more pixels than Pillow will decode ({exc}); edgevision takes photos of up to "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels: scale it down first"
+        ) from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"cannot read {path} as an image ({exc.__class__.__name__}); use a JPEG or PNG file") from exc
 
 
