@@ -137,9 +137,9 @@ def test_residency_probe_sees_whether_the_chosen_experts_are_in_ram(tmp_path):
         import make_synthetic
     finally:
         sys.path.remove(str(tools))
-    from edgevision.moe.bench import ResidencyProbe
     from edgevision.moe.cgroup import drop_page_cache
     from edgevision.moe.layout import read_layout
+    from edgevision.moe.probe import ResidencyProbe
 
     path = make_synthetic.write_moe_decoder(tmp_path / "m.gguf", n_expert=8, n_ff_exp=1024, n_embd=256)
     layout = read_layout(path)
