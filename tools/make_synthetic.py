@@ -39,6 +39,9 @@ PREFERENCE_KEY = "edgevision.synthetic.expert_preference"
 SKEW_KEY = "edgevision.synthetic.router_skew"
 SEED_KEY = "edgevision.synthetic.seed"
 UPCYCLE_KEY = "edgevision.synthetic.upcycle_noise"
+TOPICS_KEY = "edgevision.synthetic.n_topics"
+TOPIC_KEY = "edgevision.synthetic.token_topic"
+IMAGE_CHANNEL_KEY = "edgevision.synthetic.image_channel"
 
 # Gemma 4's special tokens. Ids 0-3 match the real tokenizer; the rest sit together here, where the real
 # one has them far apart (<|turn> 105, <turn|> 106, <|image> 255999, <|image|> 258880, <image|> 258882).
@@ -107,6 +110,10 @@ and the glasses. The screen shows the time: it is ten past nine in the morning.
 # layer reads or writes channel 0, so it is a constant "bias channel" only the routers read (for router_skew).
 BIAS_CHANNEL_VALUE = 4.0
 OUTPUT_LOGIT_STD = 3.0
+TOPIC_OUTPUT_LOGIT_STD = 1.5
+# With topics, each token also carries a random code in this many reserved channels, which the routers read:
+# routing that depends on the token itself, with no component common to all tokens.
+TOKEN_CODE_CHANNELS = 16
 # Special and byte-fallback tokens get this much taken off their logits (through the bias channel), so
 # generation never emits them: it runs to max_tokens and stays printable text.
 SUPPRESSED_LOGIT_OFFSET = 40.0
@@ -149,6 +156,37 @@ class MoeDecoderSpec:
             "(relative std); 0 = independent random experts"
         },
     )
+    n_topics: int = field(
+        default=0,
+        metadata={
+            "help": "content-dependent routing: every token belongs to one of this many topics, each with its own "
+            "expert preference per layer; 0 = none (routing depends on the token and router_skew only)"
+        },
+    )
+    topic_skew: float = field(
+        default=0.0, metadata={"help": "Zipf exponent of each topic's own expert preference (with n_topics)"}
+    )
+    topic_persistence: float = field(
+        default=0.0,
+        metadata={
+            "help": "logit bonus of next tokens from the current token's topic: text stays on a topic, so "
+            "routing has temporal locality (with n_topics)"
+        },
+    )
+    image_skew: float = field(
+        default=0.0,
+        metadata={
+            "help": "Zipf exponent of the expert preference of image-like rows (rows carrying the image channel; "
+            "with n_topics)"
+        },
+    )
+    context_routing: float = field(
+        default=1.0,
+        metadata={
+            "help": "with topics: scale of the routers' reading of the residual stream (the context, which all "
+            "tokens share in part) beside the token's own code (logit std 1) and its topic"
+        },
+    )
     full_attention_every: int = field(
         default=2, metadata={"help": "every N-th layer uses full attention, the rest a sliding window"}
     )
@@ -163,6 +201,18 @@ class MoeDecoderSpec:
     # p(r) ~ (1 + r) ** -router_skew. Measured on CORPUS (about 500 tokens) with the defaults, 8 experts
     # and top-2, the share of routing slots taken by each layer's 2 preferred experts is: 0 -> 0.22-0.35
     # (a random router is uneven by itself), 1 -> 0.52-0.67, 2 -> 0.71-0.89, 4 -> 0.94-0.96.
+    #
+    # n_topics, topic_skew, topic_persistence, image_skew, in detail: channels 1..n_topics of the residual
+    # stream are topic channels and channel n_topics + 1 the image channel; like channel 0 no layer reads or
+    # writes them. Each token's embedding carries BIAS_CHANNEL_VALUE in the channel of its topic (a seeded
+    # draw per token, stored under edgevision.synthetic.token_topic), so a router sees which topic the
+    # current token is on and adds that topic's preference, -topic_skew * ln(1 + rank), for the topic's own
+    # seeded ranking of the layer's experts. Different text uses different topics, so a plan learned on one
+    # set of questions covers another set less well, as with real models. The output matrix gives tokens of
+    # the current token's topic topic_persistence more logit: generated text stays on a topic for a while and
+    # then moves on, so consecutive tokens share hot experts (temporal locality) without any one set of
+    # experts being hot for everything. Image-like rows (rows carrying the image channel instead of a topic,
+    # see `image_rows`) route by their own ranking with image_skew.
     #
     # upcycle_noise, in detail: sparse upcycling (MoE-LLaVA, LLaVA-GM) starts every expert of a layer as a copy
     # of the dense FFN, and training moves them apart only partly. With upcycle_noise s > 0 each expert's
@@ -189,8 +239,30 @@ class MoeDecoderSpec:
             raise ValueError("router_skew must be 0 or more")
         if self.upcycle_noise < 0:
             raise ValueError("upcycle_noise must be 0 (independent experts) or more")
+        if self.context_routing < 0:
+            raise ValueError("context_routing must be 0 or more")
+        if self.n_topics < 0 or min(self.topic_skew, self.topic_persistence, self.image_skew) < 0:
+            raise ValueError("n_topics, topic_skew, topic_persistence and image_skew must be 0 or more")
+        if self.n_topics and self.n_topics + 2 > self.n_embd // 4:
+            raise ValueError("n_topics must leave most of n_embd to the model: at most n_embd / 4 - 2")
         if self.n_vocab < _fixed_vocab_size() + 1:
             raise ValueError(f"n_vocab must be more than {_fixed_vocab_size()} to leave room for merges")
+
+    @property
+    def reserved_channels(self) -> int:
+        """Channels only the routers (and the output matrix) read: the bias channel, then with topics one
+        channel per topic and the image channel."""
+        return 1 + (self.n_topics + 1 + TOKEN_CODE_CHANNELS if self.n_topics else 0)
+
+    @property
+    def image_channel(self) -> int | None:
+        return self.n_topics + 1 if self.n_topics else None
+
+    @property
+    def code_channels(self) -> slice:
+        """The token code's channels (empty without topics)."""
+        first = self.n_topics + 2 if self.n_topics else 1
+        return slice(first, self.reserved_channels)
 
     @property
     def head_dim_swa(self) -> int:
@@ -210,6 +282,31 @@ class MoeDecoderSpec:
     def n_head_kv(self, layer: int) -> int:
         """Grouped-query attention as in 26B-A4B: more KV heads on sliding layers than on full ones."""
         return max(1, self.n_head // 2) if self.is_swa(layer) else 1
+
+
+# Routing presets (see docs/moe-benchmark.md for where the target figures come from). "static" is the old
+# benchmark model: one fixed preference for every token (hottest quarter of experts ~0.9 of the gate mass,
+# calibration transfers perfectly). The realistic ones route by content and topic with temporal locality;
+# their figures, as `edgevision bench routing` measures them, are in docs/moe-benchmark.md: realistic-0.5 meets
+# the static skew (hottest quarter ~0.5-0.6) with weaker temporal locality than published, realistic-0.7 the
+# temporal locality (per-layer LRU with a quarter of the experts ~0.7) with more skew than published (~0.8).
+PRESETS: dict[str, dict[str, float | int]] = {
+    "static": {"router_skew": 0.8},
+    "realistic-0.5": {
+        "n_topics": 16,
+        "topic_skew": 0.6,
+        "topic_persistence": 3.0,
+        "context_routing": 0.3,
+        "image_skew": 0.3,
+    },
+    "realistic-0.7": {
+        "n_topics": 16,
+        "topic_skew": 3.0,
+        "topic_persistence": 4.0,
+        "context_routing": 0.3,
+        "image_skew": 0.3,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -273,12 +370,14 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
 class _Weights:
     """Seeded random tensors; each tensor draws from its own stream, keyed by the seed and its name.
 
-    Channel 0 of the residual stream is the bias channel (see BIAS_CHANNEL_VALUE): matrices that read the
-    stream ignore it and matrices that write to it leave it alone, so only the routers see it.
+    Channel 0 of the residual stream is the bias channel (see BIAS_CHANNEL_VALUE), and with topics the topic
+    and image channels follow it (`MoeDecoderSpec.reserved_channels`): matrices that read the stream ignore
+    them and matrices that write to it leave them alone, so only the routers (and the output) see them.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, reserved: int = 1) -> None:
         self.seed = seed
+        self.reserved = reserved  # leading channels no layer reads or writes
 
     def rng(self, name: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, zlib.crc32(name.encode())])
@@ -289,13 +388,13 @@ class _Weights:
     def reader(self, name: str, shape: Sequence[int]) -> np.ndarray:
         """A matrix over the residual stream (last axis n_embd), giving unit-variance outputs."""
         matrix = self.normal(name, shape, shape[-1] ** -0.5)
-        matrix[..., 0] = 0.0
+        matrix[..., : self.reserved] = 0.0
         return matrix
 
     def writer(self, name: str, shape: Sequence[int]) -> np.ndarray:
         """A matrix into the residual stream (second-last axis n_embd), giving unit-variance outputs."""
         matrix = self.normal(name, shape, shape[-1] ** -0.5)
-        matrix[..., 0, :] = 0.0
+        matrix[..., : self.reserved, :] = 0.0
         return matrix
 
 
@@ -311,6 +410,47 @@ def expert_preference(spec: MoeDecoderSpec) -> np.ndarray:
     ).astype(np.int32)
 
 
+def token_topics(spec: MoeDecoderSpec, n_vocab: int) -> np.ndarray:
+    """[n_vocab]: each token's topic (a seeded draw), -1 for tokens without one: special, byte and newline
+    tokens (so the chat template's last token, the same for every question, sets no topic for the answer);
+    all -1 without topics."""
+    if not spec.n_topics:
+        return np.full(n_vocab, -1, dtype=np.int32)
+    topic = _Weights(spec.seed).rng("token_topic").integers(0, spec.n_topics, n_vocab).astype(np.int32)
+    topic[: FIRST_TEXT_ID + len(NEWLINES)] = -1
+    return topic
+
+
+def topic_preference(spec: MoeDecoderSpec) -> np.ndarray:
+    """[n_layer, n_topics + 1, n_expert]: per layer, each topic's experts most preferred first, then the
+    image rows' ranking."""
+    weights = _Weights(spec.seed)
+    return np.array(
+        [
+            [weights.rng(f"blk.{il}.topic{t}.preference").permutation(spec.n_expert) for t in range(spec.n_topics + 1)]
+            for il in range(spec.n_layer)
+        ],
+        dtype=np.int32,
+    ).reshape(spec.n_layer, spec.n_topics + 1, spec.n_expert)
+
+
+def image_rows(spec: MoeDecoderSpec, n: int, seed: int = 0) -> np.ndarray:
+    """`n` image-like input rows for `spec`'s model (as `LlamaDecoder.prefill_embeddings` takes them): random
+    unit-variance content, the bias channel, and the image channel where the model has one."""
+    rows = np.random.default_rng([spec.seed, seed, 0x1A6E]).standard_normal((n, spec.n_embd)).astype(np.float32)
+    rows[:, : spec.code_channels.start] = 0.0  # the token code's channels keep their draw: a code per row
+    rows[:, 0] = BIAS_CHANNEL_VALUE
+    if spec.image_channel is not None:
+        rows[:, spec.image_channel] = BIAS_CHANNEL_VALUE
+    return rows
+
+
+def _log_rank(ranking: np.ndarray) -> np.ndarray:
+    rank = np.empty(ranking.shape[-1], dtype=np.float32)
+    rank[ranking] = np.arange(ranking.shape[-1])
+    return np.log1p(rank)
+
+
 def _router(spec: MoeDecoderSpec, weights: _Weights, il: int, preference: np.ndarray) -> np.ndarray:
     """Router rows: a unit-variance token-dependent part plus the skew, read from the bias channel.
 
@@ -320,16 +460,25 @@ def _router(spec: MoeDecoderSpec, weights: _Weights, il: int, preference: np.nda
     """
     router = weights.normal(f"blk.{il}.ffn_gate_inp.weight", (spec.n_expert, spec.n_embd), 1.0)
     # attention and FFN of earlier layers, and this layer's attention
-    share = _bias_share(spec.n_embd, blocks_before=2 * il + 1)
-    rank = np.empty(spec.n_expert, dtype=np.float32)
-    rank[preference[il]] = np.arange(spec.n_expert)
-    router[:, 0] = -spec.router_skew * np.log1p(rank) / share
+    share = _bias_share(spec, blocks_before=2 * il + 1)
+    router[:, 0] = -spec.router_skew * _log_rank(preference[il]) / share
+    if spec.n_topics:
+        router[:, spec.reserved_channels :] *= spec.context_routing
+        # the token code's channels carry BIAS * z, z ~ N(0, 1 / TOKEN_CODE_CHANNELS): unit-variance logits
+        router[:, spec.code_channels] /= share
+        topics = topic_preference(spec)[il]
+        for t in range(spec.n_topics):
+            router[:, 1 + t] = -spec.topic_skew * _log_rank(topics[t]) / share
+        router[:, spec.image_channel] = -spec.image_skew * _log_rank(topics[spec.n_topics]) / share
     return router
 
 
-def _bias_share(n_embd: int, blocks_before: int) -> float:
-    """Expected channel 0 of the normalized residual stream after the embedding and this many blocks."""
-    return BIAS_CHANNEL_VALUE / np.sqrt(BIAS_CHANNEL_VALUE**2 + (n_embd - 1) * (1 + blocks_before))
+def _bias_share(spec: MoeDecoderSpec, blocks_before: int) -> float:
+    """Expected value of a reserved channel (bias, topic) of the normalized residual stream after the embedding
+    and this many blocks. A token carries the bias, and with topics its topic and a code of the same total size."""
+    fixed = 3 if spec.n_topics else 1  # bias, topic and (in all) the token code
+    moving = (spec.n_embd - spec.reserved_channels) * (1 + blocks_before)
+    return BIAS_CHANNEL_VALUE / np.sqrt(fixed * BIAS_CHANNEL_VALUE**2 + moving)
 
 
 def _upcycle(
@@ -352,12 +501,19 @@ def _upcycle(
 
 def _decoder_tensors(spec: MoeDecoderSpec, n_vocab: int) -> Iterator[tuple[str, np.ndarray, bool]]:
     """(GGUF name, float32 array in numpy order, whether it is a matrix that takes the file's ftype)."""
-    weights = _Weights(spec.seed)
+    weights = _Weights(spec.seed, spec.reserved_channels)
     n = spec.n_embd
     preference = expert_preference(spec)
+    topic = token_topics(spec, n_vocab)
 
     embd = weights.normal("token_embd.weight", (n_vocab, n), 1 / np.sqrt(n))
+    embd[:, 1 : spec.reserved_channels] = 0.0
     embd[:, 0] = BIAS_CHANNEL_VALUE / np.sqrt(n)  # llama.cpp scales embeddings by sqrt(n_embd)
+    if spec.n_topics:
+        on_topic = np.flatnonzero(topic >= 0)
+        embd[on_topic, 1 + topic[on_topic]] = BIAS_CHANNEL_VALUE / np.sqrt(n)
+        code = weights.normal("token_code", (n_vocab, TOKEN_CODE_CHANNELS), TOKEN_CODE_CHANNELS**-0.5)
+        embd[:, spec.code_channels] = BIAS_CHANNEL_VALUE * code / np.sqrt(n)
     yield "token_embd.weight", embd, True
     n_rot = int(spec.head_dim_full // 2 * FULL_ROPE_FRACTION)
     rope_freqs = np.array([1.0] * n_rot + [1e30] * (spec.head_dim_full // 2 - n_rot), dtype=np.float32)
@@ -401,10 +557,15 @@ def _decoder_tensors(spec: MoeDecoderSpec, n_vocab: int) -> Iterator[tuple[str, 
         yield f"{p}.layer_output_scale.weight", _ones(1), False
 
     yield "output_norm.weight", _ones(n), False
-    output = weights.reader("output.weight", (n_vocab, n)) * OUTPUT_LOGIT_STD
+    # with topics, a flatter output: sampled text spreads over more of the vocabulary, and so over more topics
+    logit_std = TOPIC_OUTPUT_LOGIT_STD if spec.n_topics else OUTPUT_LOGIT_STD
+    output = weights.reader("output.weight", (n_vocab, n)) * logit_std
     # the final norm leaves channel 0 at about its share times sqrt(n_embd)
-    final_bias = _bias_share(n, blocks_before=2 * spec.n_layer) * np.sqrt(n)
+    final_bias = _bias_share(spec, blocks_before=2 * spec.n_layer) * np.sqrt(n)
     output[:FIRST_TEXT_ID, 0] = -SUPPRESSED_LOGIT_OFFSET / final_bias
+    if spec.n_topics:  # text tokens of the current token's topic get topic_persistence more logit
+        text = np.flatnonzero(topic >= 0)
+        output[text, 1 + topic[text]] = spec.topic_persistence / final_bias
     yield "output.weight", output, True
 
 
@@ -463,6 +624,10 @@ def _add_metadata(writer: gguf.GGUFWriter, spec: MoeDecoderSpec, vocab: Vocab) -
     if spec.upcycle_noise > 0:  # absent otherwise, so files without it keep their bytes
         writer.add_float32(UPCYCLE_KEY, spec.upcycle_noise)
     writer.add_array(PREFERENCE_KEY, expert_preference(spec).reshape(-1).tolist())
+    if spec.n_topics:  # absent otherwise, so files without topics keep their bytes
+        writer.add_uint32(TOPICS_KEY, spec.n_topics)
+        writer.add_uint32(IMAGE_CHANNEL_KEY, spec.image_channel)
+        writer.add_array(TOPIC_KEY, token_topics(spec, len(vocab.tokens)).tolist())
 
 
 def write_moe_decoder(path: str | Path, spec: MoeDecoderSpec | None = None, **fields: object) -> Path:
@@ -495,6 +660,8 @@ def write_moe_decoder(path: str | Path, spec: MoeDecoderSpec | None = None, **fi
 def default_filename(spec: MoeDecoderSpec) -> str:
     skew = f"-skew{spec.router_skew:g}" if spec.router_skew else ""
     skew += f"-up{spec.upcycle_noise:g}" if spec.upcycle_noise else ""
+    if spec.n_topics:
+        skew += f"-t{spec.n_topics}s{spec.topic_skew:g}p{spec.topic_persistence:g}i{spec.image_skew:g}c{spec.context_routing:g}"
     return f"gemma4-moe-synthetic-l{spec.n_layer}-e{spec.n_expert}k{spec.n_expert_used}{skew}-{spec.ftype}.gguf"
 
 
@@ -503,6 +670,13 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     decoder = commands.add_parser("decoder", help="a Gemma-4 MoE decoder GGUF for llama.cpp")
     decoder.add_argument("--out", type=Path, required=True, help="folder to write into")
+    decoder.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="routing settings: "
+        + "; ".join(f"{k}: {_describe(v)}" for k, v in PRESETS.items())
+        + " (options given beside it win)",
+    )
     for spec_field in dataclasses.fields(MoeDecoderSpec):
         flag = "--" + spec_field.name.replace("_", "-")
         if spec_field.name == "ftype":
@@ -515,13 +689,23 @@ def _parser() -> argparse.ArgumentParser:
             )
         else:
             kind = type(spec_field.default)
-            decoder.add_argument(flag, type=kind, default=spec_field.default, help=spec_field.metadata["help"])
+            # None: not given, so a preset's value or the default applies
+            decoder.add_argument(
+                flag, type=kind, default=None, help=f"{spec_field.metadata['help']} (default {spec_field.default})"
+            )
     return parser
+
+
+def _describe(settings: dict[str, float | int]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in settings.items())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(MoeDecoderSpec) if f.name != "ftype"}
+    options = dict(PRESETS[args.preset]) if args.preset else {}
+    for f in dataclasses.fields(MoeDecoderSpec):
+        if f.name != "ftype" and getattr(args, f.name) is not None:
+            options[f.name] = getattr(args, f.name)
     try:
         specs = [MoeDecoderSpec(ftype=ftype, **options) for ftype in args.ftype]
     except ValueError as error:
@@ -532,7 +716,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{path}\t{path.stat().st_size} bytes\t{ARCH} {spec.ftype}, {spec.n_layer} layers, "
             f"{spec.n_expert} experts (top {spec.n_expert_used}), router_skew {spec.router_skew:g}, "
-            f"upcycle_noise {spec.upcycle_noise:g}, seed {spec.seed}"
+            f"upcycle_noise {spec.upcycle_noise:g}, topics {spec.n_topics} (skew {spec.topic_skew:g}, persistence "
+            f"{spec.topic_persistence:g}, image skew {spec.image_skew:g}), seed {spec.seed}"
         )
     return 0
 

@@ -160,6 +160,7 @@ class LlamaDecoder:
         self._n_past = 0
         self._has_logits = False
         self._stack = ExitStack()
+        self.mapping_base: int | None = None  # where llama.cpp mapped the file (offset 0), if it did
         try:
             self._model = self._load_model(use_mmap, use_mlock, n_gpu_layers, tensor_overrides, extra_buffer_types)
             self._stack.callback(ll.llama_model_free, self._model)
@@ -196,6 +197,8 @@ class LlamaDecoder:
         tensor_overrides: Sequence[tuple[str, str]],
         extra_buffer_types: bool,
     ) -> int:
+        from edgevision.moe.mapping import file_mappings
+
         ll = self._ll
         params = ll.llama_model_default_params()
         params.load_mode = {
@@ -212,10 +215,13 @@ class LlamaDecoder:
 
             self._overrides = TensorOverrides(tensor_overrides)  # must outlive the model
             params.tensor_buft_overrides = self._overrides.address
+        before = set(file_mappings(self.path))
         with native_log_capture() as problems, native_log_capture(logging.DEBUG) as load_log:
             model = ll.llama_model_load_from_file(os.fsencode(self.path), params)
         #: where llama.cpp put the weights, MiB per buffer type (``{"CPU_Mapped": 241.6}``); see `weight_buffers`
         self.weight_buffers = weight_buffers(load_log)
+        bases = {vma.base for vma in file_mappings(self.path) if vma not in before}
+        self.mapping_base = bases.pop() if len(bases) == 1 else None
         if not model:
             reason = "; ".join(problems[:2]) or "no reason given"
             raise ModelError(

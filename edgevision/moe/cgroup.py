@@ -180,3 +180,31 @@ def cached_fraction(fd: int) -> float:
         return float((vec & 1).mean())
     finally:
         mapping.close()
+
+
+def memory_room() -> tuple[int, int]:
+    """(limit, usage) in bytes of the memory this process may use: its own cgroup's cap and charge (v2
+    ``memory.max``/``memory.current``, v1 ``memory.limit_in_bytes``/``memory.usage_in_bytes``) when it is
+    capped, less the inactive file pages in it (reclaimed first, at no cost: a full cap is not pressure by
+    itself), else the machine's (``MemTotal`` and ``MemTotal - MemAvailable``)."""
+    for mount, kind, options in _mounts():
+        if kind == "cgroup2":
+            folder = Path(mount) / _own_path(None).lstrip("/")
+            names, inactive = ("memory.max", "memory.current"), "inactive_file"
+        elif kind == "cgroup" and "memory" in options.split(","):
+            folder = Path(mount) / _own_path("memory").lstrip("/")
+            names, inactive = ("memory.limit_in_bytes", "memory.usage_in_bytes"), "total_inactive_file"
+        else:
+            continue
+        try:
+            limit_text, usage_text = ((folder / name).read_text().strip() for name in names)
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        if limit_text != "max" and int(limit_text) < 2**60:
+            return int(limit_text), int(usage_text) - int(stat.get(inactive, 0))
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info[key] = int(value.split()[0]) * 1024
+    return info["MemTotal"], info["MemTotal"] - info["MemAvailable"]

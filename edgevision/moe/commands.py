@@ -138,7 +138,13 @@ def _cmd_bench_router(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_moe(args: argparse.Namespace) -> int:
+    import signal
+    import sys
+
     from edgevision.moe.bench import bench_moe
+
+    # a terminated run still unmounts and detaches its loop device and removes its cgroups
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     print(
         bench_moe(
@@ -151,8 +157,34 @@ def _cmd_bench_moe(args: argparse.Namespace) -> int:
             n_threads=args.threads,
             headroom_mib=args.headroom_mib,
             repeats=args.repeats,
+            storage=args.storage,
+            read_ahead_kb=args.read_ahead_kb,
+            read_mbps=args.read_mbps,
+            backing=args.backing,
+            pruned=args.pruned,
+            policies=args.policies.split() if args.policies else None,
         )
     )
+    return 0
+
+
+def _cmd_bench_policy(args: argparse.Namespace) -> int:
+    from edgevision.moe.replay import bench_policy
+
+    fractions = [float(f) for f in args.capacity.split(",")]
+    print(
+        bench_policy(
+            args.model, calibration=args.calibration, fractions=fractions, tokens=args.tokens, n_threads=args.threads
+        )
+    )
+    return 0
+
+
+def _cmd_bench_routing(args: argparse.Namespace) -> int:
+    from edgevision.moe.routing import routing_report
+
+    report = routing_report(args.model, args.calibration, tokens=args.tokens, n_threads=args.threads)
+    print("\n".join(report.lines(Path(args.model).name)))
     return 0
 
 
@@ -161,8 +193,9 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
 
     moe = bench.add_parser(
         "moe",
-        help="decode speed and page faults of a MoE model under a memory cap (cgroup, about 60%% of the file): "
-        "plain mmap vs router-aware residency vs pruned-to-fit, plus the unconstrained speed",
+        help="a MoE model under a memory cap (cgroup, about 60%% of the file) on board-like storage: plain mmap, "
+        "expert LRU, router-aware and Belady's optimal replacement side by side (hit rate, bytes read, faults, "
+        "tokens/s, top-1 agreement), plus the unconstrained speed",
     )
     moe.add_argument(
         "--model", default=DEFAULT_MODEL, help="MoE decoder GGUF (default: %(default)s, 'make bench-model')"
@@ -185,7 +218,61 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
     moe.add_argument(
         "--repeats", type=int, default=2, help="runs of each configuration, interleaved; the best counts (default: 2)"
     )
+    moe.add_argument(
+        "--storage",
+        choices=["board", "host"],
+        default="board",
+        help="board: the model on a loop device with direct I/O, read_ahead_kb and a read throttle like an NVMe's "
+        "(needs root); host: the VM's disk as it is, for comparison only (default: %(default)s)",
+    )
+    moe.add_argument("--read-ahead-kb", type=int, help="the loop device's read_ahead_kb (default: 128)")
+    moe.add_argument(
+        "--read-mbps", type=int, help="read throttle in MB/s, 0 for none (default: 2000, an Orin-class NVMe)"
+    )
+    moe.add_argument(
+        "--backing",
+        choices=["ram", "disk"],
+        default="ram",
+        help="where the loop device's backing file lives (default: %(default)s: no noise from the VM's disk)",
+    )
+    moe.add_argument("--pruned", action="store_true", help="also run the model pruned to fit the cap")
+    moe.add_argument(
+        "--policies",
+        help="the policy rows, space-separated (default: 'expert-lru router-aware belady'); "
+        "'router-aware:predict=0,evict=0' switches pieces off (predict, prefetch, evict, prior, follow)",
+    )
     moe.set_defaults(func=_cmd_bench_moe)
+
+    policy = bench.add_parser(
+        "policy",
+        help="record a MoE model's routing and replay it through the expert LRU, the router-aware policy (with "
+        "and without its prior and predicted routing) and Belady's optimum: hit rate and bytes read per token",
+    )
+    policy.add_argument("--model", default=DEFAULT_MODEL, help="MoE decoder GGUF (default: %(default)s)")
+    policy.add_argument(
+        "--calibration", default=DEFAULT_CALIBRATION, help="prompts.txt (the prior) and heldout.txt (default: %(default)s)"
+    )
+    policy.add_argument(
+        "--capacity", default="0.3,0.45,0.6", help="expert cache sizes, shares of all experts' bytes (default: %(default)s)"
+    )
+    policy.add_argument("--tokens", type=int, default=16, help="generated tokens per question (default: %(default)s)")
+    policy.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    policy.set_defaults(func=_cmd_bench_policy)
+
+    routing = bench.add_parser(
+        "routing",
+        help="how a MoE model routes: hottest-quarter share, per-layer LRU hit rates, calibration-to-held-out "
+        "transfer, image-like rows, beside the figures published for real models",
+    )
+    routing.add_argument("--model", default=DEFAULT_MODEL, help="MoE decoder GGUF (default: %(default)s)")
+    routing.add_argument(
+        "--calibration",
+        default=DEFAULT_CALIBRATION,
+        help="folder with prompts.txt and heldout.txt (default: %(default)s)",
+    )
+    routing.add_argument("--tokens", type=int, default=16, help="tokens sampled per question (default: %(default)s)")
+    routing.add_argument("--threads", type=int, default=0, help="CPU threads (default: every core)")
+    routing.set_defaults(func=_cmd_bench_routing)
 
 
 def _decoder_args(parser: argparse.ArgumentParser) -> None:

@@ -87,15 +87,27 @@ class ExpertPinner:
         EdgevisionError: the file cannot be mapped, or locking fails (e.g. ``RLIMIT_MEMLOCK``).
     """
 
-    def __init__(self, layout: ExpertLayout, *, release: str | None = "cold") -> None:
-        if release not in (None, "cold", "pageout"):
-            raise ValueError(f"release must be None, 'cold' or 'pageout', not {release!r}")
+    def __init__(self, layout: ExpertLayout, *, release: str | None = "cold", address: int | None = None) -> None:
+        if release not in (None, "cold", "pageout", "evict"):
+            raise ValueError(f"release must be None, 'cold', 'pageout' or 'evict', not {release!r}")
+        if release == "evict" and address is None:
+            raise ValueError("release='evict' needs llama.cpp's mapping: pass address=decoder.mapping_base")
         self.layout = layout
-        self._advice = {"cold": MADV_COLD, "pageout": MADV_PAGEOUT, None: None}[release]
+        self._advice = {"cold": MADV_COLD, "pageout": MADV_PAGEOUT, None: None, "evict": None}[release]
         self._lock = threading.Lock()
         self._pinned: set[Expert] = set()
         self._edges: Counter[int] = Counter()  # boundary page -> pinned ranges touching it
         self._locked_pages = 0
+        self._map: mmap.mmap | None = None
+        self._evictor = None
+        self._open = True
+        if address is not None:  # lock through llama.cpp's own mapping: one mapping, so eviction frees
+            from edgevision.moe.mapping import ModelMapping
+
+            self._base = address
+            if release == "evict":
+                self._evictor = ModelMapping(layout, address)
+            return
         fd = os.open(layout.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
             self._map = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
@@ -176,6 +188,8 @@ class ExpertPinner:
                 self._locked_pages -= hi - lo
                 if self._advice is not None:
                     self._madvise(lo, hi, self._advice)
+                elif self._evictor is not None:
+                    self._evictor.evict([(lo * PAGE, hi * PAGE)])
         self._pinned.discard(expert)
 
     def prefetch(self, experts: Iterable[Expert]) -> None:
@@ -233,19 +247,24 @@ class ExpertPinner:
     # -- lifetime ---------------------------------------------------------------------------------
 
     def _live(self) -> None:
-        if self._map is None:
+        if not self._open:
             raise EdgevisionError(f"expert pinner for {self.layout.path.name} is closed")
 
     def close(self) -> None:
         """Unlock everything and unmap the file (idempotent)."""
         with self._lock:
-            if self._map is None:
+            if not self._open:
                 return
+            self._advice, evictor, self._evictor = None, self._evictor, None  # closing releases, never evicts
             for expert in sorted(self._pinned):
                 self._unpin_one(expert)
-            del self._view  # release the buffer export before closing the map
-            self._map.close()
-            self._map = None
+            self._open = False
+            if evictor is not None:
+                evictor.close()
+            if self._map is not None:
+                del self._view  # release the buffer export before closing the map
+                self._map.close()
+                self._map = None
 
     def __enter__(self) -> Self:
         return self

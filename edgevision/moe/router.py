@@ -62,6 +62,7 @@ class _Ggml:
         self.name_offset = get_name(ctypes.addressof(probe)) - ctypes.addressof(probe)
         self.nbytes = lib.ggml_nbytes
         self.get = lib.ggml_backend_tensor_get
+        self.buffer_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(("ggml_backend_buffer_name", lib))
 
 
 _ggml: _Ggml | None = None
@@ -173,6 +174,11 @@ class RouterObserver:
         self._wanted = dict(self._gate_names)  # names of the nodes the callback asks to see
         self._pending: dict[int, np.ndarray] = {}  # layer -> ids waiting for their weights
         self._buffers: dict = {}  # (layer, slot) -> a reused read buffer and its address
+        # expert weight tensor name -> (llama.cpp buffer name, data address), read from the first graph's
+        # expert matmuls (see `placement`)
+        self.placement: dict[str, tuple[str, int]] = {}
+        self._probing = True
+        self._probe_layer = -1
         self.reset()
 
     @classmethod
@@ -233,6 +239,8 @@ class RouterObserver:
             return False
         name = _NAME(address).value
         if ask:
+            if self._probing:
+                self._probe(name, tensor)
             return name in self._wanted
         layer = self._gate_names.get(name)
         if layer is not None:
@@ -246,6 +254,36 @@ class RouterObserver:
         else:
             self._other_node(name, tensor)
         return True
+
+    def probe_placement(self) -> None:
+        """Record `placement` again from the next graph."""
+        self.placement.clear()
+        self._probing, self._probe_layer = True, -1
+
+    def _probe(self, name: bytes, tensor: int) -> None:
+        """While the first graph is built: where the expert matmuls' weights are (their buffer, their data)."""
+        _, _, tail = name.rpartition(b"-")
+        if not tail.isdigit():  # a view or reshape llama.cpp named after its source
+            return
+        layer = int(tail)
+        if layer < self._probe_layer:  # the next graph has started: the first one has been seen whole
+            self._probing = False
+            return
+        self._probe_layer = layer
+        weight = tensor
+        for _ in range(2):  # the expert matmul's weight, or (ffn_moe_down_scaled) its unnamed matmul's weight
+            weight = ctypes.c_void_p.from_address(weight + self._src_offset).value or 0
+            if not weight:
+                return
+            weight_name = _NAME(weight + self._name_offset).value
+            if weight_name.endswith(b"_exps.weight"):
+                break
+        else:
+            return
+        buffer = ctypes.c_void_p.from_address(weight + 8).value
+        data = ctypes.c_void_p.from_address(weight + self._name_offset - 8).value or 0
+        kind = (_lib().buffer_name(buffer) or b"?").decode() if buffer else "none"
+        self.placement[weight_name.decode()] = (kind, data)
 
     def _other_node(self, name: bytes, tensor: int) -> None:
         """A node a subclass added to ``_wanted``."""

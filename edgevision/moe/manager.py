@@ -1,0 +1,435 @@
+"""The router-aware policy, live: which experts stay in RAM, read ahead, and what leaves.
+
+`ExpertManager` follows a `PredictingObserver`: attached (`attach`), the decoding thread only copies each MoE
+layer's router logits and input into a queue, and the manager's own thread makes the decisions (it can also
+be used as the observer's listeners, on the decoding thread). For every MoE layer of every decode:
+
+1. the router's choice goes into the `ScoredCache` (prior + decayed selection counts). A selected expert
+   that is not resident is handed to the `ExpertPrefetcher` at once: the observer sees the choice before the
+   expert matmuls run, so the pool's parallel reads race llama.cpp's page faults, which then find the pages
+   (or wait for the read already in flight) instead of reading 4 KiB at a time;
+2. the next MoE layers' predicted choice (`RoutePredictor` on this layer's router input) goes to the cache as
+   hints: the ones it admits are read ahead while this and the following layers compute;
+3. what the cache evicts is handed to a background thread that takes it out of RAM for real
+   (`ModelMapping.evict`: unmap from llama.cpp's mapping, drop from the page cache). Keeping the experts'
+   resident bytes within the budget this way means the kernel's own reclaim, which does not know what the
+   router will pick, has nothing to choose.
+
+The budget follows memory pressure: a callable (default: this process's cgroup room, `memory_room`, minus
+`headroom`) is polled by the same background thread, and the cache shrinks (evicting its lowest-scored
+experts) or grows with it.
+
+Nothing here runs ``mlock``/``munlock`` (they take the process's memory-map lock for writing and would stall
+the decoding thread's page faults), and nothing here changes a weight: the generated tokens are the same with
+and without the manager (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgevision.moe.cache import Expert, ScoredCache
+from edgevision.moe.layout import ExpertLayout
+from edgevision.moe.mapping import ModelMapping
+from edgevision.moe.prefetch import AHEAD, NOW, ExpertPrefetcher
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from edgevision.moe.predict import PredictingObserver, RoutePredictor
+
+logger = logging.getLogger(__name__)
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    steps: int  # decodes observed
+    selected: int  # expert selections (unique per layer and decode)
+    misses: int  # of those, not resident by the policy's account
+    hinted: int  # experts read ahead on a prediction
+    read_now: int  # experts read on the router's own choice
+    evicted: int  # experts taken out of RAM
+    capacity: int  # bytes of experts the cache may hold now
+    resident: int  # bytes of experts it holds
+
+    @property
+    def hit_rate(self) -> float:
+        return 1 - self.misses / self.selected if self.selected else 1.0
+
+
+def cgroup_budget(other_bytes: int, headroom: int = 48 * MIB) -> Callable[[int], int]:
+    """A budget following memory pressure: the experts may hold what they hold now plus the room left under
+    this process's memory cap (or the machine's available memory), minus `headroom`."""
+    from edgevision.moe.cgroup import memory_room
+
+    def budget(resident: int) -> int:
+        limit, usage = memory_room()
+        return max(0, resident + limit - usage - headroom)
+
+    return budget
+
+
+class ExpertManager:
+    """Keeps the experts the router is likeliest to pick in RAM (see the module docstring).
+
+    Args:
+        layout: the model's expert layout.
+        mapping: llama.cpp's mapping of the file (`ModelMapping(layout, decoder.mapping_base)`).
+        prior: (n_layer, n_expert) calibrated selection shares (`RouterProfile` counts, normalised).
+        budget: bytes of experts to keep, or ``budget(resident_bytes) -> bytes`` polled every `poll` seconds.
+        predictor: the routers of the layers ahead; None: no predicted routing.
+        depth: how many MoE layers ahead to predict.
+        prefetch: read missed and predicted experts with the pool (False: leave them to page faults).
+        evict: take evicted experts out of RAM (False: leave them to the kernel's reclaim).
+        warm: read the prior's likeliest experts into the budget at start.
+        random_access: no kernel read-around on llama.cpp's expert pages (`ModelMapping.random_access`).
+    """
+
+    def __init__(
+        self,
+        layout: ExpertLayout,
+        mapping: ModelMapping,
+        prior: np.ndarray,
+        *,
+        budget: int | Callable[[int], int],
+        predictor: RoutePredictor | None = None,
+        depth: int = 1,
+        prefetch: bool = True,
+        evict: bool = True,
+        warm: bool = True,
+        random_access: bool = True,
+        workers: int = 4,
+        half_life: float = 2.0,
+        prior_tokens: float = 8.0,
+        poll: float = 0.25,
+    ) -> None:
+        self.layout, self.mapping, self.predictor, self.depth = layout, mapping, predictor, depth
+        self._budget = budget if callable(budget) else None
+        capacity = budget if isinstance(budget, int) else budget(0)
+        expert_bytes = [layout.expert_bytes(layer) if layer in layout.moe_layers else 0 for layer in range(layout.n_layer)]
+        self.cache = ScoredCache(capacity, expert_bytes, prior, half_life=half_life, prior_tokens=prior_tokens)
+        self._lock = threading.Lock()  # the cache, between the decoding thread and the background one
+        self.prefetcher = ExpertPrefetcher(layout, workers=workers) if prefetch else None
+        self._evict = evict
+        self._random = random_access
+        self._warm = warm
+        self._poll = poll
+        self._first = layout.moe_layers[0]
+        self._step = 0
+        self._selected = self._misses = self._hinted = self._read_now = self._evicted = 0
+        # evicted experts for the background thread; an Event: set it when reached; None: stop
+        self._dropped: queue.SimpleQueue[tuple[int, list[Expert]] | threading.Event | None] = queue.SimpleQueue()
+        # (layer call count when dropped, experts); an expert selected again since is not taken out
+        self._calls = 0  # MoE layers observed
+        self._selected_at = np.full((layout.n_layer, layout.n_expert), -1, dtype=np.int64)
+        self._after_use: list[Expert] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._policy_thread: threading.Thread | None = None
+        self._observer: PredictingObserver | None = None
+        self.n_used = layout.n_expert_used
+        self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -- observation --------------------------------------------------------------------------------
+
+    def attach(self, observer: PredictingObserver) -> None:
+        """Take the router's choices from `observer` on this manager's own thread: the decoding thread only
+        copies each MoE layer's router logits and input and queues them (`PredictingObserver.deferred`)."""
+        self.n_used = observer.n_expert_used
+        self._observer = observer
+        observer.deferred = self._enqueue
+        self._inbox = queue.SimpleQueue()
+        self._policy_thread = threading.Thread(target=self._follow, name="moe-policy", daemon=True)
+        self._policy_thread.start()
+
+    def _enqueue(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
+        """On the decoding thread, before the layer's expert matmuls: the chosen experts not wholly in the page
+        cache are read now, by the pool at its queue depth, and waited for (the matmuls would otherwise fault
+        them in a read-ahead window at a time); the rest of the work is queued for the policy's thread."""
+        if self._error is not None:  # the policy has stopped (reported by `stats`); the kernel decides
+            return
+        if self.prefetcher is not None:
+            from edgevision.moe.predict import topk_gates
+
+            if logits.shape[0] == 1:
+                chosen = topk_gates(logits, self.n_used)[0][0]
+            else:  # a prefill: every expert any row chose
+                chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
+            # what the page cache holds now (mincore), not the policy thread's view, which may lag a layer
+            cold = self.mapping.cold([(layer, int(e)) for e in chosen])
+            if cold:
+                self.prefetcher.submit(cold, NOW)
+                self._waited += len(cold)
+                if not self.prefetcher.wait_for(cold, timeout=2.0):
+                    logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
+        self._inbox.put((layer, logits, router_input))
+
+    def _follow(self) -> None:
+        from edgevision.moe.predict import topk_gates
+
+        while (item := self._inbox.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            layer, logits, router_input = item
+            try:
+                ids, weights = topk_gates(logits, self.n_used)
+                self.observe(layer, ids, weights)
+                if router_input is not None:
+                    self.hidden(layer, router_input)
+            except Exception as exc:  # reported by stats; decoding goes on with the kernel deciding
+                logger.exception("the expert policy failed on layer %d; the kernel's page cache decides now", layer)
+                self._error = exc
+                return
+
+    # -- decisions (the policy thread, or the decoding thread when used as listeners) ----------------
+
+    def observe(self, layer: int, expert_ids: np.ndarray, _weights: np.ndarray) -> None:
+        """`RouterObserver` listener: the router's choice for `layer`."""
+        if layer == self._first:
+            self._step += 1
+            if self._step == 2 and self._observer is not None:  # the first graph has been seen whole
+                from edgevision.moe.mapping import check_managed
+
+                check_managed(self.mapping, self._observer.placement)  # raises if llama.cpp repacked them
+            if self._after_use:  # the experts read for one decode only: that decode is over
+                self._dropped.put((self._calls, self._after_use))
+                self._after_use = []
+        self._calls += 1
+        chosen = np.unique(expert_ids).tolist()
+        self._selected_at[layer, chosen] = self._calls
+        with self._lock:
+            missed, evicted = self.cache.access(layer, chosen, self._step)
+        self._selected += len(chosen)
+        self._misses += len(missed)
+        if missed and self.prefetcher is not None and self._policy_thread is None:
+            self._read_now += self.prefetcher.submit([(layer, e) for e in missed], NOW)
+        if evicted:
+            mine = [x for x in evicted if x[0] == layer]  # not admitted: this layer is about to use them
+            if mine:
+                self._after_use += mine
+            if len(mine) < len(evicted):
+                self._dropped.put((self._calls, [x for x in evicted if x[0] != layer]))
+
+    def hidden(self, layer: int, router_input: np.ndarray) -> None:
+        """`PredictingObserver` hidden listener: predict the layers ahead and read their experts early."""
+        if self.predictor is None or router_input.shape[0] != 1:
+            return  # a prefill reads nearly every expert anyway: its predictions would only flood the cache
+        for target in self.predictor.ahead(layer, self.depth):
+            guess = np.unique(self.predictor.predict(layer, router_input, target)).tolist()
+            with self._lock:
+                ahead, evicted = self.cache.hint(target, guess, self._step)
+            if ahead and self.prefetcher is not None:
+                self._hinted += self.prefetcher.submit([(target, e) for e in ahead], AHEAD)
+            if evicted:
+                self._dropped.put((self._calls, evicted))
+
+    # -- background -------------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Take every expert the cache does not hold out of RAM, warm the cache from the prior (read in the
+        background) and start the eviction/budget thread: from here the page cache holds what the policy says."""
+        if self._random:
+            self.mapping.random_access()
+            if self.prefetcher is not None:  # the non-expert weights, in large reads rather than page by page
+                self.prefetcher.submit_ranges(self.layout.other_ranges)
+        warm = []
+        if self._warm:
+            with self._lock:
+                warm = self.cache.warm()
+        if self._evict:
+            # every expert out first, the warm ones too: the page cache may hold them in large folios that
+            # straddle two experts (a file written or read ahead in big pieces), and a folio leaves only
+            # whole; re-read by the pool, they come back in pieces that can leave one expert at a time
+            every = [(layer, e) for layer in self.layout.moe_layers for e in range(self.layout.n_expert)]
+            self.mapping.evict([r for x in every for r in self.layout.expert_ranges(*x)])
+        if warm and self.prefetcher is not None:
+            self.prefetcher.submit(warm, AHEAD)
+        self._worker = threading.Thread(target=self._run, name="moe-evict", daemon=True)
+        self._worker.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                batch = self._dropped.get(timeout=self._poll)
+            except queue.Empty:
+                batch = (self._calls, [])
+            if batch is None:
+                return
+            if isinstance(batch, threading.Event):
+                batch.set()
+                continue
+            when, experts = batch
+            try:
+                if self._budget is not None:
+                    with self._lock:
+                        resident = self.cache.resident_bytes
+                    capacity = self._budget(resident)
+                    with self._lock:
+                        if capacity < self.cache.resident_bytes:
+                            shrunk = self.cache.shrink(capacity, self._step)
+                        else:
+                            self.cache.capacity, shrunk = capacity, []
+                    if shrunk and self._evict:
+                        self._take_out(self._calls, shrunk)
+                if experts and self._evict:
+                    self._take_out(when, experts)
+            except Exception as exc:  # reported by stats; decoding goes on with the kernel deciding
+                logger.exception("evicting experts failed; the kernel's reclaim decides from now on")
+                self._error = exc
+                return
+
+    def _take_out(self, when: int, experts: list[Expert]) -> None:
+        # an expert re-admitted since it was dropped stays, and so does one selected again since: it is in use
+        # now, and will be dropped again after use if the cache does not keep it
+        with self._lock:
+            gone = [x for x in set(experts) if x not in self.cache and self._selected_at[x] <= when]
+        if self.prefetcher is not None:  # a read landing after the eviction would bring it back
+            self.prefetcher.cancel(gone)
+            for _ in range(200):
+                if not self.prefetcher.reading() & set(gone):
+                    break
+                time.sleep(0.0005)
+        self.mapping.evict([r for layer, e in gone for r in self.layout.expert_ranges(layer, e)])
+        self._evicted += len(gone)
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """Wait until queued decisions, reads and evictions are done (tests, measurements)."""
+        if self._policy_thread is not None:
+            done = threading.Event()
+            self._inbox.put(done)
+            deadline = time.monotonic() + timeout
+            while not done.wait(0.05):
+                if self._error is not None:
+                    raise self._error
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the expert policy took more than {timeout} s to catch up")
+        if self.prefetcher is not None:
+            self.prefetcher.wait(timeout)
+        done = threading.Event()
+        self._dropped.put(done)
+        if not done.wait(timeout):
+            raise TimeoutError(f"evicting experts took more than {timeout} s")
+
+    @property
+    def stats(self) -> ManagerStats:
+        if self._error is not None:
+            raise self._error
+        return ManagerStats(
+            self._step, self._selected, self._misses, self._hinted, self._read_now + self._waited, self._evicted,
+            self.cache.capacity, self.cache.resident_bytes,
+        )
+
+    def close(self) -> None:
+        """Stop the threads (the experts stay where they are)."""
+        if self._policy_thread is not None:
+            self._inbox.put(None)
+            self._policy_thread.join()
+            self._policy_thread = None
+        if self._worker is not None:
+            self._dropped.put(None)
+            self._worker.join()
+            self._worker = None
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RouterAwarePolicy:
+    """`ExpertManager` behind the benchmark's `edgevision.moe.policy.ExpertPolicy` interface (``router-aware``).
+
+    Its pieces can be switched off one by one (`edgevision bench moe --policy-options`, to measure what each
+    buys): ``predict`` (read the next layer's predicted experts ahead), ``prefetch`` (read misses with the
+    pool; off: page faults read them), ``evict`` (take evicted experts out of RAM; off: the kernel's reclaim
+    chooses), ``prior`` (calibrated pseudo-counts; off: recency and counts only), ``follow`` (the budget
+    follows the cgroup's room), ``random`` (no kernel read-around on llama.cpp's mapping).
+    """
+
+    predicts = True
+
+    def __init__(
+        self,
+        *,
+        predict: bool = True,
+        prefetch: bool = True,
+        evict: bool = True,
+        prior: bool = True,
+        follow: bool = True,
+        random: bool = True,
+        headroom: int = 32 * MIB,
+    ) -> None:
+        self.options = {
+            "predict": predict, "prefetch": prefetch, "evict": evict, "prior": prior, "follow": follow, "random": random,
+        }
+        self.headroom = headroom
+        self.manager: ExpertManager | None = None
+
+    def start(self, context: object) -> None:
+        from edgevision.moe.predict import RoutePredictor
+
+        ctx: Any = context
+        if ctx.mapping_base is None:
+            raise ValueError("the router-aware policy needs llama.cpp's mapping of the model (use_mmap)")
+        layout = ctx.layout
+        mapping = ModelMapping(layout, ctx.mapping_base)
+        shape = (layout.n_layer, layout.n_expert)
+        prior = ctx.prior if ctx.prior is not None and self.options["prior"] else np.zeros(shape)
+        budget: int | Callable[[int], int] = ctx.budget
+        if self.options["follow"] and self.options["evict"]:  # without evicting, the cap's usage says nothing
+            room = cgroup_budget(layout.other_bytes, self.headroom)
+            ceiling = ctx.budget
+
+            def budget(resident: int) -> int:
+                return min(ceiling, room(resident)) if resident else ceiling
+
+        predictor = RoutePredictor.from_gguf(layout.path) if self.options["predict"] else None
+        self.manager = ExpertManager(
+            layout,
+            mapping,
+            prior,
+            budget=budget,
+            predictor=predictor,
+            prefetch=self.options["prefetch"],
+            evict=self.options["evict"],
+            prior_tokens=8.0 if self.options["prior"] else 0.0,
+            random_access=self.options["random"],
+        )
+        self.manager.attach(ctx.observer)
+        self.manager.start()
+
+    def observe(self, layer: int, expert_ids: np.ndarray, weights: np.ndarray) -> None:
+        """Nothing: the manager takes the router's choices on its own thread (`ExpertManager.attach`)."""
+
+    def notes(self) -> str:
+        if self.manager is None:
+            return ""
+        self.manager.drain()
+        s = self.manager.stats
+        off = [name for name, on in self.options.items() if not on]
+        return (
+            f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} read ahead "
+            f"on a prediction, {s.evicted} evicted, room {s.capacity / MIB:.0f} MiB"
+            + (f"; off: {', '.join(off)}" if off else "")
+        )
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager.mapping.close()

@@ -1,0 +1,221 @@
+"""llama.cpp's own mapping of the model file, and what really takes an expert out of RAM.
+
+Residency has to act on the pages llama.cpp reads. A page of a file is freed only when no process maps it
+and it is dropped from the page cache, and the kernel's tools each stop short of that on their own:
+
+- ``madvise(MADV_COLD)``/``MADV_PAGEOUT`` through a *second* mapping skip pages that another mapping (llama.cpp's)
+  has touched: after unpinning, the expert stays 100% resident.
+- ``posix_fadvise(POSIX_FADV_DONTNEED)`` drops clean pages from the page cache, but skips pages mapped
+  anywhere, which every page llama.cpp has read is.
+- ``madvise(MADV_DONTNEED)`` on llama.cpp's mapping removes the page from its page tables (the next access
+  faults it back from the cache or the file: the data never changes), and then ``FADV_DONTNEED`` frees it.
+
+So `ModelMapping` finds llama.cpp's mapping of the file in ``/proc/self/maps`` and `evict` does the last:
+zap the range in that mapping (and in the pinner's, if it has one), then drop it from the page cache. The
+pinner can lock through the same mapping (``ExpertPinner(..., address=mapping.base)``): one mapping, so an
+evicted page really leaves.
+
+``edgevision bench eviction`` (`measure_eviction`) measures each method on the real decoder.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgevision.errors import EdgevisionError
+from edgevision.moe.layout import ExpertLayout
+
+logger = logging.getLogger(__name__)
+
+PAGE = mmap.PAGESIZE
+MADV_RANDOM = 1
+MADV_DONTNEED = 4
+MADV_COLD = 20
+MADV_PAGEOUT = 21
+
+Range = tuple[int, int]  # absolute file offsets [start, end)
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of /proc/self/maps for a file: virtual [start, end) mapping file bytes from `offset`."""
+
+    start: int
+    end: int
+    offset: int
+
+    @property
+    def base(self) -> int:
+        """Where file offset 0 is (or would be) in this mapping."""
+        return self.start - self.offset
+
+
+def file_mappings(path: str | os.PathLike[str]) -> list[Vma]:
+    """Every mapping of `path` in this process (by device and inode, so links and relative paths match)."""
+    st = os.stat(path)
+    found = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6:
+            continue
+        span, _perms, offset, dev, inode = fields[:5]
+        if int(inode) != st.st_ino:
+            continue
+        major, minor = (int(part, 16) for part in dev.split(":"))
+        if os.makedev(major, minor) != st.st_dev:
+            continue
+        lo, hi = (int(part, 16) for part in span.split("-"))
+        found.append(Vma(lo, hi, int(offset, 16)))
+    return found
+
+
+def _libc() -> ctypes.CDLL:
+    from edgevision.moe.pinning import _libc as libc
+
+    return libc()
+
+
+class ModelMapping:
+    """The address range where llama.cpp maps the model file (found when the decoder has loaded it).
+
+    Args:
+        layout: the file's expert layout.
+        base: the virtual address of file offset 0 in llama.cpp's mapping (`LlamaDecoder.mapping_base`).
+    """
+
+    def __init__(self, layout: ExpertLayout, base: int) -> None:
+        self.layout, self.base = layout, base
+        vmas = [vma for vma in file_mappings(layout.path) if vma.base == base]
+        if not vmas:
+            raise EdgevisionError(f"{layout.path.name} is not mapped at {base:#x} in this process")
+        self._vmas = vmas
+        self._spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._vec = np.zeros(1, dtype=np.uint8)  # mincore's answer for `cold` (one thread: the decoding one)
+        self._fd = os.open(layout.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def cold(self, experts: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The experts of `experts` with a page not in the page cache (``mincore``, a few microseconds each)."""
+        out = []
+        mincore = _libc().mincore
+        for expert in experts:
+            spans = self._spans.get(expert)
+            if spans is None:
+                spans = self._spans[expert] = [
+                    (self.base + start // PAGE * PAGE, (end - 1) // PAGE - start // PAGE + 1)
+                    for start, end in self.layout.expert_ranges(*expert)
+                ]
+            for address, pages in spans:
+                if pages > len(self._vec):
+                    self._vec = np.zeros(pages, dtype=np.uint8)
+                vec = self._vec[:pages]
+                if mincore(address, pages * PAGE, vec.ctypes.data) != 0 or not vec.all():
+                    out.append(expert)
+                    break
+        return out
+
+    def covers(self, address: int) -> bool:
+        """Whether `address` lies in this mapping (a weight llama.cpp reads from the file)."""
+        return any(vma.start <= address < vma.end for vma in self._vmas)
+
+    def _pages(self, start: int, end: int) -> tuple[int, int]:
+        """The whole pages inside [start, end): a shared boundary page is left to its neighbour."""
+        first = (start + PAGE - 1) // PAGE
+        last = end // PAGE
+        return first, max(first, last)
+
+    def random_access(self) -> None:
+        """Turn the kernel's read-around off in llama.cpp's mapping (``MADV_RANDOM``): a page fault then reads
+        that page only, instead of dragging the (evicted, cold) experts around it back in. Expert misses are
+        read whole and in parallel by `ExpertPrefetcher` instead, and the non-expert weights, read by every
+        token, stay resident once read. Changes the mapping's flags (the memory-map lock, for writing): call
+        it once, before decoding."""
+        for vma in self._vmas:
+            if _libc().madvise(vma.start, vma.end - vma.start, MADV_RANDOM) != 0:
+                err = ctypes.get_errno()
+                raise EdgevisionError(f"madvise(MADV_RANDOM) on {self.layout.path.name}: {os.strerror(err)}")
+
+    def evict(self, ranges: Iterable[Range], *, also: Sequence[int] = ()) -> int:
+        """Take the pages of `ranges` out of RAM: unmap them from llama.cpp's mapping (and from the mappings
+        based at the addresses in `also`), then drop them from the page cache. Returns bytes asked.
+
+        A page an expert shares with its neighbour goes too (the neighbour, if in use, faults that one page
+        back): left mapped, it would keep the whole folio around it, which may span both experts, in RAM.
+        Locked pages (a pinned expert's) stay."""
+        pages: list[list[int]] = []  # [first, last) page spans, touching ones merged
+        for start, end in sorted(ranges):
+            first, last = start // PAGE, (end - 1) // PAGE + 1
+            if pages and first <= pages[-1][1]:
+                pages[-1][1] = max(pages[-1][1], last)
+            else:
+                pages.append([first, last])
+        for first, last in pages:  # unmapped everywhere first, so that no folio is held by a later range
+            for base in (self.base, *also):
+                if _libc().madvise(base + first * PAGE, (last - first) * PAGE, MADV_DONTNEED) != 0:
+                    err = ctypes.get_errno()
+                    if err != errno.EINVAL:  # EINVAL: a locked page in the range; the rest is unmapped
+                        raise EdgevisionError(f"madvise(MADV_DONTNEED) on {self.layout.path.name}: {os.strerror(err)}")
+        for first, last in pages:
+            os.posix_fadvise(self._fd, first * PAGE, (last - first) * PAGE, os.POSIX_FADV_DONTNEED)
+        return sum(last - first for first, last in pages) * PAGE
+
+    def resident(self, ranges: Iterable[Range]) -> float:
+        """Share of the pages of `ranges` in the page cache now (``mincore`` on the mapping)."""
+        total = resident = 0
+        for start, end in ranges:
+            first, last = start // PAGE, (end - 1) // PAGE + 1
+            vec = np.zeros(last - first, dtype=np.uint8)
+            if _libc().mincore(self.base + first * PAGE, len(vec) * PAGE, vec.ctypes.data) != 0:
+                raise EdgevisionError(f"mincore on {self.layout.path.name}: {os.strerror(ctypes.get_errno())}")
+            total += len(vec)
+            resident += int((vec & 1).sum())
+        return resident / total if total else 1.0
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> ModelMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_managed(mapping: ModelMapping, placement: dict[str, tuple[str, int]]) -> None:
+    """Raise unless every expert tensor of the layout is read by llama.cpp from its mapping of the file.
+
+    `placement` is `RouterObserver.placement` after one decode: each expert weight's llama.cpp buffer and data
+    address. A tensor repacked into llama.cpp's own buffers (CPU_REPACK, AMX: its "extra buffer types") or
+    copied to a GPU is not in the mapping, so pinning, prefetching and evicting its pages would do nothing.
+
+    Raises:
+        EdgevisionError: a managed expert tensor is elsewhere, or none was seen.
+    """
+    names = {tensor.name for tensor in mapping.layout.tensors if tensor.name.endswith(".weight")}
+    unseen = names - placement.keys()
+    if unseen:
+        raise EdgevisionError(
+            f"the expert matmuls of {len(unseen)} expert tensor(s) (e.g. {min(unseen)}) were not observed: decode "
+            "one token with the router observer before checking where the experts are"
+        )
+    offsets = {tensor.name: tensor.offset for tensor in mapping.layout.tensors}
+    outside = sorted(  # llama.cpp reads the tensor at exactly its file offset in the mapping, or not from it
+        (name, kind) for name, (kind, data) in placement.items() if name in names and data != mapping.base + offsets[name]
+    )
+    if outside:
+        name, kind = outside[0]
+        raise EdgevisionError(
+            f"{len(outside)} expert tensor(s) of {mapping.layout.path.name} are not read from the model file "
+            f"(e.g. {name} is in llama.cpp's {kind} buffer), so expert residency cannot manage them: load the "
+            "decoder with extra buffer types off (decoder.extra_buffer_types: false)"
+        )
