@@ -53,7 +53,8 @@ def _cached(path: Path, start: int, end: int) -> float:
     """Share of the pages of [start, end) of `path` in the page cache (mincore through a fresh mapping)."""
     import mmap
 
-    from edgevision.moe.pinning import PAGE, _libc
+    from edgevision.moe.libc import PAGE
+    from edgevision.moe.libc import libc as _libc
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         view = np.frombuffer(m, dtype=np.uint8)

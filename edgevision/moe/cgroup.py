@@ -164,7 +164,8 @@ def cached_fraction(fd: int) -> float:
 
     import numpy as np
 
-    from edgevision.moe.pinning import PAGE, _libc
+    from edgevision.moe.libc import PAGE
+    from edgevision.moe.libc import libc as _libc
 
     size = os.fstat(fd).st_size
     if size == 0:

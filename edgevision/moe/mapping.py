@@ -33,6 +33,7 @@ import numpy as np
 
 from edgevision.errors import EdgevisionError
 from edgevision.moe.layout import ExpertLayout
+from edgevision.moe.libc import libc as _libc
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +77,6 @@ def file_mappings(path: str | os.PathLike[str]) -> list[Vma]:
         lo, hi = (int(part, 16) for part in span.split("-"))
         found.append(Vma(lo, hi, int(offset, 16)))
     return found
-
-
-def _libc() -> ctypes.CDLL:
-    from edgevision.moe.pinning import _libc as libc
-
-    return libc()
 
 
 class ModelMapping:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import functools
 import logging
 import mmap
 import os
@@ -39,31 +38,20 @@ import numpy as np
 
 from edgevision.errors import EdgevisionError
 from edgevision.moe.layout import ExpertLayout
+from edgevision.moe.libc import PAGE
+from edgevision.moe.libc import libc as _libc
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
 logger = logging.getLogger(__name__)
 
-PAGE = mmap.PAGESIZE
 MADV_WILLNEED = 3
 MADV_COLD = 20  # Linux 5.4+
 MADV_PAGEOUT = 21  # Linux 5.4+
 
 Expert = tuple[int, int]  # (layer, expert)
 RESIDENT: Expert = (-1, -1)  # stands for the non-expert weights in the pinned set
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    for name in ("mlock", "munlock", "madvise"):
-        fn = getattr(libc, name)
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t] + ([ctypes.c_int] if name == "madvise" else [])
-        fn.restype = ctypes.c_int
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.mincore.restype = ctypes.c_int
-    return libc
 
 
 @dataclass(frozen=True)

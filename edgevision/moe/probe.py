@@ -21,7 +21,7 @@ class ResidencyProbe:
 
         import numpy as np
 
-        from edgevision.moe.pinning import PAGE
+        from edgevision.moe.libc import PAGE
 
         fd = os.open(layout.path, os.O_RDONLY)
         try:
@@ -49,7 +49,7 @@ class ResidencyProbe:
             return
         import numpy as np
 
-        from edgevision.moe.pinning import _libc
+        from edgevision.moe.libc import libc as _libc
 
         mincore = _libc().mincore
         for expert in np.unique(expert_ids):
