@@ -1,4 +1,5 @@
-"""Files edgevision writes for the user: checked before the work starts, written atomically.
+"""Files edgevision reads and writes for the user: read within bounds, checked before the work starts, written
+atomically.
 
 `check_output` refuses an output path that cannot be written (a directory, a missing folder, a read-only
 place, a nearly full disk) before any model is loaded, so a bad `--out` fails in a second instead of after
@@ -11,13 +12,17 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from edgevision.errors import InputError
+from edgevision.errors import ConfigError, InputError
+
+# A config file is a page of settings: anything much larger is not one of ours.
+MAX_CONFIG_BYTES = 1 << 20
 
 # Refuse to start when the output's disk has less free space than this (a spoken answer is ~100 KiB a second).
 MIN_FREE_BYTES = 16 * 2**20
@@ -85,3 +90,31 @@ def _umask() -> int:
     except (OSError, ValueError):
         pass
     return 0o022
+
+
+def read_text_file(path: Path, *, limit: int = MAX_CONFIG_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most `limit` bytes; a FIFO, a device or a huge file is refused
+    before it is read (a FIFO would block, /dev/zero never ends)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if not stat.S_ISREG(info.st_mode):
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, a device or a socket)"
+        raise ConfigError(f"{path}: is {what} — give the path of a YAML config file")
+    if info.st_size > limit:
+        raise ConfigError(
+            f"{path}: is {info.st_size / 2**20:.1f} MiB; a config file may be at most {limit // 1024} KiB — "
+            "check that this is the config file (config/edgevision.yaml is about 8 KiB)"
+        )
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
+    if len(data) > limit:  # it grew after the check
+        raise ConfigError(f"{path}: more than {limit // 1024} KiB — check that this is the config file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgevision.decoder.gguf import GGUF_MAGIC
 from edgevision.digests import default_cache, files_of
 from edgevision.errors import ModelError
 
@@ -23,7 +24,6 @@ logger = logging.getLogger(__name__)
 
 REGISTRY_FILE = "registry.json"
 MAX_REGISTRY_BYTES = 16 << 20
-GGUF_MAGIC = b"GGUF"
 
 
 def _check_decoder(path: Path) -> None:

@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import math
 import os
-import stat
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -29,13 +28,13 @@ from typing import Any, Literal
 import yaml
 
 from edgevision.errors import ConfigError
+from edgevision.files import read_text_file
 from edgevision.schema_words import _describe_node, _expectation, _num, _range_words, _show, _tag_word, _yaml_text
 
 MODELS_FIX = "run 'make models', or register your model with 'edgevision models register'"
 
 _KINDS = "edgevision.kinds"
-# A config file is a page of settings: anything much larger, or nested deeper, is not one of ours.
-MAX_CONFIG_BYTES = 1 << 20
+# A config file is a page of settings: nested deeper than this, it is not one of ours (its size: files.py).
 MAX_CONFIG_DEPTH = 16
 
 # Folders a path that edgevision writes (a log, captures) may never be in, even through symbolic links.
@@ -320,34 +319,6 @@ def load(path: Path, root: type[_T]) -> _T:
     config = loader.build(root, node, "")
     loader.raise_if_errors()
     return config
-
-
-def read_text_file(path: Path, *, limit: int = MAX_CONFIG_BYTES) -> str:
-    """The UTF-8 text of a regular file of at most `limit` bytes; a FIFO, a device or a huge file is refused
-    before it is read (a FIFO would block, /dev/zero never ends)."""
-    try:
-        info = path.stat()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
-    if not stat.S_ISREG(info.st_mode):
-        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file (a pipe, a device or a socket)"
-        raise ConfigError(f"{path}: is {what} — give the path of a YAML config file")
-    if info.st_size > limit:
-        raise ConfigError(
-            f"{path}: is {info.st_size / 2**20:.1f} MiB; a config file may be at most {limit // 1024} KiB — "
-            "check that this is the config file (config/edgevision.yaml is about 8 KiB)"
-        )
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror} — check the path and its permissions") from e
-    if len(data) > limit:  # it grew after the check
-        raise ConfigError(f"{path}: more than {limit // 1024} KiB — check that this is the config file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}) — save the file as UTF-8") from e
 
 
 def _check_depth(text: str, path: Path) -> None:

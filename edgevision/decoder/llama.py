@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgevision.decoder.gguf import check_gguf
 from edgevision.decoder.native import llama_cpp_library, native_log_capture, weight_buffers
 from edgevision.errors import EdgevisionError, InputError, ModelError
 
@@ -47,41 +48,11 @@ logger = logging.getLogger(__name__)
 EvalCallback = Callable[[int, bool], bool]
 """``cb_eval(tensor_ptr, ask) -> bool``: see `LlamaDecoder`."""
 
-GGUF_MAGIC = b"GGUF"
-_GGUF_VERSIONS = (2, 3)
 _SEQ = 0  # the one sequence this decoder uses
 
 # llama_decode return codes (llama.h)
 _DECODE_NO_SLOT = 1
 _DECODE_ABORTED = 2
-
-
-def check_gguf(path: Path) -> None:
-    """Raise ModelError unless `path` is a readable file that starts like a GGUF file.
-
-    llama.cpp rejects most bad files cleanly, but checking the magic first keeps arbitrary bytes (a text
-    file, an ONNX model) away from the native parser.
-    """
-    if not path.exists():
-        raise ModelError(f"decoder model {path} does not exist; check the path or download the GGUF file")
-    if not path.is_file():
-        raise ModelError(f"decoder model {path} is not a file; point the decoder at a .gguf file")
-    try:
-        with path.open("rb") as f:
-            header = f.read(8)
-    except OSError as exc:
-        raise ModelError(f"decoder model {path} cannot be read ({exc.strerror}); check its permissions") from exc
-    if len(header) < 8 or header[:4] != GGUF_MAGIC:
-        raise ModelError(
-            f"decoder model {path} is not a GGUF file (starts with {header[:4]!r}, not {GGUF_MAGIC!r}); "
-            "convert the model with llama.cpp's convert_hf_to_gguf.py or download the .gguf release"
-        )
-    version = int.from_bytes(header[4:8], "little")
-    if version not in _GGUF_VERSIONS:
-        raise ModelError(
-            f"decoder model {path} is GGUF version {version}, this llama.cpp reads versions "
-            f"{', '.join(map(str, _GGUF_VERSIONS))}; re-convert it with a current llama.cpp"
-        )
 
 
 @dataclass(frozen=True)
