@@ -74,36 +74,38 @@ note "Started $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), $(nproc) cores
 step "Machine"
 GPU=$(timeout 30 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)
 note "- GPU: ${GPU:-none found}"
-CC=$(timeout 30 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
+CUDA_CC=$(timeout 30 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 note "- nvcc: $(nvcc --version 2>/dev/null | tail -1 || echo 'not found')"
 note "- cmake: $(cmake --version 2>/dev/null | head -1 || echo 'not found (taken from the carried wheels if there)')"
 PY=$(command -v python3.11 || command -v python3.12 || command -v python3.10 || command -v python3)
 note "- python: $PY $("$PY" --version 2>&1)"
-if [[ -z "$CC" ]]; then note "No NVIDIA GPU found: nothing to check."; exit 2; fi
+if [[ -z "$CUDA_CC" ]]; then note "No NVIDIA GPU found: nothing to check."; exit 2; fi
 if [[ ! -d "$CARRY" ]]; then note "No .cuda-carry/: run 'tools/cuda_check.sh prepare' where there is network, and carry it."; exit 2; fi
 
 step "Python environment"
-VENV=$ROOT/.cuda-venv
-timeout 120 "$PY" -m venv --system-site-packages "$VENV" || { note "FAILED: python3 -m venv"; exit 3; }
-VPY=$VENV/bin/python
-export PATH="$VENV/bin:$PATH"  # the carried cmake and ninja, where the machine has none
-timeout 240 "$VPY" -m pip install --no-index --find-links "$CARRY/wheels" --no-deps \
-    scikit-build-core pathspec packaging gguf diskcache jinja2 typing-extensions tqdm markupsafe ninja cmake \
-    requests urllib3 idna certifi charset-normalizer >> "$LOG" 2>&1 \
-    || note "- some carried wheels did not install (see the log)"
-MISSING=$("$VPY" - <<'EOF'
+# The machine's python3 already holds numpy, pyyaml, jinja2 and friends; what it lacks goes into a folder on
+# PYTHONPATH (a venv would hide the machine's packages when python3 is itself a venv).
+SITE=$ROOT/.cuda-venv/site
+mkdir -p "$SITE"
+VPY=$PY
+export PYTHONPATH=$SITE
+for wheel in scikit_build_core pathspec gguf diskcache; do
+    timeout 120 "$VPY" -m pip install --no-index --no-deps --no-compile --target "$SITE" "$CARRY"/wheels/${wheel}-*.whl \
+        >> "$LOG" 2>&1 || note "- the carried $wheel wheel did not install (see the log)"
+done
+MISSING=$("$VPY" - <<'EOF2'
 import importlib.util
 print(" ".join(m for m in ("numpy", "yaml", "gguf", "jinja2", "diskcache", "scikit_build_core") if importlib.util.find_spec(m) is None))
-EOF
+EOF2
 )
 note "- missing Python modules: ${MISSING:-none}"
 command -v cmake >/dev/null || { note "FAILED: no cmake on this machine"; exit 3; }
 
-step "Build (sm_$CC, FlashAttention kernels off, $(nproc) jobs)"
-export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CC -DGGML_CUDA_FA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON"
+step "Build (sm_$CUDA_CC, FlashAttention kernels off, $(nproc) jobs)"
+export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$CUDA_CC -DGGML_CUDA_FA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DGGML_NATIVE=ON"
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 BUILD_START=$(date +%s)
-if timeout 480 "$VPY" -m pip install --no-index --no-deps --no-build-isolation --force-reinstall \
+if timeout 480 "$VPY" -m pip install --no-index --no-deps --no-build-isolation --target "$SITE" \
     "$CARRY/llama_cpp_python-$VERSION-slim.tar.gz" >> "$LOG" 2>&1; then
     note "- built and installed in $(( $(date +%s) - BUILD_START )) s (CMAKE_ARGS: $CMAKE_ARGS)"
 else
@@ -127,7 +129,7 @@ fi
 note "- $(basename "$MODEL"), $(du -m "$MODEL" | cut -f1) MiB"
 
 step "Checks"
-PYTHONPATH=$ROOT timeout 360 "$VPY" tools/cuda_check.py "$MODEL" >> "$REPORT" 2>> "$LOG"
+PYTHONPATH=$ROOT:$SITE timeout 360 "$VPY" tools/cuda_check.py "$MODEL" >> "$REPORT" 2>> "$LOG"
 rc=$?
 (( rc == 0 )) || note "- tools/cuda_check.py exited $rc (124: timed out)"
 exit $rc
