@@ -19,6 +19,7 @@ SYN := $(MODELS)/synthetic
 EDGEVISION := $(BIN)/edgevision
 CONFIG := config/edgevision.yaml
 GEMMA3 := $(MODELS)/gemma-3-270m-q4_k_m.gguf
+SMOLLM2 := $(MODELS)/smollm2-135m-instruct-q4_1.gguf
 MOE_VARIANTS := f32 q8_0 q4_0
 # file names as tools/make_synthetic.py writes them (its default_filename)
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
@@ -45,7 +46,8 @@ $(STAMP): pyproject.toml
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx
+models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-smollm2-135m.onnx \
+	$(SYN)/tower-gemma4-moe.onnx
 
 $(MODELS)/.bundled: $(STAMP)
 	$(EDGEVISION) models --dir $(MODELS) provision
@@ -57,6 +59,10 @@ $(MOE_STEM)-%.gguf: tools/make_synthetic.py $(STAMP)
 
 $(SYN)/tower-gemma3-270m.onnx: tools/make_tower.py $(MODELS)/.bundled
 	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(GEMMA3)
+	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
+
+$(SYN)/tower-smollm2-135m.onnx: tools/make_tower.py $(MODELS)/.bundled
+	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(SMOLLM2)
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
 
 $(SYN)/tower-gemma4-moe.onnx: tools/make_tower.py $(MOE_STEM)-f32.gguf

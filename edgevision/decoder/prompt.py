@@ -8,6 +8,8 @@ output, injected as embeddings where it sits. The chat layout of a model family 
     Gemma 4:  <bos><|turn>system\\n{system}<turn|>\\n<|turn>user\\n<|image>{image}<image|>{question}<turn|>\\n
               <|turn>model\\n<|channel>thought\\n<channel|>
     LLaVA:    <s>USER: {system}\\n\\n{image}\\n{question} ASSISTANT:
+    ChatML:   <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{image}{question}<|im_end|>\\n
+              <|im_start|>assistant\\n
 
 Gemma has no system role, so the system prompt is folded into the first user turn as its chat template does.
 The image goes before the question. A `Turn` keeps the reusable prefix (BOS, system prompt, image) apart from
@@ -121,7 +123,21 @@ LLAVA = ChatFormat(
     image_causal=True,
 )
 
-FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4, LLAVA)}
+# ChatML, the layout of instruction-tuned models such as SmolLM2 (its GGUF's tokenizer.chat_template): a real
+# system role, no BOS, <|im_start|>/<|im_end|> around each turn. These models have no image markers of their own;
+# the image's rows open the user's message and are decoded causally.
+CHATML = ChatFormat(
+    name="chatml",
+    bos="",
+    turn_start="<|im_start|>",
+    turn_end="<|im_end|>\n",
+    model_role="assistant",
+    system_role="system",
+    image_end="\n",
+    image_causal=True,
+)
+
+FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4, LLAVA, CHATML)}
 
 
 def image_causal_for(fmt: ChatFormat, n_embd: int) -> ChatFormat:
