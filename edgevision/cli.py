@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgevision.vision.commands",
     "edgevision.devices.commands",
     "edgevision.telemetry.commands",
+    "edgevision.answers.evaluate",
 )
 
 
@@ -68,6 +69,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
             on_text=lambda piece: print(piece, end="", flush=True),
         )
         print(flush=True)
+        print(f"mode:     {answer.mode}" + (f" (not left to the model: {', '.join(answer.topics)})" if answer.topics else ""))
         if speak:
             if answer.speech is None:
                 print("(no answer to speak)")
@@ -91,13 +93,19 @@ def _camera_frame(config):
 
 
 def _timings_table(load: dict[str, float], timings: dict[str, float], n_tokens: int) -> str:
-    order = ["recognition", "vision_encode", "image_prefill", "text_prefill", "first_token", "first_audio", "total"]
+    order = ["recognition", "vision_encode", "image_prefill", "ocr", "ocr_wait", "text_prefill", "first_token",
+             "first_audio", "total"]
     lines = ["stage              seconds"]
     for stage, seconds in load.items():
         lines.append(f"load {stage:<13} {seconds:8.3f}")
     for stage in order:
         if stage in timings:
-            label = {"first_token": "to first token", "first_audio": "to first audio"}.get(stage, stage)
+            label = {
+                "first_token": "to first token",
+                "first_audio": "to first audio",
+                "ocr": "ocr (beside vision)",
+                "ocr_wait": "ocr after vision",
+            }.get(stage, stage)
             lines.append(f"{label:<18} {timings[stage]:8.3f}")
     if "decode_tokens_per_s" in timings:
         lines.append(f"decode             {timings['decode_tokens_per_s']:8.1f} tokens/s ({n_tokens} tokens)")

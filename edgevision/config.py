@@ -52,7 +52,7 @@ class VisionSettings:
 
     backend: Literal["onnxruntime", "tensorrt"] = setting("onnxruntime", "Inference back-end for the vision tower.")
     tower: Path = setting(
-        "../models/synthetic/tower-gemma3-270m.onnx",
+        "../models/synthetic/tower-smollm2-135m.onnx",
         "Vision tower model (ONNX); for backend tensorrt, the plan 'make engines' built from it "
         "(../engines/NAME.plan).",
         path="file",
@@ -64,13 +64,13 @@ class VisionSettings:
 class DecoderSettings:
     """The language model (llama.cpp, GGUF) that answers from the image embeddings and the question."""
 
-    model: Path = setting("../models/gemma-3-270m-q4_k_m.gguf", "Decoder model (GGUF).", path="file")
+    model: Path = setting("../models/smollm2-135m-instruct-q4_1.gguf", "Decoder model (GGUF).", path="file")
     n_ctx: int = setting(2048, "Context window in tokens (image, prompt and answer).", min=256, max=131072)
     n_threads: int = setting(0, "CPU threads for the decoder; 0 picks automatically.", min=0, max=64)
-    chat_format: Literal["auto", "gemma3", "gemma4", "llava"] = setting(
+    chat_format: Literal["auto", "gemma3", "gemma4", "llava", "chatml"] = setting(
         "auto",
-        "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4). LLaVA-style "
-        "decoders (MoE-LLaVA, LLaVA-GM) need llava.",
+        "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4) or a ChatML "
+        "chat template (SmolLM2). LLaVA-style decoders (MoE-LLaVA, LLaVA-GM) need llava.",
     )
     max_answer_tokens: int = setting(48, "Longest answer, in tokens.", min=1, max=1024)
     temperature: float = setting(0.0, "Sampling temperature; 0 always picks the likeliest token.", min=0.0, max=2.0)
@@ -79,6 +79,42 @@ class DecoderSettings:
         "You are a visual assistant for a blind user. Answer in one or two short sentences; "
         "the first sentence answers the question.",
         "Instructions given to the model before every question.",
+    )
+
+
+@dataclass(frozen=True)
+class OcrSettings:
+    """Reading text in the frame (PP-OCRv5: detection, orientation, recognition), beside the vision tower."""
+
+    enabled: bool = setting(True, "Read the text in each frame, while the vision tower encodes it.")
+    backend: Literal["onnxruntime", "tensorrt"] = setting("onnxruntime", "Inference back-end for the OCR models.")
+    models: Path = setting(
+        "../models/ppocrv5",
+        "OCR model directory: det.onnx, cls.onnx, rec.onnx and dict.txt; for backend tensorrt, the directory "
+        "'make engines' built the plans in (../engines/ppocrv5).",
+        path="dir",
+    )
+    threads: int = setting(0, "CPU threads for the OCR models; 0 picks automatically.", min=0, max=64)
+    max_side: int = setting(
+        960, "The frame's longest side is scaled to this for text detection (small text needs more).", min=64, max=4096
+    )
+    drop_below: float = setting(0.5, "Recognised lines less certain than this are not text.", min=0.0, max=1.0)
+    uncertain_below: float = setting(
+        0.85, "Recognised lines less certain than this are read out as uncertain.", min=0.0, max=1.0
+    )
+
+
+@dataclass(frozen=True)
+class AnswersSettings:
+    """How a question is answered: reading text aloud, answering with it, or describing the image."""
+
+    mode: Literal["auto", "read", "answer", "describe"] = setting(
+        "auto",
+        "auto picks by the question's words; read: say the recognised text verbatim; answer: the decoder answers "
+        "with the recognised text in its prompt; describe: the decoder answers from the image alone.",
+    )
+    no_text: str = setting(
+        "I can't find any text; try moving the camera closer.", "Said when a question is about text and none is seen."
     )
 
 
@@ -207,6 +243,8 @@ class Config:
     speech: SpeechSettings = section(SpeechSettings)
     vision: VisionSettings = section(VisionSettings)
     decoder: DecoderSettings = section(DecoderSettings)
+    ocr: OcrSettings = section(OcrSettings)
+    answers: AnswersSettings = section(AnswersSettings)
     logging: LoggingSettings = section(LoggingSettings)
     daemon: DaemonSettings = section(DaemonSettings)
     devices: DevicesSettings = section(DevicesSettings)

@@ -27,10 +27,11 @@ EXAMPLE = ROOT / "config" / "edgevision.yaml"
 
 MODEL_FILES = [
     "models/piper/en_US-joe-medium.onnx",
-    "models/synthetic/tower-gemma3-270m.onnx",
+    "models/synthetic/tower-smollm2-135m.onnx",
+    "models/smollm2-135m-instruct-q4_1.gguf",
     "models/gemma-3-270m-q4_k_m.gguf",
 ]
-MODEL_DIRS = ["models/whisper-tiny.en"]
+MODEL_DIRS = ["models/whisper-tiny.en", "models/ppocrv5"]
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_example_file_loads_and_equals_defaults(tree: Path):
     assert config == resolved_defaults(path.parent)
     assert config.decoder.n_ctx == 2048
     assert config.vision.backend == "onnxruntime"
-    assert config.decoder.model == (tree / "models/gemma-3-270m-q4_k_m.gguf").resolve()
+    assert config.decoder.model == (tree / "models/smollm2-135m-instruct-q4_1.gguf").resolve()
 
 
 def test_empty_file_and_missing_keys_take_defaults(tree: Path):
@@ -260,7 +261,7 @@ def test_top_level_not_a_mapping(tree: Path):
 
 
 def test_missing_model_file_says_make_models(tree: Path):
-    (tree / "models/gemma-3-270m-q4_k_m.gguf").unlink()
+    (tree / "models/smollm2-135m-instruct-q4_1.gguf").unlink()
     path = write(tree, "decoder:\n  n_ctx: 2048\nvision:\n  tower: /nowhere/tower.onnx\n")
     assert errors_of(path) == [
         (
@@ -268,8 +269,8 @@ def test_missing_model_file_says_make_models(tree: Path):
             " — run 'make models', or register your model with 'edgevision models register'"
         ),
         (
-            f"{path}: decoder.model: file not found: {(tree / 'models/gemma-3-270m-q4_k_m.gguf').resolve()}"
-            " (the default '../models/gemma-3-270m-q4_k_m.gguf'; set decoder.model to yours)"
+            f"{path}: decoder.model: file not found: {(tree / 'models/smollm2-135m-instruct-q4_1.gguf').resolve()}"
+            " (the default '../models/smollm2-135m-instruct-q4_1.gguf'; set decoder.model to yours)"
             " — run 'make models', or register your model with 'edgevision models register'"
         ),
     ]
@@ -322,7 +323,7 @@ def test_relative_paths_resolve_against_the_config_directory(tree: Path, monkeyp
     config = load_config(path)
     assert config.speech.piper_voice == (tree / "config/voices/mine.onnx").resolve()
     assert config.speech.piper_voice.is_absolute()
-    assert config.decoder.model == (tree / "models/gemma-3-270m-q4_k_m.gguf").resolve()
+    assert config.decoder.model == (tree / "models/smollm2-135m-instruct-q4_1.gguf").resolve()
 
 
 def test_absolute_paths_are_kept(tree: Path, tmp_path_factory: pytest.TempPathFactory):
