@@ -1,5 +1,6 @@
 # edgevision: everything a newcomer runs goes through here.
-#   make demo   - set up, provision models, answer the bundled spoken question about the bundled photo
+#   make demo   - set up, provision models, answer the bundled spoken question about the bundled photo (a label)
+#   make eval   - read and answer the labelled set in eval/reading: CER, keyword recall, safety violations
 #   make test   - set up, provision models, run the test suite
 #   make bench-model - the 876 MiB MoE model that 'edgevision bench moe' decodes under a memory cap
 #   make engines - on the board: build TensorRT plans from the ONNX towers in engines/ (PRECISION=int8 for INT8)
@@ -25,14 +26,18 @@ MOE_VARIANTS := f32 q8_0 q4_0
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
 MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
-.PHONY: demo test venv models engines lint clean help bench-model bench-e2e install uninstall
+.PHONY: demo eval test venv models engines lint clean help bench-model bench-e2e install uninstall
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
 demo: models
 	mkdir -p out
-	$(EDGEVISION) ask --config $(CONFIG) --image assets/photo.jpg --audio assets/question.wav --out out/answer.wav
+	$(EDGEVISION) ask --config $(CONFIG) --image assets/label.jpg --audio assets/question-label.wav --out out/answer.wav
+
+eval: models
+	mkdir -p out
+	$(EDGEVISION) eval --config $(CONFIG) --json out/eval.json
 
 test: models
 	$(BIN)/python -m pytest
