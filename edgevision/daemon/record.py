@@ -130,6 +130,10 @@ def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, A
         "question": ix.question,
         "answer": answer.text if answer is not None else None,
         "n_tokens": answer.n_tokens if answer is not None else 0,
+        # how it was answered (read, answer, describe), and the topics the decoder was kept from
+        "answer_mode": answer.mode if answer is not None else None,
+        "guarded_topics": list(answer.topics) if answer is not None else [],
+        "withheld_sentences": answer.withheld if answer is not None else 0,
         "said": ix.said,
         "error": ix.error,
         "frame": None if ix.frame is None else {"index": ix.frame.index, "age_s": _round(ix.pressed_at - ix.frame.timestamp)},

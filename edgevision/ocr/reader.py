@@ -11,7 +11,7 @@ numpy and OpenCV basics only. Two things are added for a camera held by someone 
   to right; lines are read top to bottom.
 
 Each line carries the recogniser's confidence (the mean probability of its characters); lines below
-`drop_below` are not text (noise, texture) and are dropped, lines below `uncertain_below` are kept and
+`drop_below`, and lines without a letter or digit (a round lamp read as "•"), are not text and are dropped, lines below `uncertain_below` are kept and
 marked uncertain, so the answer can say so.
 """
 
@@ -145,7 +145,7 @@ class TextReader:
         words = []
         for box, (text, confidence) in zip(boxes, texts, strict=True):
             text = " ".join(text.split())
-            if not text or confidence < self.drop_below:
+            if confidence < self.drop_below or not any(ch.isalnum() for ch in text):  # noise, or a lone symbol
                 continue
             words.append((box, text, confidence))
         lines = []
