@@ -299,7 +299,7 @@ class Assistant:
         given clock's start). `should_stop` is asked before each token and each sentence: once it returns True
         nothing more is generated or spoken, and the answer comes back `interrupted`."""
         clock = clock or _Clock()
-        mode = choose_mode(question, override=self.answer_mode)
+        mode = choose_mode(question, override=self.answer_mode, has_text=bool(scene.reading))
         topics = sensitive_topics(question, scene.reading, mode)
         reply = None
         if mode == "read":

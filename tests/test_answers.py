@@ -44,6 +44,12 @@ def test_the_mode_follows_the_question(question: str, mode: str) -> None:
     assert choose_mode(question) == mode
 
 
+def test_a_scene_question_is_answered_with_the_text_when_there_is_text() -> None:
+    assert choose_mode("How big is this bottle?", has_text=True) == "answer"
+    assert choose_mode("How big is this bottle?", has_text=False) == "describe"
+    assert choose_mode("What does it say?", has_text=False) == "read"  # and then: no text, said so
+
+
 def test_the_config_can_fix_the_mode() -> None:
     assert choose_mode("What is in front of me?", override="read") == "read"
     assert choose_mode("What does this label say?", override="describe") == "describe"

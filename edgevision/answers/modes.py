@@ -4,7 +4,9 @@
   is the recognised lines, verbatim and in reading order. The decoder is not asked.
 - answer: the question is about something text tells (a name, a number, a sign, a screen, a time); the
   decoder answers with the recognised text in its prompt beside the image rows.
-- describe: anything else ("What is in front of me?"); the decoder answers from the image alone.
+- describe: anything else ("What is in front of me?"); the decoder answers from the image alone. When the
+  frame holds text, such a question is answered in answer mode instead ("How big is this bottle?" beside a
+  label saying "500 ml"): the text is the best evidence the device has, and answer mode's checks apply.
 
 `answers.mode` in the config can fix one mode for every question instead.
 """
@@ -33,14 +35,15 @@ _ANSWER = re.compile(
 )
 
 
-def choose_mode(question: str, *, override: str = "auto") -> str:
-    """The mode for `question`: `override` unless it is "auto", else read, answer or describe by its words."""
+def choose_mode(question: str, *, override: str = "auto", has_text: bool = False) -> str:
+    """The mode for `question`: `override` unless it is "auto", else read, answer or describe by its words
+    (describe only when the frame has no text)."""
     if override != "auto":
         if override not in MODES:
             raise ValueError(f"unknown answer mode {override!r}; one of auto, {', '.join(MODES)}")
         return override
     if _READ.search(question):
         return "read"
-    if _ANSWER.search(question):
+    if _ANSWER.search(question) or has_text:
         return "answer"
     return "describe"

@@ -42,6 +42,7 @@ REC_BATCH = 6
 CLS_SHAPE = (48, 192)
 CLS_FLIP = 0.9  # a line the classifier is this sure reads upside down is also read turned
 FLIP_UNSURE = (0.2, 0.8)  # a page vote between these is settled by the recogniser's confidence
+EDGE_CHAR = 0.5  # a character at a line's end read with less confidence than this is dropped
 SMALLEST_IMAGE = 8  # pixels: a smaller side cannot hold a readable character
 
 
@@ -112,6 +113,7 @@ class TextReader:
         if len(boxes) and _mostly_upright(boxes):  # the page is turned by 90°: turn it back
             bgr, boxes = _rotate_page(bgr, boxes, 90)
             rotation = 90
+        boxes = _join_pieces(boxes)
         crops = [_crop(bgr, box) for box in boxes]
         upside = self.orientation(crops)
         timings["ocr_orientation"] = time.perf_counter() - started - sum(timings.values())
@@ -205,13 +207,21 @@ class TextReader:
         return results
 
     def _ctc(self, probs: np.ndarray) -> tuple[str, float]:
+        """Greedy CTC decoding; characters at either end the recogniser gives less than even odds (a card's edge
+        read as "I") are dropped, but still count in the confidence: the mean probability of all characters read."""
         best = probs.argmax(axis=1)
         keep = best != 0
         keep[1:] &= best[1:] != best[:-1]
         chars = [self.characters[i] if i < len(self.characters) else "" for i in best[keep]]
-        if not chars:
+        odds = probs.max(axis=1)[keep]
+        start, end = 0, len(chars)
+        while start < end and odds[start] < EDGE_CHAR:
+            start += 1
+        while end > start and odds[end - 1] < EDGE_CHAR:
+            end -= 1
+        if start == end:
             return "", 0.0
-        return "".join(chars), float(probs.max(axis=1)[keep].mean())
+        return "".join(chars[start:end]), float(odds.mean())
 
 
 # --- geometry -------------------------------------------------------------------------------------------
@@ -355,6 +365,34 @@ def _bounding_quad(points: np.ndarray) -> np.ndarray:
     x0, y0 = points.min(axis=0)
     x1, y1 = points.max(axis=0)
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float32)
+
+
+def _join_pieces(boxes: np.ndarray) -> np.ndarray:
+    """Join boxes that are pieces of one line (the detector may split a line at a wide gap, and its expanded
+    boxes then overlap: "every" + "4 hours" read as "every" + "y 4 hours"). Pieces of a line have about the same
+    height, overlap vertically by most of it and are less than a height apart; the joined box is the pieces'
+    minimum-area rectangle, so a tilted line stays tilted."""
+    import cv2
+
+    groups: list[list[np.ndarray]] = []
+    for box in sorted(boxes, key=lambda b: float(b[:, 0].min())):
+        top, bottom = float(box[:, 1].min()), float(box[:, 1].max())
+        for group in groups:
+            last = group[-1]
+            t, b = float(last[:, 1].min()), float(last[:, 1].max())
+            small, large = sorted((bottom - top, b - t))
+            overlap = min(bottom, b) - max(top, t)
+            gap = float(box[:, 0].min()) - float(last[:, 0].max())
+            if large <= 1.6 * small and overlap >= 0.6 * small and gap <= 0.8 * small:
+                group.append(box)
+                break
+        else:
+            groups.append([box])
+    joined = [
+        group[0] if len(group) == 1 else _order(cv2.boxPoints(cv2.minAreaRect(np.concatenate(group))))
+        for group in groups
+    ]
+    return np.array(joined, dtype=np.float32).reshape(-1, 4, 2)
 
 
 def _lines(words: list[tuple[np.ndarray, str, float]]) -> list[list[tuple[np.ndarray, str, float]]]:
