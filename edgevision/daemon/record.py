@@ -25,7 +25,16 @@ from edgevision.speech.audio import Audio, write_wav
 logger = logging.getLogger(__name__)
 
 # stage durations taken from the assistant's own clocks, in pipeline order
-_MODEL_STAGES = ("vision_encode", "image_prefill", "prefix_prefill", "text_prefill", "first_token", "first_audio")
+_MODEL_STAGES = (
+    "vision_encode",
+    "image_prefill",
+    "prefix_prefill",
+    "ocr",  # reading the text, in its own thread beside the two above
+    "ocr_wait",  # how much longer the text took than the image
+    "text_prefill",
+    "first_token",
+    "first_audio",
+)
 
 
 @dataclass(frozen=True)
