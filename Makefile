@@ -74,14 +74,16 @@ $(SYN)/tower-gemma4-moe.onnx: tools/make_tower.py $(MOE_STEM)-f32.gguf
 	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(MOE_STEM)-f32.gguf
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
 
-# TensorRT plans (+ manifests) from engines/*.onnx; the towers listed here are linked into engines/ first.
+# TensorRT plans (+ manifests) from engines/*.onnx; the towers listed here are linked into engines/ first, and
+# the OCR models' plans go into engines/ppocrv5/ (FP16).
 # Without TensorRT it says so and exits non-zero, leaving engines/ as it was.
 ENGINES ?= engines
 PRECISION ?= fp16
-ENGINE_TOWERS ?= $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx
+ENGINE_TOWERS ?= $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-smollm2-135m.onnx $(SYN)/tower-gemma4-moe.onnx
 
 engines: $(STAMP)
-	$(BIN)/python tools/build_engines.py --engines $(ENGINES) --precision $(PRECISION) $(foreach t,$(ENGINE_TOWERS),--tower $(t))
+	$(BIN)/python tools/build_engines.py --engines $(ENGINES) --precision $(PRECISION) $(foreach t,$(ENGINE_TOWERS),--tower $(t)) \
+		--ocr $(MODELS)/ppocrv5
 
 # The model of 'edgevision bench moe': Q8_0, 8 layers x 32 experts of 3.2 MiB (top 2), routing skewed so each
 # layer's hottest quarter of experts takes 80-99% of the gate mass, experts upcycled from one FFN per layer
@@ -136,6 +138,8 @@ install:
 	for f in $(ENGINES)/*.plan $(ENGINES)/*.manifest.json $(ENGINES)/*.onnx; do \
 		if [ -e "$$f" ]; then cp -nL "$$f" $(STATE)/engines/ && chown edgevision:edgevision $(STATE)/engines/"$${f##*/}"; fi; \
 	done
+	# the OCR models' plans (a config with ocr.backend: tensorrt)
+	if [ -d $(ENGINES)/ppocrv5 ]; then cp -rnL $(ENGINES)/ppocrv5 $(STATE)/engines/ && chown -R edgevision:edgevision $(STATE)/engines/ppocrv5; fi
 	install -m 0644 systemd/edgevision.service $(UNIT)
 	# without a running systemd (a container, an image being built) the unit is enabled for the next boot
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

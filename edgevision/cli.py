@@ -103,7 +103,6 @@ def _timings_table(load: dict[str, float], timings: dict[str, float], n_tokens: 
             label = {
                 "first_token": "to first token",
                 "first_audio": "to first audio",
-                "ocr": "ocr (beside vision)",
                 "ocr_wait": "ocr after vision",
             }.get(stage, stage)
             lines.append(f"{label:<18} {timings[stage]:8.3f}")

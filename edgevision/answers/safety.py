@@ -27,8 +27,10 @@ UNCERTAIN = "Some of it was hard to read, so I may have this part wrong:"
 # topic → (words in a question or on a label that raise it, what the reply says it cannot do)
 _TOPICS: dict[str, tuple[str, str]] = {
     "medicine": (
-        r"medicines?|medication|drugs?|pills?|tablets?|capsules?|doses?|dosage|dosing|mg|mcg|µg|milligrams?|"
-        r"prescription|pharmacy|overdose|side effects?|paracetamol|ibuprofen|aspirin|how (?:many|much)\b[^?]*\btake",
+        (
+            r"medicines?|medication|drugs?|pills?|tablets?|capsules?|doses?|dosage|dosing|mg|mcg|µg|milligrams?|"
+            r"prescription|pharmacy|overdose|side effects?|paracetamol|ibuprofen|aspirin|how (?:many|much)\b[^?]*\btake"
+        ),
         "I can't judge doses or whether a medicine is safe for you; please check with a pharmacist or doctor.",
     ),
     "allergen": (
@@ -36,13 +38,14 @@ _TOPICS: dict[str, tuple[str, str]] = {
         "I can't judge whether it is safe for your allergies; please check with someone who can see the pack.",
     ),
     "money": (
-        r"money|price|prices|priced|cost|costs|pay|paid|cash|coins?|banknotes?|receipt|worth|value|dollars?|"
-        r"euros?|cents?|pence|[$€£¥]",
+        (
+            r"money|price|prices|priced|cost|costs|pay|paid|cash|coins?|banknotes?|receipt|worth|value|dollars?|"
+            r"euros?|cents?|pence|[$€£¥]"
+        ),
         "I can't judge money or value; please check the amount with someone you trust.",
     ),
     "date": (
-        r"expir\w*|exp|best before|use by|sell by|dates?|dated|out of date|still good|gone off|"
-        r"safe to eat|safe to drink",
+        r"expir\w*|exp|best before|use by|sell by|dates?|dated|out of date|still good|gone off|safe to eat|safe to drink",
         "I can't judge whether it is still safe to use; that depends on more than the date.",
     ),
 }

@@ -178,7 +178,7 @@ class TextReader:
 
         h, w = bgr.shape[:2]
         scale = min(self.max_side / max(h, w), self.max_upscale)
-        rh, rw = (max(32, int(round(side * scale / 32)) * 32) for side in (h, w))
+        rh, rw = (max(32, round(side * scale / 32) * 32) for side in (h, w))
         resized = cv2.resize(bgr, (rw, rh), interpolation=cv2.INTER_LINEAR if scale > 1 else cv2.INTER_AREA)
         x = (resized.astype(np.float32) / 255.0 - DET_MEAN) / DET_STD
         prob = self.backend.run("det", x.transpose(2, 0, 1)[None])[0, 0]
@@ -199,7 +199,8 @@ class TextReader:
         for start in range(0, len(order), REC_BATCH):
             chunk = order[start : start + REC_BATCH]
             ratio = max(crops[i].shape[1] / max(crops[i].shape[0], 1) for i in chunk)
-            width = max(REC_MIN_WIDTH, int(math.ceil(REC_HEIGHT * ratio)))
+            width = max(REC_MIN_WIDTH, math.ceil(REC_HEIGHT * ratio))
+            width = min(width, getattr(self.backend, "max_rec_width", None) or width)  # a plan's widest shape
             batch = np.stack([_rec_input(crops[i], REC_HEIGHT, width) for i in chunk])
             probs = self.backend.run("rec", batch)
             for i, p in zip(chunk, probs, strict=True):
@@ -340,7 +341,7 @@ def _crop(bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
     """The box's pixels, straightened by a perspective warp; a box twice as tall as wide is turned to lie."""
     import cv2
 
-    width, height = (max(1, int(round(s))) for s in _side_lengths(box))
+    width, height = (max(1, round(s)) for s in _side_lengths(box))
     target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float32)
     matrix = cv2.getPerspectiveTransform(box.astype(np.float32), target)
     crop = cv2.warpPerspective(bgr, matrix, (width, height), borderMode=cv2.BORDER_REPLICATE, flags=cv2.INTER_CUBIC)
@@ -354,7 +355,7 @@ def _rec_input(crop: np.ndarray, height: int, width: int) -> np.ndarray:
     import cv2
 
     h, w = crop.shape[:2]
-    scaled = min(width, max(1, int(math.ceil(height * w / max(h, 1)))))
+    scaled = min(width, max(1, math.ceil(height * w / max(h, 1))))
     resized = cv2.resize(crop, (scaled, height)).astype(np.float32)
     out = np.zeros((3, height, width), dtype=np.float32)
     out[:, :, :scaled] = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
