@@ -108,3 +108,19 @@ def test_ask_on_the_command_line_reads_the_label_aloud(reading_config: Path, tmp
     assert "mode:     read" in result.stdout
     heard = assistant.recognizer.transcribe(read_wav(out)).text.lower()
     assert "green tea" in heard and "lemon" in heard, heard
+
+
+def test_smollm2_is_prompted_in_its_own_chatml_layout(assistant: Assistant) -> None:
+    from edgevision.decoder.prompt import Image as ImageSegment
+    from edgevision.decoder.prompt import Text, build_turn
+
+    assert assistant.chat_format.name == "chatml"  # picked from the GGUF's chat template
+    turn = build_turn("What is this?", image_tokens=49, system="Be brief.", fmt=assistant.chat_format)
+    assert turn.prefix == (
+        Text("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"),
+        ImageSegment(49, causal=True),
+        Text("\n"),
+    )
+    assert turn.question == (Text("What is this?<|im_end|>\n<|im_start|>assistant\n"),)
+    for marker in ("<|im_start|>", "<|im_end|>"):  # special tokens, not text
+        assert len(assistant.decoder.tokenize(marker, add_special=False, parse_special=True)) == 1
