@@ -125,7 +125,8 @@ def test_an_unknown_backend_and_missing_models_are_clear_errors(tmp_path: Path, 
 
 @pytest.mark.board
 @pytest.mark.skipif(
-    importlib.util.find_spec("tensorrt") is None, reason="needs TensorRT (a Jetson board or a CUDA machine)"
+    any(importlib.util.find_spec(name) is None for name in ("tensorrt", "pycuda")),
+    reason="needs TensorRT and pycuda (a Jetson board or a CUDA machine)",
 )
 def test_the_tensorrt_backend_reads_the_label_like_onnxruntime(ocr_models: Path, tmp_path: Path) -> None:
     from edgevision.ocr.tensorrt import build_plans
