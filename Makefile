@@ -1,5 +1,6 @@
 # edgevision: everything a newcomer runs goes through here.
-#   make demo   - set up, provision models, answer the bundled spoken question about the bundled photo
+#   make demo   - set up, provision models, answer the bundled spoken question about the bundled photo (a label)
+#   make eval   - read and answer the labelled set in eval/reading: CER, keyword recall, safety violations
 #   make test   - set up, provision models, run the test suite
 #   make bench-model - the two 876 MiB MoE models 'edgevision bench moe' decodes under a memory cap (realistic, static)
 #   make engines - on the board: build TensorRT plans from the ONNX towers in engines/ (PRECISION=int8 for INT8)
@@ -21,19 +22,24 @@ SYN := $(MODELS)/synthetic
 EDGEVISION := $(BIN)/edgevision
 CONFIG := config/edgevision.yaml
 GEMMA3 := $(MODELS)/gemma-3-270m-q4_k_m.gguf
+SMOLLM2 := $(MODELS)/smollm2-135m-instruct-q4_1.gguf
 MOE_VARIANTS := f32 q8_0 q4_0
 # file names as tools/make_synthetic.py writes them (its default_filename)
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
 MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
-.PHONY: demo test venv models engines lint clean help bench-model bench-e2e bench-board install uninstall
+.PHONY: demo eval test venv models engines lint clean help bench-model bench-e2e bench-board install uninstall
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
 demo: models
 	mkdir -p out
-	$(EDGEVISION) ask --config $(CONFIG) --image assets/photo.jpg --audio assets/question.wav --out out/answer.wav
+	$(EDGEVISION) ask --config $(CONFIG) --image assets/label.jpg --audio assets/question-label.wav --out out/answer.wav
+
+eval: models
+	mkdir -p out
+	$(EDGEVISION) eval --config $(CONFIG) --json out/eval.json
 
 test: models
 	$(BIN)/python -m pytest
@@ -47,7 +53,8 @@ $(STAMP): pyproject.toml
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx
+models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-smollm2-135m.onnx \
+	$(SYN)/tower-gemma4-moe.onnx
 
 $(MODELS)/.bundled: $(STAMP)
 	$(EDGEVISION) models --dir $(MODELS) provision
@@ -61,18 +68,24 @@ $(SYN)/tower-gemma3-270m.onnx: tools/make_tower.py $(MODELS)/.bundled
 	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(GEMMA3)
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
 
+$(SYN)/tower-smollm2-135m.onnx: tools/make_tower.py $(MODELS)/.bundled
+	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(SMOLLM2)
+	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
+
 $(SYN)/tower-gemma4-moe.onnx: tools/make_tower.py $(MOE_STEM)-f32.gguf
 	$(BIN)/python tools/make_tower.py --out $@ --match-gguf $(MOE_STEM)-f32.gguf
 	$(EDGEVISION) models --dir $(MODELS) register $@ --kind tower --source "synthetic (tools/make_tower.py)"
 
-# TensorRT plans (+ manifests) from engines/*.onnx; the towers listed here are linked into engines/ first.
+# TensorRT plans (+ manifests) from engines/*.onnx; the towers listed here are linked into engines/ first, and
+# the OCR models' plans go into engines/ppocrv5/ (FP16).
 # Without TensorRT it says so and exits non-zero, leaving engines/ as it was.
 ENGINES ?= engines
 PRECISION ?= fp16
-ENGINE_TOWERS ?= $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx
+ENGINE_TOWERS ?= $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-smollm2-135m.onnx $(SYN)/tower-gemma4-moe.onnx
 
 engines: $(STAMP)
-	$(BIN)/python tools/build_engines.py --engines $(ENGINES) --precision $(PRECISION) $(foreach t,$(ENGINE_TOWERS),--tower $(t))
+	$(BIN)/python tools/build_engines.py --engines $(ENGINES) --precision $(PRECISION) $(foreach t,$(ENGINE_TOWERS),--tower $(t)) \
+		--ocr $(MODELS)/ppocrv5
 
 # The models of 'edgevision bench moe' (see docs/moe-benchmark.md): Q8_0, 8 layers x 32 experts of 3.2 MiB (top 2),
 # experts upcycled from one FFN per layer (each the shared FFN plus 10% own noise, as MoE-LLaVA's experts start
@@ -146,6 +159,8 @@ install:
 	for f in $(ENGINES)/*.plan $(ENGINES)/*.manifest.json $(ENGINES)/*.onnx; do \
 		if [ -e "$$f" ]; then cp -nL "$$f" $(STATE)/engines/ && chown edgevision:edgevision $(STATE)/engines/"$${f##*/}"; fi; \
 	done
+	# the OCR models' plans (a config with ocr.backend: tensorrt)
+	if [ -d $(ENGINES)/ppocrv5 ]; then cp -rnL $(ENGINES)/ppocrv5 $(STATE)/engines/ && chown -R edgevision:edgevision $(STATE)/engines/ppocrv5; fi
 	install -m 0644 systemd/edgevision.service $(UNIT)
 	# without a running systemd (a container, an image being built) the unit is enabled for the next boot
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi

@@ -6,26 +6,37 @@ questions. It measures every stage; the measurements come back with the answer.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgevision.answers.modes import choose_mode
+from edgevision.answers.safety import (
+    NO_TEXT,
+    compose_guarded,
+    compose_read,
+    read_aloud,
+    sensitive_topics,
+    unsupported_numbers,
+)
 from edgevision.config import Config
 from edgevision.decoder.llama import LlamaDecoder
 from edgevision.decoder.prompt import (
     FORMATS,
     ChatFormat,
     build_turn,
-    format_for_architecture,
+    format_for_model,
     image_causal_for,
     run_prompt,
 )
 from edgevision.errors import InputError, ModelError
 from edgevision.moe.placement import DecoderPlacement
+from edgevision.ocr.reader import Reading, TextReader
 from edgevision.speech.audio import Audio
 from edgevision.speech.engines import open_recognizer, open_synthesizer
 from edgevision.speech.recognition import Recognizer
@@ -70,6 +81,13 @@ class Answer:
     """True when a follow-up reused the scene's cached image prefix."""
     interrupted: bool = False
     """True when `should_stop` cut the answer short (a barge-in, a shutdown)."""
+    mode: str = "describe"
+    """How it was answered: read (the recognised text, verbatim), answer (the decoder, with the recognised
+    text in its prompt) or describe (the decoder, from the image alone)."""
+    topics: tuple[str, ...] = ()
+    """Sensitive topics (medicine, allergen, money, date) that kept the decoder from answering."""
+    withheld: int = 0
+    """Generated sentences not spoken because they named a number the recognised text does not hold."""
 
 
 @dataclass(eq=False)
@@ -79,6 +97,8 @@ class Scene:
     embeddings: np.ndarray | None
     n_prefix: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    reading: Reading | None = None
+    """The text read in the image (None: OCR is off, or no image)."""
 
 
 class _Clock:
@@ -116,6 +136,9 @@ class Assistant:
         max_answer_tokens: int,
         temperature: float = 0.0,
         chat_format: str = "auto",
+        reader: TextReader | None = None,
+        answer_mode: str = "auto",
+        no_text: str = NO_TEXT,
     ) -> None:
         self.recognizer = recognizer
         self.encoder = encoder
@@ -125,8 +148,13 @@ class Assistant:
         self.max_answer_tokens = max_answer_tokens
         self.temperature = temperature
         self.chat_format = chat_format_of(decoder, chat_format)
+        self.reader = reader
+        self.answer_mode = answer_mode
+        self.no_text = no_text
         self._cached: Scene | None = None  # the scene whose prefix the decoder's cache holds
         self._stack = ExitStack()
+        # OCR runs in its own thread, beside the vision tower and the prefill of the image
+        self._ocr_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgevision-ocr")
         self.load_timings: dict[str, float] = {}
         self.placement: DecoderPlacement | None = None  # a MoE decoder's residency plan, pins and adaptation
 
@@ -175,6 +203,11 @@ class Assistant:
                 placement.start(decoder)
             check_pairing(encoder, decoder, config.vision.tower)
             clock.lap("decoder")
+            reader = None
+            if config.ocr.enabled:
+                reader = open_reader(config)
+                stack.callback(reader.close)
+                clock.lap("ocr")
             synthesizer = None
             if speak:
                 synthesizer = open_synthesizer(config.speech.synthesizer)
@@ -189,6 +222,9 @@ class Assistant:
                 max_answer_tokens=config.decoder.max_answer_tokens,
                 temperature=config.decoder.temperature,
                 chat_format=config.decoder.chat_format,
+                reader=reader,
+                answer_mode=config.answers.mode,
+                no_text=config.answers.no_text,
             )
             assistant.placement = placement
             assistant._stack = stack.pop_all()
@@ -196,6 +232,7 @@ class Assistant:
             return assistant
 
     def close(self) -> None:
+        self._ocr_pool.shutdown(wait=True)
         self._stack.close()
 
     def __enter__(self) -> Assistant:
@@ -218,12 +255,19 @@ class Assistant:
         before any question: system prompt and image. Questions about the scene then need only their own
         tokens prefilled — this can run while the user is still speaking."""
         clock = _Clock()
+        reading = None
+        if self.reader is not None and image is not None:
+            reading = self._ocr_pool.submit(self.reader.read, image)
         embeddings = None
         if image is not None:
             embeddings = self.encode(image)
             clock.lap("vision_encode")
         scene = Scene(embeddings, timings=clock.timings)
         self._prefill_prefix(scene, clock)
+        if reading is not None:
+            scene.reading = reading.result()
+            clock.lap("ocr_wait")  # how much longer the text took than the image
+            scene.timings["ocr"] = scene.reading.timings.get("ocr", 0.0)
         return scene
 
     def _prefill_prefix(self, scene: Scene, clock: _Clock) -> None:
@@ -247,9 +291,11 @@ class Assistant:
         reused (a follow-up), False if it had to be prefilled again."""
         return self._prefill_question(question, scene, _Clock())
 
-    def _prefill_question(self, question: str, scene: Scene, clock: _Clock) -> bool:
+    def _prefill_question(self, question: str, scene: Scene, clock: _Clock, *, with_text: bool = False) -> bool:
         reused = self._restore(scene, clock)
         n_image = 0 if scene.embeddings is None else len(scene.embeddings)
+        if with_text and scene.reading:
+            question = with_reading(question, scene.reading)
         turn = build_turn(question, image_tokens=n_image, system=self.system_prompt, fmt=self.chat_format)
         run_prompt(self.decoder, turn.question)
         clock.lap("text_prefill")
@@ -303,7 +349,18 @@ class Assistant:
         nothing more is generated or spoken, and the answer comes back `interrupted`."""
         question = check_question(question)
         clock = clock or _Clock()
-        reused = self._prefill_question(question, scene, clock)
+        mode = choose_mode(question, override=self.answer_mode, has_text=bool(scene.reading))
+        topics = sensitive_topics(question, scene.reading, mode)
+        reply = None
+        if mode == "read":
+            reply = compose_read(scene.reading, no_text=self.no_text, topics=topics)
+        elif topics:
+            reply = compose_guarded(topics, scene.reading, no_text=self.no_text)
+        elif mode == "answer" and not scene.reading:
+            reply = compose_read(None, no_text=self.no_text)
+        if reply is not None:  # said without the decoder
+            return self._say(question, reply.text, mode, reply.topics, on_text, on_speech, should_stop, clock)
+        reused = self._prefill_question(question, scene, clock, with_text=mode == "answer")
         interrupted = False
 
         def stopped() -> bool:
@@ -313,6 +370,7 @@ class Assistant:
 
         pieces: list[str] = []
         decode_seconds = 0.0
+        guarded = mode == "answer"  # its sentences are checked before they are shown or spoken
 
         def tokens() -> Iterator[str]:
             nonlocal decode_seconds
@@ -329,27 +387,35 @@ class Assistant:
                 if not pieces:
                     clock.since_start("first_token")
                 pieces.append(piece)
-                if on_text:
+                if on_text and not guarded:
                     on_text(piece)
                 yield piece
 
-        spoken: list[Audio] = []
-        if self.synthesizer is None:
-            for _ in tokens():
-                pass
-        else:
-            # the first clause of four or more words is spoken on its own, so the first audio comes sooner
-            pieces_to_say = split_sentences(tokens(), first_clause_words=FIRST_CLAUSE_WORDS)
-            sentences = (s for s in pieces_to_say if s.strip() and not stopped())
-            for chunk in self.synthesizer.stream(sentences):
-                if stopped():
-                    break
-                if not spoken:
-                    clock.since_start("first_audio")
-                spoken.append(chunk)
-                if on_speech:
-                    on_speech(chunk)
-        text = "".join(pieces).strip()
+        said: list[str] = []
+        withheld = 0
+
+        def checked(sentences: Iterable[str]) -> Iterator[str]:
+            """In answer mode, no sentence naming a number the recognised text does not hold."""
+            nonlocal withheld
+            for sentence in sentences:
+                if guarded and unsupported_numbers(sentence, scene.reading):
+                    logger.info("withheld a sentence with numbers not in the text: %r", sentence)
+                    withheld += 1
+                    continue
+                if guarded and on_text:
+                    on_text(("" if not said else " ") + sentence)
+                said.append(sentence)
+                yield sentence
+            if guarded and withheld and not said:  # nothing honest left to say: read the text instead
+                sentence = read_aloud(scene.reading.lines if scene.reading else ())
+                if on_text:
+                    on_text(sentence)
+                said.append(sentence)
+                yield sentence
+
+        sentences = checked(split_sentences(tokens(), first_clause_words=FIRST_CLAUSE_WORDS))
+        spoken = self._speak(sentences, stopped, on_speech, clock)
+        text = " ".join(said).strip() if guarded else "".join(pieces).strip()
         n_tokens = len(pieces)
         clock.timings["decode_tokens_per_s"] = n_tokens / decode_seconds if decode_seconds and n_tokens else 0.0
         clock.since_start("total")
@@ -363,14 +429,98 @@ class Assistant:
             n_tokens=n_tokens,
             reused_image=reused,
             interrupted=interrupted,
+            mode=mode,
+            withheld=withheld,
         )
+
+    def _speak(
+        self,
+        sentences: Iterable[str],
+        stopped: Callable[[], bool],
+        on_speech: Callable[[Audio], None] | None,
+        clock: _Clock,
+    ) -> list[Audio]:
+        """Speak sentences as they come (without a synthesizer: only run through them)."""
+        spoken: list[Audio] = []
+        if self.synthesizer is None:
+            for _ in sentences:
+                if stopped():
+                    break
+            return spoken
+        for chunk in self.synthesizer.stream(s for s in sentences if s.strip() and not stopped()):
+            if stopped():
+                break
+            if not spoken:
+                clock.since_start("first_audio")
+            spoken.append(chunk)
+            if on_speech:
+                on_speech(chunk)
+        return spoken
+
+    def _say(
+        self,
+        question: str,
+        text: str,
+        mode: str,
+        topics: tuple[str, ...],
+        on_text: Callable[[str], None] | None,
+        on_speech: Callable[[Audio], None] | None,
+        should_stop: Callable[[], bool] | None,
+        clock: _Clock,
+    ) -> Answer:
+        """A reply composed without the decoder (read mode, a guarded topic, no text): shown and spoken."""
+        if on_text:
+            on_text(text)
+
+        def stopped() -> bool:
+            return should_stop is not None and should_stop()
+
+        spoken = self._speak(split_sentences([text], first_clause_words=FIRST_CLAUSE_WORDS), stopped, on_speech, clock)
+        clock.since_start("total")
+        return Answer(
+            question=question,
+            text=text,
+            speech=_join(spoken),
+            timings=clock.timings,
+            interrupted=stopped(),
+            mode=mode,
+            topics=topics,
+        )
+
+
+def with_reading(question: str, reading: Reading) -> str:
+    """The question as the decoder sees it in answer mode: the recognised lines first, then the question."""
+    lines = "\n".join(f"- {line.text}" + (" (unsure)" if line.uncertain else "") for line in reading.lines)
+    return (
+        f"Text read in the image, line by line:\n{lines}\n\n"
+        f"Using only this text, answer: {question}"
+    )
+
+
+def open_reader(config: Config) -> TextReader:
+    """The OCR pipeline on the configured back-end and models."""
+    from edgevision.ocr.backends import open_backend
+    from edgevision.ocr.models import DICT_FILE
+
+    backend = open_backend(config.ocr.backend, config.ocr.models, threads=config.ocr.threads)
+    try:
+        return TextReader(
+            backend,
+            config.ocr.models / DICT_FILE,
+            max_side=config.ocr.max_side,
+            drop_below=config.ocr.drop_below,
+            uncertain_below=config.ocr.uncertain_below,
+        )
+    except BaseException:
+        backend.close()
+        raise
 
 
 def chat_format_of(decoder: LlamaDecoder, name: str = "auto") -> ChatFormat:
     """The chat layout for the decoder: `name`, or with "auto" the one of its GGUF architecture."""
     if name == "auto":
         architecture = decoder.meta("general.architecture") or "unknown"
-        fmt = format_for_architecture(architecture)
+        fmt = format_for_model(architecture, decoder.meta("tokenizer.chat_template") or "")
         if fmt is None:
             raise ModelError(
                 f"decoder {decoder.path.name} is a {architecture!r} model, whose prompt layout edgevision cannot "

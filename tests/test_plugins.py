@@ -10,6 +10,7 @@ import pytest
 from edgevision.config import describe
 from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError, MissingDependencyError
+from edgevision.ocr.backends import BACKENDS as OCR_BACKENDS
 from edgevision.plugins import load_class
 from edgevision.speech.engines import RECOGNIZERS, SYNTHESIZERS
 from edgevision.telemetry.power import POWER_READERS
@@ -23,6 +24,7 @@ def test_each_setting_offers_exactly_its_registry() -> None:
     assert allowed["devices.microphone.kind"] == ", ".join(MICROPHONES)
     assert allowed["devices.speaker.kind"] == ", ".join(SPEAKERS)
     assert allowed["vision.backend"] == ", ".join(BACKENDS)
+    assert allowed["ocr.backend"] == ", ".join(OCR_BACKENDS)
     assert allowed["speech.recognizer.kind"] == ", ".join(RECOGNIZERS)
     assert allowed["speech.synthesizer.kind"] == ", ".join(SYNTHESIZERS)
     assert allowed["telemetry.power_reader"] == ", ".join(("auto", *POWER_READERS))
@@ -30,7 +32,9 @@ def test_each_setting_offers_exactly_its_registry() -> None:
 
 def test_every_registered_back_end_names_a_class_that_exists() -> None:
     """Registries hold "module:Class" strings; a typo would only show when a user picks that back-end."""
-    for registry in (CAMERAS, BUTTONS, MICROPHONES, SPEAKERS, BACKENDS, POWER_READERS, RECOGNIZERS, SYNTHESIZERS):
+    registries = (CAMERAS, BUTTONS, MICROPHONES, SPEAKERS, BACKENDS, POWER_READERS, RECOGNIZERS, SYNTHESIZERS,
+                  OCR_BACKENDS)
+    for registry in registries:
         for name, target in registry.items():
             module, _, cls = target.partition(":")
             source = importlib.util.find_spec(module)

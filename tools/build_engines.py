@@ -8,7 +8,10 @@ the ONNX's sha256, precision, I/O tensors, builder flags, the tower's preprocess
 A plan whose manifest still matches this machine and its ONNX is left alone (use --force to rebuild).
 
 `--tower PATH` links an ONNX tower into engines/ first (make engines passes the synthetic towers that
-`make models` makes). Where TensorRT is not installed, nothing is touched and the exit status is 1.
+`make models` makes). `--ocr DIR` also builds FP16 plans for the OCR models in DIR (det, cls, rec; each with
+an optimization profile over the shapes the reader sends) into engines/ppocrv5/, under the same manifest
+guard: set `ocr.backend: tensorrt` and `ocr.models: ../engines/ppocrv5` to use them. Where TensorRT is not
+installed, nothing is touched and the exit status is 1.
 
     python tools/build_engines.py                                   # every engines/*.onnx, FP16
     python tools/build_engines.py --precision int8 --calibration calibration
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace")
     parser.add_argument("--force", action="store_true", help="rebuild plans that are up to date")
     parser.add_argument("--qdq-only", action="store_true", help="with --precision int8: only write the Q/DQ ONNX")
+    parser.add_argument("--ocr", type=Path, help="OCR model folder (det/cls/rec.onnx, dict.txt) to build plans for")
     args = parser.parse_args(argv)
 
     if args.qdq_only and args.precision != "int8":
@@ -111,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
                 onnx, precision=args.precision, calibration=images, workspace_mib=args.workspace_mib,
                 force=args.force, say=say,
             )
+        if args.ocr:
+            from edgevision.ocr.tensorrt import build_plans
+
+            build_plans(args.ocr, args.engines / "ppocrv5", workspace_mib=args.workspace_mib, force=args.force, say=say)
     except EdgevisionError as exc:
         print(f"make engines: error: {exc}", file=sys.stderr)
         return 1

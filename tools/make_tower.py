@@ -8,6 +8,7 @@ The weights are random: the tower proves the pipeline, not understanding.
 
     python tools/make_tower.py --out models/synthetic/tower.onnx --n-embd 640
     python tools/make_tower.py --out tower.onnx --match-gguf models/gemma-3-270m-q4_k_m.gguf
+    python tools/make_tower.py --out tower.onnx --match-gguf models/smollm2-135m-instruct-q4_1.gguf
 """
 
 from __future__ import annotations
@@ -140,16 +141,18 @@ def build_tower(
     return model
 
 
-def gguf_embedding_stats(path: Path) -> tuple[int, float]:
-    """(n_embd, RMS of the token-embedding table) read from a GGUF decoder."""
+def gguf_embedding_stats(path: Path) -> tuple[int, float, str]:
+    """(n_embd, RMS of the token-embedding table, architecture) read from a GGUF decoder."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     reader = GGUFReader(path)
+    field = reader.get_field("general.architecture")
+    architecture = field.contents() if field is not None else "unknown"
     for tensor in reader.tensors:
         if tensor.name == "token_embd.weight":
             rows = dequantize(tensor.data[:4096], tensor.tensor_type)
-            return int(rows.shape[-1]), float(np.sqrt(np.mean(np.square(rows, dtype=np.float64))))
+            return int(rows.shape[-1]), float(np.sqrt(np.mean(np.square(rows, dtype=np.float64)))), architecture
     raise SystemExit(f"{path}: no token_embd.weight tensor")
 
 
@@ -166,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
     n_embd, row_rms = args.n_embd, args.row_rms
     if args.match_gguf:
-        gguf_width, table_rms = gguf_embedding_stats(args.match_gguf)
+        gguf_width, table_rms, architecture = gguf_embedding_stats(args.match_gguf)
         n_embd = n_embd or gguf_width
-        # Gemma scales token embeddings by sqrt(n_embd) inside the graph, but not raw embedding inputs.
-        row_rms = row_rms if row_rms is not None else table_rms * np.sqrt(gguf_width)
+        # Gemma scales token embeddings by sqrt(n_embd) inside the graph, but not raw embedding inputs; Llama-style
+        # decoders (SmolLM2) use the table as it is.
+        scale = np.sqrt(gguf_width) if architecture.startswith("gemma") else 1.0
+        row_rms = row_rms if row_rms is not None else table_rms * scale
     if not n_embd:
         parser.error("give --n-embd or --match-gguf")
     model = build_tower(

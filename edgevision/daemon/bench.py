@@ -43,6 +43,8 @@ ROWS = (
     ("  of which after release", "recognition_after_release", "s"),
     ("vision encode", "vision_encode", "s"),
     ("image prefill", "image_prefill", "s"),
+    ("ocr (beside vision)", "ocr", "s"),
+    ("  longer than vision", "ocr_wait", "s"),
     ("  of which after release", "look_after_release", "s"),
     ("text prefill", "text_prefill", "s"),
     ("decode", "decode_tokens_per_s", "tok/s"),

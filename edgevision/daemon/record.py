@@ -26,7 +26,16 @@ from edgevision.speech.audio import Audio, write_wav
 logger = logging.getLogger(__name__)
 
 # stage durations taken from the assistant's own clocks, in pipeline order
-_MODEL_STAGES = ("vision_encode", "image_prefill", "prefix_prefill", "text_prefill", "first_token", "first_audio")
+_MODEL_STAGES = (
+    "vision_encode",
+    "image_prefill",
+    "prefix_prefill",
+    "ocr",  # reading the text, in its own thread beside the two above
+    "ocr_wait",  # how much longer the text took than the image
+    "text_prefill",
+    "first_token",
+    "first_audio",
+)
 
 
 @dataclass(frozen=True)
@@ -131,6 +140,10 @@ def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, A
         "question": ix.question,
         "answer": answer.text if answer is not None else None,
         "n_tokens": answer.n_tokens if answer is not None else 0,
+        # how it was answered (read, answer, describe), and the topics the decoder was kept from
+        "answer_mode": answer.mode if answer is not None else None,
+        "guarded_topics": list(answer.topics) if answer is not None else [],
+        "withheld_sentences": answer.withheld if answer is not None else 0,
         "said": ix.said,
         "error": ix.error,
         "frame": None if ix.frame is None else {"index": ix.frame.index, "age_s": _round(ix.pressed_at - ix.frame.timestamp)},

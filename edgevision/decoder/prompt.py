@@ -8,6 +8,8 @@ output, injected as embeddings where it sits. The chat layout of a model family 
     Gemma 4:  <bos><|turn>system\\n{system}<turn|>\\n<|turn>user\\n<|image>{image}<image|>{question}<turn|>\\n
               <|turn>model\\n<|channel>thought\\n<channel|>
     LLaVA:    <s>USER: {system}\\n\\n{image}\\n{question} ASSISTANT:
+    ChatML:   <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{image}{question}<|im_end|>\\n
+              <|im_start|>assistant\\n
 
 Gemma has no system role, so the system prompt is folded into the first user turn as its chat template does.
 The image goes before the question. A `Turn` keeps the reusable prefix (BOS, system prompt, image) apart from
@@ -77,6 +79,7 @@ class ChatFormat:
     image_causal: bool = True
     answer_prefix: str = ""  # opens the model's answer after its role line (e.g. an empty thought channel)
     architectures: tuple[str, ...] = ()  # GGUF general.architecture values that `chat_format: auto` maps here
+    template_marker: str = ""  # text in a GGUF's tokenizer.chat_template that marks this layout (checked first)
     causal_image_widths: tuple[int, ...] = ()  # decoder widths (n_embd) whose images attend causally after all
 
 
@@ -129,14 +132,32 @@ LLAVA = ChatFormat(
     image_causal=True,
 )
 
+# ChatML, the layout of instruction-tuned models such as SmolLM2 (its GGUF's tokenizer.chat_template): a real
+# system role, no BOS, <|im_start|>/<|im_end|> around each turn. These models have no image markers of their own;
+# the image's rows open the user's message and are decoded causally.
+CHATML = ChatFormat(
+    name="chatml",
+    bos="",
+    turn_start="<|im_start|>",
+    turn_end="<|im_end|>\n",
+    model_role="assistant",
+    system_role="system",
+    image_end="\n",
+    image_causal=True,
+    template_marker="<|im_start|>",
+)
+
 # The chat layouts `decoder.chat_format` can name. A new layout is one ChatFormat and one entry here; with
-# `architectures` set, `chat_format: auto` picks it for those GGUF architectures.
-FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4, LLAVA)}
+# `template_marker` or `architectures` set, `chat_format: auto` finds it for a GGUF.
+FORMATS = {fmt.name: fmt for fmt in (GEMMA3, GEMMA4, LLAVA, CHATML)}
 
 
-def format_for_architecture(architecture: str) -> ChatFormat | None:
-    """The registered layout that claims this GGUF architecture, if one does."""
-    return next((fmt for fmt in FORMATS.values() if architecture in fmt.architectures), None)
+def format_for_model(architecture: str, chat_template: str = "") -> ChatFormat | None:
+    """The registered layout whose marker the GGUF's chat template holds, else the one that claims its
+    architecture, if any does."""
+    by_template = (f for f in FORMATS.values() if f.template_marker and f.template_marker in chat_template)
+    by_architecture = (f for f in FORMATS.values() if architecture in f.architectures)
+    return next(by_template, None) or next(by_architecture, None)
 
 
 def image_causal_for(fmt: ChatFormat, n_embd: int) -> ChatFormat:
