@@ -111,6 +111,7 @@ class Assistant:
                     language=config.speech.language,
                     beam_size=config.speech.beam_size,
                     cpu_threads=config.speech.whisper_threads,
+                    window=config.speech.whisper_window,
                 )
             )
             clock.lap("recognizer")

@@ -38,6 +38,11 @@ class SpeechSettings:
     language: str = setting("en", "Language the user speaks, as a Whisper language code.")
     beam_size: int = setting(1, "Whisper beam size; 1 is greedy decoding, the fastest.", min=1, max=10)
     whisper_threads: int = setting(0, "CPU threads for Whisper; 0 picks automatically.", min=0, max=64)
+    whisper_window: Literal["fit", "full"] = setting(
+        "fit",
+        "fit: Whisper's encoder sees the recording plus quiet, at least 10 s (a short question costs a third of "
+        "a 30-s window, same words); full: its own 30-s window, as faster-whisper runs it.",
+    )
     piper_voice: Path = setting(
         "../models/piper/en_US-joe-medium.onnx",
         "Piper voice model (.onnx, with its .onnx.json beside it).",
