@@ -4,6 +4,7 @@
 #   make bench-model - the 876 MiB MoE model that 'edgevision bench moe' decodes under a memory cap
 #   make engines - on the board: build TensorRT plans from the ONNX towers in engines/ (PRECISION=int8 for INT8)
 #   make bench-e2e - spoken questions through the daemon: overlapped vs sequential, release → first audio
+#   make bench-e2e-peer - the daemon vs the pipeline a user would script (synthesised, then recorded questions)
 #   sudo make install   - the daemon as a systemd service (user edgevision, /opt/edgevision, /etc/edgevision)
 #   sudo make uninstall - remove the service and /opt/edgevision (keeps config, models, logs and the user)
 SHELL := /bin/bash
@@ -24,7 +25,7 @@ MOE_VARIANTS := f32 q8_0 q4_0
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
 MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
-.PHONY: demo test venv models engines lint clean help bench-model bench-e2e install uninstall
+.PHONY: demo test venv models engines lint clean help bench-model bench-e2e bench-e2e-peer peer-models install uninstall
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -45,7 +46,7 @@ $(STAMP): pyproject.toml
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx
+models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-gemma4-moe.onnx peer-models
 
 $(MODELS)/.bundled: $(STAMP)
 	$(EDGEVISION) models --dir $(MODELS) provision
@@ -91,6 +92,22 @@ lint: $(STAMP)
 
 bench-e2e: models
 	$(EDGEVISION) bench e2e --config $(CONFIG)
+
+# The same synthetic tower twice for 'bench e2e --peer': as an mmproj (the peer's Llava15ChatHandler) and
+# its ONNX export (the daemon), with the CLS layout of the bundled llama.cpp.
+PEER_MMPROJ := $(SYN)/mmproj-gemma3-270m.gguf
+
+peer-models: $(PEER_MMPROJ) $(PEER_MMPROJ:.gguf=.onnx)
+
+$(PEER_MMPROJ): tools/make_mmproj.py | $(STAMP)
+	$(BIN)/python tools/make_mmproj.py --type mlp --n-embd 640 --out $@
+
+$(PEER_MMPROJ:.gguf=.onnx): $(PEER_MMPROJ) tools/export_tower.py
+	$(BIN)/python tools/export_tower.py mmproj $< --out $@ --llama-cpp-cls-last
+
+bench-e2e-peer: models
+	$(EDGEVISION) bench e2e --config $(CONFIG) --peer -n 8 --cold 2
+	$(EDGEVISION) bench e2e --config $(CONFIG) --peer -n 8 --audio assets/question.wav
 
 # --- the service (see systemd/edgevision.service) ---
 # On the board: sudo make install INSTALL_EXTRAS=jetson CMAKE_ARGS=-DGGML_CUDA=on

@@ -7,7 +7,8 @@ at least MIN_WINDOW_S, in whole seconds; the transcript is decoded greedily (or 
 a short question costs about a third (0.17 CPU-seconds). Much shorter windows make Whisper repeat the
 question until its token limit (measured: 6 s windows on 8 of 12 spoken questions; 10 s gave the full
 window's words on all 12, see docs/latency.md), so a fitted decode that runs into its token limit
-(TOKENS_PER_S of audio) is done again over the full window. `window="full"` runs faster-whisper's own
+(TOKENS_PER_S of audio), repeats a sentence, or that faster-whisper would find doubtful (average log
+probability under -1) is done again over the full window. `window="full"` runs faster-whisper's own
 `transcribe`, its 30-s window and temperature fallback.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +32,7 @@ WINDOWS = ("fit", "full")
 MIN_WINDOW_S = 10.0  # shortest fitted window
 FIT_MARGIN_S = 2.0  # quiet after the recording in a fitted window
 TOKENS_PER_S = 10  # a fitted decode's token limit, per second of audio (speech is 3-6 tokens a second), plus 10
+LOGPROB_THRESHOLD = -1.0  # faster-whisper's log_prob_threshold
 _FRAMES_PER_S = 100  # log-mel frames per second of 16 kHz audio
 _FULL_FRAMES = 3000
 
@@ -47,6 +50,12 @@ class Transcript:
     duration_s: float
     no_speech_probability: float
     no_speech: bool
+
+
+def _repeats(text: str) -> bool:
+    """Whether a sentence of the transcript comes twice: Whisper looping in a short window."""
+    sentences = [" ".join(s.lower().split()) for s in re.split(r"[.!?]+", text) if s.strip()]
+    return len(set(sentences)) < len(sentences)
 
 
 class WhisperRecognizer:
@@ -175,6 +184,10 @@ class WhisperRecognizer:
         if len(prompt) + len(tokens) >= limit - 1:  # CTranslate2 stopped it (its last step is the end token)
             return None
         text = tokenizer.decode(tokens).strip()
+        # faster-whisper's own test for a doubtful decode (which it retries at a higher temperature)
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        if avg_logprob < LOGPROB_THRESHOLD or _repeats(text):
+            return None
         no_speech_probability = result.no_speech_prob
         return Transcript(
             text=text,
