@@ -177,7 +177,7 @@ def test_the_fitted_window_hears_the_recorded_question_as_the_full_window_does(
 def test_a_fitted_decode_that_runs_into_its_token_limit_is_done_again_over_the_full_window(
     recognizer: WhisperRecognizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edgevision.speech.recognition as recognition
+    from edgevision.speech import recognition
 
     recorded = read_wav(Path(__file__).resolve().parents[1] / "assets" / "question.wav")
     monkeypatch.setattr(recognition, "TOKENS_PER_S", -3)  # a limit of a few tokens: the question cannot end in it
