@@ -7,6 +7,7 @@
 #   make bench-e2e - spoken questions through the daemon: overlapped vs sequential, release → first audio
 #   make bench-board HOST=user@jetson - the benchmark suites on a board over SSH: results folder and report
 #   make lint   - ruff check, ruff format --check and mypy (CI runs it before the tests)
+#   make bench-e2e-peer - the daemon vs the pipeline a user would script (synthesised, then recorded questions)
 #   sudo make install   - the daemon as a systemd service (user edgevision, /opt/edgevision, /etc/edgevision)
 #   sudo make uninstall - remove the service and /opt/edgevision (keeps config, models, logs and the user)
 SHELL := /bin/bash
@@ -28,7 +29,7 @@ MOE_VARIANTS := f32 q8_0 q4_0
 MOE_STEM := $(SYN)/gemma4-moe-synthetic-l4-e8k2
 MOE := $(foreach v,$(MOE_VARIANTS),$(MOE_STEM)-$(v).gguf)
 
-.PHONY: demo eval test venv models engines lint clean help bench-model bench-e2e bench-board install uninstall
+.PHONY: demo eval test venv models engines lint clean help bench-model bench-e2e bench-e2e-peer peer-models bench-board install uninstall
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -54,7 +55,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-smollm2-135m.onnx \
-	$(SYN)/tower-gemma4-moe.onnx
+	$(SYN)/tower-gemma4-moe.onnx peer-models
 
 $(MODELS)/.bundled: $(STAMP)
 	$(EDGEVISION) models --dir $(MODELS) provision
@@ -124,6 +125,21 @@ BENCH_BOARD_ARGS ?=
 bench-board: $(if $(HOST),$(STAMP))
 	@test -n "$(HOST)" || { echo "make bench-board: name the board: make bench-board HOST=user@jetson"; exit 2; }
 	$(EDGEVISION) bench board $(HOST) --suites $(SUITES) $(BENCH_BOARD_ARGS)
+# The same synthetic tower twice for 'bench e2e --peer': as an mmproj (the peer's Llava15ChatHandler) and
+# its ONNX export (the daemon), with the CLS layout of the bundled llama.cpp.
+PEER_MMPROJ := $(SYN)/mmproj-gemma3-270m.gguf
+
+peer-models: $(PEER_MMPROJ) $(PEER_MMPROJ:.gguf=.onnx)
+
+$(PEER_MMPROJ): tools/make_mmproj.py | $(STAMP)
+	$(BIN)/python tools/make_mmproj.py --type mlp --n-embd 640 --out $@
+
+$(PEER_MMPROJ:.gguf=.onnx): $(PEER_MMPROJ) tools/export_tower.py
+	$(BIN)/python tools/export_tower.py mmproj $< --out $@ --llama-cpp-cls-last
+
+bench-e2e-peer: models
+	$(EDGEVISION) bench e2e --config $(CONFIG) --peer -n 8 --cold 2
+	$(EDGEVISION) bench e2e --config $(CONFIG) --peer -n 8 --audio assets/question.wav
 
 # --- the service (see systemd/edgevision.service) ---
 # On the board: sudo make install INSTALL_EXTRAS=jetson CMAKE_ARGS=-DGGML_CUDA=on

@@ -49,6 +49,7 @@ class SpeechSettings:
         "language": "write it as recognizer: {kind: whisper, language: ...}",
         "beam_size": "write it as recognizer: {kind: whisper, beam_size: ...}",
         "whisper_threads": "write it as recognizer: {kind: whisper, threads: ...}",
+        "whisper_window": "write it as recognizer: {kind: whisper, window: ...}",
         "piper_voice": "write it as synthesizer: {kind: piper, voice: ...}",
         "length_scale": "write it as synthesizer: {kind: piper, length_scale: ...}",
     }

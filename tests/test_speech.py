@@ -58,7 +58,23 @@ def test_split_sentences_yields_before_the_stream_ends() -> None:
 
 def test_split_sentences_keeps_decimals_abbreviations_and_list_markers() -> None:
     pieces = ["Dr. Smith poured 3", ".5 cups", ". Really?! Yes\n1. Apples\n2. Pears"]
-    assert list(split_sentences(pieces)) == ["Dr. Smith poured 3.5 cups.", "Really?!", "Yes", "1. Apples", "2. Pears"]
+    assert list(split_sentences(pieces)) == ["Dr. Smith poured 3.5 cups.", "Really?!", "Yes 1. Apples 2. Pears"]
+
+
+def test_an_answer_written_one_word_per_line_is_not_spoken_as_one_word_sentences() -> None:
+    # A small model sometimes answers one word per line; each line break used to end a "sentence", so the
+    # first audio was one word long (a fast first audio that says nothing).
+    tokens = [word + "\n" for word in ["A", "red", "ball", "on", "the", "table"]] + ["with a cup.\nIt\nis\nbig."]
+    pieces = list(split_sentences(tokens, first_clause_words=4))
+    assert pieces == ["A red ball on the table with a cup.", "It is big."]
+    first = next(split_sentences(iter(tokens), first_clause_words=4))
+    assert len(first.split()) >= 4
+
+
+def test_a_line_of_a_few_words_still_ends_a_piece_at_its_line_break() -> None:
+    text = "There is a red ball on the table\nand a cup\nnext to it.\n\n- a green door on the left\n- two"
+    assert list(split_sentences([text])) == [
+        "There is a red ball on the table", "and a cup next to it.", "- a green door on the left", "- two"]
 
 
 def test_wav_round_trip_and_resampling_keep_the_sound(tmp_path: Path) -> None:
@@ -146,6 +162,27 @@ def test_spoken_question_is_transcribed(synthesizer: PiperSynthesizer, recognize
     assert {"table", "front"} <= set(words(transcript.text)), transcript
     assert transcript.language == "en"
     assert not transcript.no_speech
+
+
+def test_the_fitted_window_hears_the_recorded_question_as_the_full_window_does(
+    whisper_dir: Path, recognizer: WhisperRecognizer
+) -> None:
+    recorded = read_wav(Path(__file__).resolve().parents[1] / "assets" / "question.wav")
+    assert recognizer.window == "fit"  # the default
+    with WhisperRecognizer(whisper_dir, window="full") as full:
+        assert words(recognizer.transcribe(recorded).text) == words(full.transcribe(recorded).text) == [
+            "what", "is", "on", "the", "table", "in", "front", "of", "me"]
+
+
+def test_a_fitted_decode_that_runs_into_its_token_limit_is_done_again_over_the_full_window(
+    recognizer: WhisperRecognizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgevision.speech import recognition
+
+    recorded = read_wav(Path(__file__).resolve().parents[1] / "assets" / "question.wav")
+    monkeypatch.setattr(recognition, "TOKENS_PER_S", -3)  # a limit of a few tokens: the question cannot end in it
+    assert recognizer._transcribe_fitted(resample(recorded, 16_000).samples) is None
+    assert words(recognizer.transcribe(recorded).text)[-4:] == ["table", "in", "front", "of", "me"][-4:]
 
 
 def test_silence_is_no_speech(recognizer: WhisperRecognizer) -> None:

@@ -40,6 +40,16 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     e2e.add_argument("--pause", type=float, default=0.0,
                      help="seconds the scripted user stays quiet after each question before letting go "
                           "(default: %(default)s: the button is let go as the spoken clip ends)")
+    e2e.add_argument("--audio", nargs="+", type=Path, metavar="WAV",
+                     help="recorded spoken questions instead of synthesised ones (a .txt beside one says what it asks)")
+    e2e.add_argument("--peer", action="store_true",
+                     help="compare the daemon with the sequential pipeline a user would script (faster-whisper → "
+                          "llama-cpp-python Llama with a Llava15ChatHandler → Piper), in its own process")
+    e2e.add_argument("--mmproj", type=Path,
+                     help="--peer: the vision tower as an mmproj GGUF; the daemon runs its ONNX export beside it "
+                          "(same name, .onnx) (default: mmproj-gemma3-270m.gguf beside the config's tower)")
+    e2e.add_argument("--cold", type=int, default=0, metavar="N",
+                     help="--peer: also N rounds of each side as a new process asked one question (default: 0)")
     e2e.set_defaults(func=_cmd_bench_e2e)
 
     soak = bench.add_parser(
@@ -165,17 +175,30 @@ def _cmd_button(args: argparse.Namespace) -> int:
 def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     from edgevision.config import find_config, load_config
     from edgevision.daemon.bench import run_e2e
+    from edgevision.daemon.versus import PeerModels
     from edgevision.errors import EdgevisionError
     from edgevision.logs import configure_logging
 
-    config = load_config(find_config(args.config))
+    path = find_config(args.config)
+    config = load_config(path)
     configure_logging("warning", args.debug)
     if args.pause < 0:
         raise EdgevisionError("bench e2e: --pause must be 0 or more seconds")
-    report = run_e2e(config, n=args.interactions, images=args.image, pause=args.pause)
+    if args.cold < 0 or (args.cold and not args.peer):
+        raise EdgevisionError("bench e2e: --cold N needs --peer and N of 0 or more")
+    for wav in args.audio or []:
+        if not wav.is_file():
+            raise EdgevisionError(f"bench e2e: recorded question {wav} not found")
+    peer = None
+    if args.peer:
+        mmproj = args.mmproj or Path(config.vision.tower).parent / "mmproj-gemma3-270m.gguf"
+        peer = PeerModels(mmproj=mmproj, tower=mmproj.with_suffix(".onnx"))
+    report = run_e2e(config, n=args.interactions, images=args.image, pause=args.pause, audio=args.audio,
+                     peer=peer, cold=args.cold, config_path=path)
     print(report.table())
     if args.json:
-        args.json.write_text(json.dumps(report.records, indent=1), encoding="utf-8")
+        records = {"warm": report.records, "cold": report.cold} if args.peer else report.records
+        args.json.write_text(json.dumps(records, indent=1), encoding="utf-8")
         print(f"records: {args.json}")
     return 0
 

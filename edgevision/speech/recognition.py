@@ -1,9 +1,22 @@
-"""Speech recognition with Whisper through faster-whisper (CTranslate2), from a local model directory only."""
+"""Speech recognition with Whisper through faster-whisper (CTranslate2), from a local model directory only.
+
+Whisper's encoder is trained on 30-s windows and faster-whisper always pads a recording to one, so a 2-s
+question costs as much as 30 s of speech (tiny.en: about 0.55 CPU-seconds). With `window="fit"` the encoder
+sees a shorter window (CTranslate2 takes any length up to 30 s): the recording plus FIT_MARGIN_S of quiet,
+at least MIN_WINDOW_S, in whole seconds; the transcript is decoded greedily (or with the beam) from it, so
+a short question costs about a third (0.17 CPU-seconds). Much shorter windows make Whisper repeat the
+question until its token limit (measured: 6 s windows on 8 of 12 spoken questions; 10 s gave the full
+window's words on all 12, see docs/latency.md), so a fitted decode that runs into its token limit
+(TOKENS_PER_S of audio), repeats a sentence, or that faster-whisper would find doubtful (average log
+probability under -1) is done again over the full window. `window="full"` runs faster-whisper's own
+`transcribe`, its 30-s window and temperature fallback.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +30,13 @@ logger = logging.getLogger(__name__)
 
 # Without tokenizer.json faster-whisper fetches a tokenizer from the Hugging Face Hub, so it is required here.
 _REQUIRED_FILES = ("model.bin", "config.json", "tokenizer.json")
+WINDOWS = ("fit", "full")
+MIN_WINDOW_S = 10.0  # shortest fitted window
+FIT_MARGIN_S = 2.0  # quiet after the recording in a fitted window
+TOKENS_PER_S = 10  # a fitted decode's token limit, per second of audio (speech is 3-6 tokens a second), plus 10
+LOGPROB_THRESHOLD = -1.0  # faster-whisper's log_prob_threshold
+_FRAMES_PER_S = 100  # log-mel frames per second of 16 kHz audio
+_FULL_FRAMES = 3000
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,12 @@ class Recognizer(Protocol):
     def close(self) -> None: ...
 
 
+def _repeats(text: str) -> bool:
+    """Whether a sentence of the transcript comes twice: Whisper looping in a short window."""
+    sentences = [" ".join(s.lower().split()) for s in re.split(r"[.!?]+", text) if s.strip()]
+    return len(set(sentences)) < len(sentences)
+
+
 class WhisperRecognizer:
     """A faster-whisper model loaded from a CTranslate2 directory; close it (or use `with`) to free it."""
 
@@ -57,6 +83,12 @@ class WhisperRecognizer:
         language: str = setting("en", "Language the user speaks, as a Whisper language code.")
         beam_size: int = setting(1, "Beam size; 1 is greedy decoding, the fastest.", min=1, max=10)
         threads: int = setting(0, "CPU threads; 0 picks automatically.", min=0, max=64)
+        window: str = setting(
+            "fit",
+            "fit: the encoder sees the recording plus quiet, at least 10 s (a short question costs a third of a "
+            "30-s window, same words); full: Whisper's own 30-s window, as faster-whisper runs it.",
+            choices=("fit", "full"),
+        )
 
     def __init__(
         self,
@@ -68,7 +100,10 @@ class WhisperRecognizer:
         threads: int = 0,
         device: str = "cpu",
         no_speech_threshold: float = 0.6,
+        window: str = "fit",
     ) -> None:
+        if window not in WINDOWS:
+            raise EdgevisionError(f"unknown Whisper window {window!r}; use one of {', '.join(WINDOWS)}")
         if importlib.util.find_spec("faster_whisper") is None:
             raise MissingDependencyError(
                 "Speech recognition needs the faster-whisper package; install it with `pip install faster-whisper`."
@@ -105,6 +140,8 @@ class WhisperRecognizer:
         self._language = language
         self._beam_size = beam_size
         self._no_speech_threshold = no_speech_threshold
+        self.window = window
+        self._tokenizer = None
         logger.debug("Loaded Whisper model %s (device=%s, compute_type=%s)", model_dir, device, compute_type)
 
     def transcribe(self, audio: Audio) -> Transcript:
@@ -114,6 +151,11 @@ class WhisperRecognizer:
         if len(audio.samples) == 0:
             return Transcript("", self._language or "", 0.0, no_speech_probability=1.0, no_speech=True)
         samples = resample(audio, WHISPER_SAMPLE_RATE).samples
+        if self.window == "fit" and len(samples) / WHISPER_SAMPLE_RATE + FIT_MARGIN_S <= _FULL_FRAMES / _FRAMES_PER_S:
+            transcript = self._transcribe_fitted(samples)
+            if transcript is not None:
+                return transcript
+            logger.debug("the fitted window's decode did not end by itself; transcribing over the full window")
         segments, info = self._model.transcribe(
             samples,
             language=self._language,
@@ -128,6 +170,58 @@ class WhisperRecognizer:
             text=text,
             language=info.language,
             duration_s=info.duration,
+            no_speech_probability=no_speech_probability,
+            no_speech=not text or no_speech_probability > self._no_speech_threshold,
+        )
+
+    def _transcribe_fitted(self, samples) -> Transcript | None:
+        """One greedy (or beam) decode over an encoder window fitted to the recording; None if it ran into
+        its token limit (Whisper repeating itself) instead of ending."""
+        import numpy as np
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        model = self._model
+        assert model is not None
+        if self._tokenizer is None:
+            language = self._language or "en"
+            self._tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
+                                        language=language if model.model.is_multilingual else None)
+        tokenizer = self._tokenizer
+        features = model.feature_extractor(samples)[:, :-1]  # the last frame is the extractor's padding
+        duration = len(samples) / WHISPER_SAMPLE_RATE
+        n_frames = max(features.shape[-1] + round(FIT_MARGIN_S * _FRAMES_PER_S), round(MIN_WINDOW_S * _FRAMES_PER_S))
+        n_frames = min(_FULL_FRAMES, -(-n_frames // _FRAMES_PER_S) * _FRAMES_PER_S)  # whole seconds
+        features = np.pad(features, ((0, 0), (0, n_frames - features.shape[-1])))
+        prompt = model.get_prompt(tokenizer, [], without_timestamps=True)
+        limit = min(model.max_length, len(prompt) + 10 + round(TOKENS_PER_S * duration))
+        try:
+            encoded = model.encode(features)
+            result = model.model.generate(
+                encoded,
+                [prompt],
+                beam_size=self._beam_size,
+                max_length=limit,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+            )[0]
+        except (RuntimeError, ValueError) as error:
+            raise EdgevisionError(f"Whisper could not transcribe the recording: {error}") from error
+        tokens = result.sequences_ids[0]
+        if len(prompt) + len(tokens) >= limit - 1:  # CTranslate2 stopped it (its last step is the end token)
+            return None
+        text = tokenizer.decode(tokens).strip()
+        # faster-whisper's own test for a doubtful decode (which it retries at a higher temperature)
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        if avg_logprob < LOGPROB_THRESHOLD or _repeats(text):
+            return None
+        no_speech_probability = result.no_speech_prob
+        return Transcript(
+            text=text,
+            language=self._language or "en",
+            duration_s=duration,
             no_speech_probability=no_speech_probability,
             no_speech=not text or no_speech_probability > self._no_speech_threshold,
         )

@@ -48,14 +48,19 @@ _ABBREVIATIONS = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "vs.", "e.g.",
 _LIST_MARKER = re.compile(r"\d+\.")
 # A clause ends at , ; or : followed by whitespace (so "3,000" and "10:30" do not end one).
 _CLAUSE_END = re.compile(r"[,;:]+(?=\s)")
+# A line break ends a piece only after a line of this many words; shorter lines run on into the next, so an
+# answer written one word per line is not spoken (and timed) as a string of one-word "sentences".
+LINE_WORDS = 4
 
 
 def split_sentences(text_chunks: Iterable[str], *, first_clause_words: int = 0) -> Iterator[str]:
     """Join streamed text pieces and yield each sentence as soon as it is complete.
 
     A sentence is complete when its final punctuation is followed by whitespace (so "3." waits for the
-    next piece, which may be "5"), or at a line break; the remaining text is yielded at the end.
-    Abbreviations such as "Dr." and numbered-list markers such as "2." do not end a sentence.
+    next piece, which may be "5"), or at a line break after a line of LINE_WORDS words or more (a shorter
+    line runs on into the next); the remaining text is yielded at the end. Abbreviations such as "Dr." and
+    numbered-list markers such as "2." do not end a sentence. Whitespace inside a piece (line breaks
+    included) comes out as single spaces.
 
     With `first_clause_words`, the first piece yielded may be a clause: once the first sentence has that many
     words, a comma, semicolon or colon (followed by whitespace) ends it, so speech can start sooner —
@@ -67,8 +72,9 @@ def split_sentences(text_chunks: Iterable[str], *, first_clause_words: int = 0) 
         buffer += chunk
         start = 0
         for match in _SENTENCE_END.finditer(buffer):
-            sentence = buffer[start : match.end()].strip()
-            if _ends_early(sentence):
+            raw = buffer[start : match.end()]
+            sentence = " ".join(raw.split())
+            if _ends_early(raw) or (match.group() == "\n" and _short_line(raw)):
                 continue
             if sentence:
                 yield sentence
@@ -77,23 +83,30 @@ def split_sentences(text_chunks: Iterable[str], *, first_clause_words: int = 0) 
         buffer = buffer[start:]
         if first:
             for match in _CLAUSE_END.finditer(buffer):
-                clause = buffer[: match.end()].strip()
+                clause = " ".join(buffer[: match.end()].split())
                 if len(clause.split()) >= first_clause_words:
                     yield clause
                     first = False
                     buffer = buffer[match.end():]
                     break
-    tail = buffer.strip()
+    tail = " ".join(buffer.split())
     if tail:
         yield tail
 
 
-def _ends_early(sentence: str) -> bool:
-    """Whether a full stop that looks final belongs to an abbreviation ("Dr.") or a list marker ("2.")."""
-    if not sentence.endswith("."):
+def _short_line(text: str) -> bool:
+    """Whether the line that `text` (ending in a line break) ends has fewer than LINE_WORDS words."""
+    return len(text[:-1].rsplit("\n", 1)[-1].split()) < LINE_WORDS
+
+
+def _ends_early(text: str) -> bool:
+    """Whether a full stop that looks final belongs to an abbreviation ("Dr.") or a list marker ("2." at the
+    start of a line)."""
+    text = text.strip()
+    if not text.endswith("."):
         return False
-    last_word = sentence.rsplit(None, 1)[-1].lstrip("(\"'“‘").lower()
-    return last_word in _ABBREVIATIONS or _LIST_MARKER.fullmatch(sentence) is not None
+    last_word = text.rsplit(None, 1)[-1].lstrip("(\"'“‘").lower()
+    return last_word in _ABBREVIATIONS or _LIST_MARKER.fullmatch(text.rsplit("\n", 1)[-1].strip()) is not None
 
 
 class Synthesizer(Protocol):
