@@ -121,6 +121,7 @@ def test_smollm2_is_prompted_in_its_own_chatml_layout(assistant: Assistant) -> N
         ImageSegment(49, causal=True),
         Text("\n"),
     )
-    assert turn.question == (Text("What is this?<|im_end|>\n<|im_start|>assistant\n"),)
+    # the question is text, never control tokens; the layout's markers after it are
+    assert turn.question == (Text("What is this?", special=False), Text("<|im_end|>\n<|im_start|>assistant\n"))
     for marker in ("<|im_start|>", "<|im_end|>"):  # special tokens, not text
         assert len(assistant.decoder.tokenize(marker, add_special=False, parse_special=True)) == 1
