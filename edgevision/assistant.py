@@ -491,10 +491,7 @@ class Assistant:
 def with_reading(question: str, reading: Reading) -> str:
     """The question as the decoder sees it in answer mode: the recognised lines first, then the question."""
     lines = "\n".join(f"- {line.text}" + (" (unsure)" if line.uncertain else "") for line in reading.lines)
-    return (
-        f"Text read in the image, line by line:\n{lines}\n\n"
-        f"Using only this text, answer: {question}"
-    )
+    return f"Text read in the image, line by line:\n{lines}\n\nUsing only this text, answer: {question}"
 
 
 def open_reader(config: Config) -> TextReader:

@@ -58,7 +58,10 @@ def _cmd_ask(args: argparse.Namespace) -> int:
         )
         print(flush=True)
         placement = assistant.placement.status() if assistant.placement is not None else None
-        print(f"mode:     {answer.mode}" + (f" (not left to the model: {', '.join(answer.topics)})" if answer.topics else ""))
+        print(
+            f"mode:     {answer.mode}"
+            + (f" (not left to the model: {', '.join(answer.topics)})" if answer.topics else "")
+        )
         if speak:
             if answer.speech is None:
                 print("(no answer to speak)")
@@ -92,8 +95,17 @@ def _camera_frame(config):
 
 
 def _timings_table(load: dict[str, float], timings: dict[str, float], n_tokens: int) -> str:
-    order = ["recognition", "vision_encode", "image_prefill", "ocr", "ocr_wait", "text_prefill", "first_token",
-             "first_audio", "total"]
+    order = [
+        "recognition",
+        "vision_encode",
+        "image_prefill",
+        "ocr",
+        "ocr_wait",
+        "text_prefill",
+        "first_token",
+        "first_audio",
+        "total",
+    ]
     lines = ["stage              seconds"]
     for stage, seconds in load.items():
         lines.append(f"load {stage:<13} {seconds:8.3f}")

@@ -86,8 +86,10 @@ class PlacementSettings:
         check=size_check(),
     )
     gpu_layers: int = setting(
-        -1, "Layers offloaded to the GPU: -1 all (llama.cpp's default), 0 none. CPU-only builds have none.",
-        min=-1, max=1000,
+        -1,
+        "Layers offloaded to the GPU: -1 all (llama.cpp's default), 0 none. CPU-only builds have none.",
+        min=-1,
+        max=1000,
     )
     gpu_expert_budget: str = setting(
         "0",

@@ -82,7 +82,9 @@ class DigestCache:
         """The sha256 of a model file or directory: cached while its files' stat is unchanged, else hashed."""
         return self.digest(path, progress)[0]
 
-    def digest(self, path: str | os.PathLike[str], progress: Callable[[int, int], None] | None = None) -> tuple[str, int]:
+    def digest(
+        self, path: str | os.PathLike[str], progress: Callable[[int, int], None] | None = None
+    ) -> tuple[str, int]:
         """(sha256, total size) of a model file or directory."""
         resolved = Path(path).resolve()
         files = files_of(resolved)

@@ -137,7 +137,9 @@ class Registry:
     def get(self, name: str) -> ModelRecord | None:
         return self._records.get(name)
 
-    def register(self, path: str | Path, *, kind: str, name: str | None = None, source: str = "local file") -> ModelRecord:
+    def register(
+        self, path: str | Path, *, kind: str, name: str | None = None, source: str = "local file"
+    ) -> ModelRecord:
         if kind not in KINDS:
             raise ModelError(f"unknown model kind {kind!r}; one of {', '.join(KINDS)}")
         try:
@@ -230,7 +232,11 @@ def provision_bundled(models_dir: str | Path) -> list[ModelRecord]:
     records = []
     for name, kind, path, source in wanted:
         known = registry.get(name)
-        if known and Path(known.path) == path.resolve() and known.size == sum(f.stat().st_size for f in _files_of(path)):
+        if (
+            known
+            and Path(known.path) == path.resolve()
+            and known.size == sum(f.stat().st_size for f in _files_of(path))
+        ):
             records.append(known)
         else:
             records.append(registry.register(path, kind=kind, name=name, source=source))

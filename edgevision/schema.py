@@ -94,8 +94,22 @@ def section(cls: type) -> Any:
     return field(default_factory=cls)
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 2**10, "m": 2**20, "mib": 2**20, "mb": 2**20,
-               "g": 2**30, "gib": 2**30, "gb": 2**30, "t": 2**40, "tib": 2**40, "tb": 2**40}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 2**10,
+    "kib": 2**10,
+    "kb": 2**10,
+    "m": 2**20,
+    "mib": 2**20,
+    "mb": 2**20,
+    "g": 2**30,
+    "gib": 2**30,
+    "gb": 2**30,
+    "t": 2**40,
+    "tib": 2**40,
+    "tb": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -103,7 +117,7 @@ def parse_size(text: str) -> int:
     it is not a size."""
     raw = str(text).strip().lower().replace(" ", "")
     number = raw.rstrip("kmgtib")
-    unit = raw[len(number):]
+    unit = raw[len(number) :]
     if unit not in _SIZE_UNITS or not number:
         raise ValueError(f"{text!r} is not a size")
     value = float(number) * _SIZE_UNITS[unit]
@@ -273,12 +287,13 @@ def _leaves(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, _Spec]]:
 
 def _kind_spec(meta: KindsMeta) -> _Spec:
     """The `kind:` key of a back-end choice, as a choice setting."""
-    return _Spec("kind", "choice", False, meta.default, Meta(f"{meta.description} {kinds_described(meta)}."),
-                 tuple(meta.kinds))
+    return _Spec(
+        "kind", "choice", False, meta.default, Meta(f"{meta.description} {kinds_described(meta)}."), tuple(meta.kinds)
+    )
 
 
 def kinds_described(meta: KindsMeta) -> str:
-    """"opencv: a live camera ...; image: a still photo ..." from each kind's settings docstring."""
+    """ "opencv: a live camera ...; image: a still photo ..." from each kind's settings docstring."""
     return "; ".join(f"{kind}: {_first_line(cls.__doc__)}" for kind, cls in meta.kinds.items())
 
 
@@ -530,7 +545,9 @@ class _Loader:
         note = f" (the default '{raw}'; set {key} to yours)" if default else ""
         if not path.exists() and path.is_symlink():
             self.error(
-                key_node, key, f"{path} is a symbolic link to nothing (broken, or a loop){note}",
+                key_node,
+                key,
+                f"{path} is a symbolic link to nothing (broken, or a loop){note}",
                 "point it at the model itself, or fix the link",
             )
         elif not path.exists():
@@ -545,7 +562,6 @@ class _Loader:
                 "point it at the directory that holds the model",
             )
         return path
-
 
     def _writable_place(self, key: str, key_node: yaml.Node | None, raw: str, path: Path) -> bool:
         """Whether `path`, which edgevision will write, stays out of '..' tricks and system folders."""

@@ -70,8 +70,6 @@ def _allowed(spec: _Spec) -> str:
     return ""
 
 
-
-
 def render_example(root: type) -> str:
     """A commented YAML file holding every setting at its default; config/edgevision.yaml is this text."""
     lines = [
@@ -118,7 +116,3 @@ def _render_section(cls: type, depth: int, lines: list[str]) -> None:
         default = str(spec.default) if isinstance(spec.default, Path) else spec.default
         dumped = yaml.safe_dump({spec.name: default}, default_flow_style=False, width=math.inf, allow_unicode=True)
         lines.append(indent + dumped.rstrip("\n"))
-
-
-
-

@@ -37,8 +37,15 @@ needs_sshd = pytest.mark.skipif(
 def edgevision(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "EDGEVISION_CONFIG"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "edgevision", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "edgevision", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
@@ -90,8 +97,17 @@ class Server:
                 time.sleep(0.1)
 
     def args(self, key: Path | None = None) -> list[str]:
-        return ["root@127.0.0.1", "-p", str(self.port), "-i", str(key or self.key),
-                "-o", f"UserKnownHostsFile={self.folder / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes"]
+        return [
+            "root@127.0.0.1",
+            "-p",
+            str(self.port),
+            "-i",
+            str(key or self.key),
+            "-o",
+            f"UserKnownHostsFile={self.folder / 'known_hosts'}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ]
 
     def close(self) -> None:
         self.process.terminate()
@@ -123,31 +139,66 @@ def board_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _board(sshd: Server, tmp: Path, config: Path, *extra: str, key: Path | None = None, models: Path | None = None,
-           suites: str = "idle,vision,e2e,router,moe") -> subprocess.CompletedProcess[str]:
+def _board(
+    sshd: Server,
+    tmp: Path,
+    config: Path,
+    *extra: str,
+    key: Path | None = None,
+    models: Path | None = None,
+    suites: str = "idle,vision,e2e,router,moe",
+) -> subprocess.CompletedProcess[str]:
     return edgevision(
-        "bench", "board", *sshd.args(key), "--remote-dir", tmp / "board", "--python", sys.executable,
-        "--models", models or ROOT / "models", "--no-setup", "--quick", "--rounds", "2", "--suites", suites,
-        "--config", config, "--power", "ina3221", "--power-root", INA3221, "--out", tmp / "results", *extra,
+        "bench",
+        "board",
+        *sshd.args(key),
+        "--remote-dir",
+        tmp / "board",
+        "--python",
+        sys.executable,
+        "--models",
+        models or ROOT / "models",
+        "--no-setup",
+        "--quick",
+        "--rounds",
+        "2",
+        "--suites",
+        suites,
+        "--config",
+        config,
+        "--power",
+        "ina3221",
+        "--power-root",
+        INA3221,
+        "--out",
+        tmp / "results",
+        *extra,
     )
 
 
 @needs_sshd
-def test_bench_board_over_loopback_ssh_brings_back_results_and_a_report(sshd: Server, board_config: Path,
-                                                                         tmp_path: Path) -> None:
+def test_bench_board_over_loopback_ssh_brings_back_results_and_a_report(
+    sshd: Server, board_config: Path, tmp_path: Path
+) -> None:
     done = _board(sshd, tmp_path, board_config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     results_dir = tmp_path / "results"
     data = json.loads((results_dir / "results.json").read_text())
 
     assert data["schema"] == SCHEMA and data["schema_version"] == SCHEMA_VERSION
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert data["source"]["git_commit"] == head  # the board has no .git: the commit came with the run
     assert set(data["suites"]) == {"idle", "vision", "e2e", "router", "moe"}
     registry = json.loads((ROOT / "models" / "registry.json").read_text())
-    used = {"whisper-tiny.en", "en_US-joe-medium", "tower-gemma3-270m", "gemma-3-270m-q4_k_m",
-            *(f"gemma4-moe-synthetic-l4-e8k2-{v}" for v in ("f32", "q8_0", "q4_0"))}  # what the suites measured
+    used = {
+        "whisper-tiny.en",
+        "en_US-joe-medium",
+        "tower-gemma3-270m",
+        "gemma-3-270m-q4_k_m",
+        *(f"gemma4-moe-synthetic-l4-e8k2-{v}" for v in ("f32", "q8_0", "q4_0")),
+    }  # what the suites measured
     assert {(m["name"], m["sha256"]) for m in data["models"]} == {(n, registry[n]["sha256"]) for n in used}
     assert all(m["size"]["unit"] == "B" for m in data["models"])
     assert data["machine"]["cpu_count"] == os.cpu_count() and data["machine"]["memory_total"]["unit"] == "MiB"
@@ -186,7 +237,9 @@ def test_bench_board_over_loopback_ssh_brings_back_results_and_a_report(sshd: Se
     assert (results_dir / "report.md").is_file() and (results_dir / "report-waterfall.png").is_file()
     # the tree went over the wire, without git or models
     board = tmp_path / "board"
-    assert (board / "edgevision" / "bench" / "remote.py").read_bytes() == (ROOT / "edgevision/bench/remote.py").read_bytes()
+    assert (board / "edgevision" / "bench" / "remote.py").read_bytes() == (
+        ROOT / "edgevision/bench/remote.py"
+    ).read_bytes()
     assert not (board / ".git").exists() and (board / "models").is_symlink()
     assert not list(tmp_path.glob("*.partial"))
 
@@ -210,8 +263,22 @@ def test_without_rsync_the_tree_and_results_travel_by_tar(sshd: Server, board_co
 @needs_sshd
 def test_an_unreachable_board_is_one_line(tmp_path: Path, board_config: Path) -> None:
     port = _free_port()  # nothing listens there
-    done = edgevision("bench", "board", "root@127.0.0.1", "-p", port, "-o", "ConnectTimeout=5", "--remote-dir",
-                      tmp_path / "board", "--out", tmp_path / "results", "--suites", "idle", "--quick")
+    done = edgevision(
+        "bench",
+        "board",
+        "root@127.0.0.1",
+        "-p",
+        port,
+        "-o",
+        "ConnectTimeout=5",
+        "--remote-dir",
+        tmp_path / "board",
+        "--out",
+        tmp_path / "results",
+        "--suites",
+        "idle",
+        "--quick",
+    )
     assert "cannot reach root@127.0.0.1" in one_line_error(done) and "Connection refused" in done.stderr
     assert not list(tmp_path.iterdir())
 
@@ -225,47 +292,101 @@ def test_a_key_the_board_refuses_is_one_line(sshd: Server, tmp_path: Path, board
 
 
 @needs_sshd
-def test_a_board_without_models_is_one_line_and_leaves_nothing(sshd: Server, tmp_path: Path,
-                                                                board_config: Path) -> None:
+def test_a_board_without_models_is_one_line_and_leaves_nothing(
+    sshd: Server, tmp_path: Path, board_config: Path
+) -> None:
     empty = tmp_path / "no-models"
     empty.mkdir()
     done = _board(sshd, tmp_path, board_config, models=empty, suites="idle")
     line = one_line_error(done)
     assert "127.0.0.1: no models in models" in line and "make models" in line
     assert not (tmp_path / "results").exists() and not list(tmp_path.glob("results*"))
-    assert not list((tmp_path / "board" / "out").glob("bench-runs/*")) if (tmp_path / "board" / "out").exists() else True
+    assert (
+        not list((tmp_path / "board" / "out").glob("bench-runs/*")) if (tmp_path / "board" / "out").exists() else True
+    )
 
 
 # --- reports from stored results folders ----------------------------------------------------------------------
 
 
-def stored_results(folder: Path, *, first_audio: list[float], decode: list[float], idle_w: list[float],
-                   board: str = "NVIDIA Jetson Orin NX Engineering Reference Developer Kit", mode: str = "15W",
-                   version: int = SCHEMA_VERSION) -> Path:
+def stored_results(
+    folder: Path,
+    *,
+    first_audio: list[float],
+    decode: list[float],
+    idle_w: list[float],
+    board: str = "NVIDIA Jetson Orin NX Engineering Reference Developer Kit",
+    mode: str = "15W",
+    version: int = SCHEMA_VERSION,
+) -> Path:
     """A results folder as a board run leaves it (without the samples a plot needs: no power over an answer)."""
     folder.mkdir(parents=True)
-    series = {"start_unix_s": 1.0e9, "interval_s": 0.1, "power_source": "ina3221", "t_s": [0.0, 0.1, 0.2],
-              "power_w": [5.0, 9.0, 6.0], "rails_w": {}, "rss_mib": [400.0, 900.0, 950.0],
-              "mem_available_mib": [14000.0, 13500.0, 13400.0], "gpu_mib": [100.0, 800.0, 820.0],
-              "units": {"t_s": "s", "power_w": "W", "rss_mib": "MiB"}}
-    suite = {"status": "ok", "seconds": {"value": 10.0, "unit": "s"}, "notes": [], "answer": None, "samples": series,
-             "memory": {"peak_rss": {"value": 950.0, "unit": "MiB"}}}
-    write_json_atomic(folder / "results.json", {
-        "schema": SCHEMA, "schema_version": version,
-        "run": {"id": folder.name, "started_utc": "2026-11-20T10:00:00Z", "finished_utc": "2026-11-20T10:05:00Z",
-                "suites": ["idle", "e2e", "moe"], "rounds": 3, "quick": False, "power": {"reader": "ina3221"}},
-        "source": {"git_commit": "0123456789abcdef", "git_dirty": False},
-        "machine": {"board": board, "cpu_model": "ARMv8 Processor rev 1 (v8l)", "cpu_count": 8, "arch": "aarch64",
-                    "memory_total": {"value": 15656.0, "unit": "MiB"}, "power_mode": {"mode": mode, "id": 0}},
-        "models": [{"name": "gemma-3-270m-q4_k_m", "kind": "decoder", "sha256": "ab" * 32,
-                    "size": {"value": 253_000_000, "unit": "B"}}],
-        "suites": {
-            "idle": {**suite, "description": "at rest", "figures": [figure("idle power", "W", idle_w)]},
-            "e2e": {**suite, "description": "spoken questions", "figures": [
-                figure("release → first audio", "s", first_audio, config="overlapped")]},
-            "moe": {**suite, "description": "MoE decode", "figures": [figure("decode", "tok/s", decode, config="moe q8_0")]},
+    series = {
+        "start_unix_s": 1.0e9,
+        "interval_s": 0.1,
+        "power_source": "ina3221",
+        "t_s": [0.0, 0.1, 0.2],
+        "power_w": [5.0, 9.0, 6.0],
+        "rails_w": {},
+        "rss_mib": [400.0, 900.0, 950.0],
+        "mem_available_mib": [14000.0, 13500.0, 13400.0],
+        "gpu_mib": [100.0, 800.0, 820.0],
+        "units": {"t_s": "s", "power_w": "W", "rss_mib": "MiB"},
+    }
+    suite = {
+        "status": "ok",
+        "seconds": {"value": 10.0, "unit": "s"},
+        "notes": [],
+        "answer": None,
+        "samples": series,
+        "memory": {"peak_rss": {"value": 950.0, "unit": "MiB"}},
+    }
+    write_json_atomic(
+        folder / "results.json",
+        {
+            "schema": SCHEMA,
+            "schema_version": version,
+            "run": {
+                "id": folder.name,
+                "started_utc": "2026-11-20T10:00:00Z",
+                "finished_utc": "2026-11-20T10:05:00Z",
+                "suites": ["idle", "e2e", "moe"],
+                "rounds": 3,
+                "quick": False,
+                "power": {"reader": "ina3221"},
+            },
+            "source": {"git_commit": "0123456789abcdef", "git_dirty": False},
+            "machine": {
+                "board": board,
+                "cpu_model": "ARMv8 Processor rev 1 (v8l)",
+                "cpu_count": 8,
+                "arch": "aarch64",
+                "memory_total": {"value": 15656.0, "unit": "MiB"},
+                "power_mode": {"mode": mode, "id": 0},
+            },
+            "models": [
+                {
+                    "name": "gemma-3-270m-q4_k_m",
+                    "kind": "decoder",
+                    "sha256": "ab" * 32,
+                    "size": {"value": 253_000_000, "unit": "B"},
+                }
+            ],
+            "suites": {
+                "idle": {**suite, "description": "at rest", "figures": [figure("idle power", "W", idle_w)]},
+                "e2e": {
+                    **suite,
+                    "description": "spoken questions",
+                    "figures": [figure("release → first audio", "s", first_audio, config="overlapped")],
+                },
+                "moe": {
+                    **suite,
+                    "description": "MoE decode",
+                    "figures": [figure("decode", "tok/s", decode, config="moe q8_0")],
+                },
+            },
         },
-    })
+    )
     return folder
 
 
@@ -275,10 +396,12 @@ def _row(markdown: str, label: str) -> str:
 
 
 def test_report_marks_a_slower_stage_a_regression_and_a_faster_one_an_improvement(tmp_path: Path) -> None:
-    older = stored_results(tmp_path / "older", first_audio=[1.00, 1.05, 1.10], decode=[20.0, 21.0, 22.0],
-                           idle_w=[4.0, 4.1, 4.2])
-    newer = stored_results(tmp_path / "newer", first_audio=[1.50, 1.55, 1.60], decode=[30.0, 31.0, 29.0],
-                           idle_w=[4.05, 4.15, 4.1])
+    older = stored_results(
+        tmp_path / "older", first_audio=[1.00, 1.05, 1.10], decode=[20.0, 21.0, 22.0], idle_w=[4.0, 4.1, 4.2]
+    )
+    newer = stored_results(
+        tmp_path / "newer", first_audio=[1.50, 1.55, 1.60], decode=[30.0, 31.0, 29.0], idle_w=[4.05, 4.15, 4.1]
+    )
     done = edgevision("report", newer, "--compare", older)
     assert done.returncode == 0, done.stderr
     markdown = (newer / "report.md").read_text()
@@ -312,21 +435,26 @@ def test_report_refuses_runs_from_other_hardware_or_power_modes_unless_forced(tm
     assert "different power mode (15W vs 25W)" in line and "--force" in line
     assert not (newer / "report.html").exists()
     done = edgevision("report", newer, "--compare", older, "--force")
-    assert done.returncode == 0 and "Compared with --force although: different power mode" in (newer / "report.md").read_text()
+    assert (
+        done.returncode == 0
+        and "Compared with --force although: different power mode" in (newer / "report.md").read_text()
+    )
     other = stored_results(tmp_path / "x86", first_audio=[1.0], decode=[20.0], idle_w=[4.0], board="")
     assert "different hardware" in one_line_error(edgevision("report", newer, "--compare", other))
 
 
 def test_a_results_folder_from_a_newer_schema_is_one_line_and_nothing_is_written(tmp_path: Path) -> None:
-    newer = stored_results(tmp_path / "future", first_audio=[1.0], decode=[20.0], idle_w=[4.0],
-                           version=SCHEMA_VERSION + 1)
+    newer = stored_results(
+        tmp_path / "future", first_audio=[1.0], decode=[20.0], idle_w=[4.0], version=SCHEMA_VERSION + 1
+    )
     line = one_line_error(edgevision("report", newer))
     assert f"schema version {SCHEMA_VERSION + 1} is newer than this edgevision reads ({SCHEMA_VERSION})" in line
     assert sorted(p.name for p in newer.iterdir()) == ["results.json"]
 
 
 JETSON = Path("/proc/device-tree/model").is_file() and "Jetson" in Path("/proc/device-tree/model").read_text(
-    errors="replace")
+    errors="replace"
+)
 
 
 @pytest.mark.board
@@ -354,15 +482,21 @@ def test_energy_between_holds_each_reading_until_the_next() -> None:
     assert energy_between({**series, "power_w": [None] * 4}, 100.0, 103.0) is None
 
 
-@pytest.mark.parametrize(("stderr", "code", "says"), [
-    ("ssh: connect to host jetson port 22: Connection refused\n", 255, "cannot reach me@jetson: ssh: connect"),
-    ("ssh: Could not resolve hostname jetson: Name or service not known\n", 255, "cannot reach me@jetson"),
-    ("me@jetson: Permission denied (publickey,password).\n", 255, "me@jetson refused the key"),
-    ("Host key verification failed.\n", 255, "host key not known or changed"),
-    ("bench: idle\nedgevision: error: no models in models (no registry.json); run 'make models'\n", 2,
-     "jetson: no models in models"),
-    ("Traceback ...\nKeyError: 'x'\n", 1, "jetson: the command failed (exit 1): KeyError: 'x'"),
-])
+@pytest.mark.parametrize(
+    ("stderr", "code", "says"),
+    [
+        ("ssh: connect to host jetson port 22: Connection refused\n", 255, "cannot reach me@jetson: ssh: connect"),
+        ("ssh: Could not resolve hostname jetson: Name or service not known\n", 255, "cannot reach me@jetson"),
+        ("me@jetson: Permission denied (publickey,password).\n", 255, "me@jetson refused the key"),
+        ("Host key verification failed.\n", 255, "host key not known or changed"),
+        (
+            "bench: idle\nedgevision: error: no models in models (no registry.json); run 'make models'\n",
+            2,
+            "jetson: no models in models",
+        ),
+        ("Traceback ...\nKeyError: 'x'\n", 1, "jetson: the command failed (exit 1): KeyError: 'x'"),
+    ],
+)
 def test_ssh_failures_become_one_line_that_says_what_to_do(stderr: str, code: int, says: str) -> None:
     from edgevision.bench.remote import Ssh
 

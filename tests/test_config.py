@@ -98,8 +98,10 @@ def test_example_file_has_exactly_the_declared_keys():
 
     def shown(doc) -> bool:  # the example spells out the default kind's settings of each back-end choice
         parent = doc.key.rpartition(".")[0]
-        return parent not in default_kind or not doc.description.startswith("[") or (
-            doc.description.startswith(f"[{default_kind[parent]}]")
+        return (
+            parent not in default_kind
+            or not doc.description.startswith("[")
+            or (doc.description.startswith(f"[{default_kind[parent]}]"))
         )
 
     assert in_file == [doc.key for doc in docs if shown(doc)]
@@ -452,14 +454,21 @@ def test_placement_budgets_are_sizes_or_words_and_a_bare_off_is_explained(tree: 
         "decoder:\n  placement:\n    ram_budget: 12GB please\n    gpu_expert_budget: off\n    headroom: 1024\n",
     )
     assert errors_of(path) == [
-        (f"{path}:3: decoder.placement.ram_budget: '12GB please' is not a size — write none, auto, a number of "
-        "bytes, or a size such as 512MiB or 12GiB"),
+        (
+            f"{path}:3: decoder.placement.ram_budget: '12GB please' is not a size — write none, auto, a number of "
+            "bytes, or a size such as 512MiB or 12GiB"
+        ),
         f'{path}:4: decoder.placement.gpu_expert_budget: off is a boolean, not text — put it in quotes: "off"',
     ]
     ok = write(tree, "decoder:\n  placement:\n    ram_budget: 12GiB\n    headroom: 1048576\n", "ok.yaml")
     placement = load_config(ok).decoder.placement
     assert (placement.ram_budget, placement.headroom, placement.gpu_layers) == ("12GiB", "1048576", -1)
-    assert load_config(write(tree, "decoder:\n  placement:\n    ram_budget: auto\n", "auto.yaml")).decoder.placement.ram_budget == "auto"
+    assert (
+        load_config(
+            write(tree, "decoder:\n  placement:\n    ram_budget: auto\n", "auto.yaml")
+        ).decoder.placement.ram_budget
+        == "auto"
+    )
 
 
 # --- back-ends chosen by kind, each with its own settings ---------------------------------------------------

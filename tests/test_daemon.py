@@ -111,9 +111,14 @@ def test_the_first_clause_of_an_answer_is_spoken_on_its_own_once_it_has_a_few_wo
 
     tokens = ["Yes,", " there", " is a red", " ball,", " and a", " cup of 3,000", " beads. It is", " new, I think."]
     assert list(split_sentences(tokens, first_clause_words=4)) == [
-        "Yes, there is a red ball,", "and a cup of 3,000 beads.", "It is new, I think."]
-    assert list(split_sentences(tokens)) == ["Yes, there is a red ball, and a cup of 3,000 beads.",
-                                             "It is new, I think."]
+        "Yes, there is a red ball,",
+        "and a cup of 3,000 beads.",
+        "It is new, I think.",
+    ]
+    assert list(split_sentences(tokens)) == [
+        "Yes, there is a red ball, and a cup of 3,000 beads.",
+        "It is new, I think.",
+    ]
 
 
 def test_the_wav_microphone_lets_sound_in_as_it_is_spoken_and_stop_hands_in_what_was_captured() -> None:
@@ -310,18 +315,31 @@ def test_a_question_spoken_while_the_button_is_held_is_answered_aloud_and_logged
     assert "table" in record["question"].lower()
     assert record["answer"] and record["error"] is None and record["kind"] == "new"
     spoken = _speech(played)
-    assert spoken and sum(clip.duration for clip in spoken) == pytest.approx(record["durations_s"]["answer_speech"],
-                                                                              abs=0.05)
+    assert spoken and sum(clip.duration for clip in spoken) == pytest.approx(
+        record["durations_s"]["answer_speech"], abs=0.05
+    )
     # the log on disk holds the same record, with every stage of the overlapped pipeline measured
     assert json.loads(json.dumps(record)) in read(daemon.log_path)
     stages = record["durations_s"]
-    for stage in ("capture", "recording", "recognition", "vision_encode", "image_prefill", "text_prefill",
-                  "first_token", "release_to_first_audio", "total"):
+    for stage in (
+        "capture",
+        "recording",
+        "recognition",
+        "vision_encode",
+        "image_prefill",
+        "text_prefill",
+        "first_token",
+        "release_to_first_audio",
+        "total",
+    ):
         assert stages[stage] >= 0, stage
     assert stages["decode_tokens_per_s"] > 0
     assert stages["release_to_first_token"] <= stages["release_to_first_audio"] <= stages["total"]
     assert record["memory"]["rss_mb"] > 50 and record["memory"]["peak_rss_mb"] >= record["memory"]["rss_mb"] * 0.5
-    assert record["energy"]["available"] in (True, False) and ("joules" in record["energy"]) == record["energy"]["available"]
+    assert (
+        record["energy"]["available"] in (True, False)
+        and ("joules" in record["energy"]) == record["energy"]["available"]
+    )
     assert set(record["timestamps"]) >= {"press", "release", "first_audio", "speech_done"}
     assert "audio_file" not in record and "image_file" not in record  # not kept unless configured
 
@@ -507,9 +525,7 @@ def _wait_for(condition, what: str, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_label_held_up_while_asking_is_read_aloud_from_the_frame_taken_at_the_press(
-    daemon: Harness, synth
-) -> None:
+def test_a_label_held_up_while_asking_is_read_aloud_from_the_frame_taken_at_the_press(daemon: Harness, synth) -> None:
     from PIL import Image
 
     daemon.quiet()
@@ -549,13 +565,25 @@ def test_edgevision_run_notifies_systemd_serves_the_cli_and_stops_cleanly_on_sig
     env = {k: v for k, v in os.environ.items() if k not in ("EDGEVISION_CONFIG", "INVOCATION_ID")}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "edgevision", *args, "--socket", str(control)], env=env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "edgevision", *args, "--socket", str(control)],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     with _notify_socket() as (notify_path, receive), open(tmp_path / "stderr", "w+") as stderr:
         service_env = dict(env, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="1000000")
-        daemon = subprocess.Popen([sys.executable, "-m", "edgevision", "run", "--config", str(config)], env=service_env,
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edgevision", "run", "--config", str(config)],
+            env=service_env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         messages: list[str] = []
 
         def listen() -> None:  # all the time, as systemd does (an unread socket fills up after 10 messages)
@@ -593,7 +621,7 @@ def test_edgevision_run_notifies_systemd_serves_the_cli_and_stops_cleanly_on_sig
                 daemon.kill()
                 daemon.wait()
             shutil.rmtree(socket_dir, ignore_errors=True)
-    assert "WATCHDOG=1" in messages[messages.index("READY=1"):]
+    assert "WATCHDOG=1" in messages[messages.index("READY=1") :]
     (record,) = read(log)  # the interrupted answer was still recorded
     assert record["interrupted"] == "shutdown" and record["kind"] == "new"
     assert record["energy"] == {"source": "none", "available": False, "reason": record["energy"]["reason"]}

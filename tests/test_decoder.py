@@ -46,14 +46,19 @@ def test_gemma4_turn_has_system_role_and_image_markers() -> None:
         Image(2, causal=False),
         Text("<image|>"),
     )
-    assert turn.question == (Text(QUESTION, special=False), Text("<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"))
+    assert turn.question == (
+        Text(QUESTION, special=False),
+        Text("<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"),
+    )
 
 
 def test_merge_text_joins_neighbours_and_drops_empty() -> None:
     merged = merge_text([Text("a"), Text(""), Text("b"), Image(1), Text(""), Image(2), Text("c")])
     assert merged == (Text("ab"), Image(1), Image(2), Text("c"))
     assert merge_text([Text("a"), Text("b", special=False), Text("c")]) == (
-        Text("a"), Text("b", special=False), Text("c")
+        Text("a"),
+        Text("b", special=False),
+        Text("c"),
     )  # the user's text is never joined into the template's
 
 

@@ -232,8 +232,11 @@ def test_evdev_button_through_a_virtual_input_device():
 
 
 @pytest.mark.board
-@pytest.mark.skipif(not os.environ.get("EDGEVISION_TEST_CSI"), reason="needs a CSI camera on a Jetson: set "
-                    "EDGEVISION_TEST_CSI=1 (with JetPack's OpenCV, which has GStreamer) to run it")
+@pytest.mark.skipif(
+    not os.environ.get("EDGEVISION_TEST_CSI"),
+    reason="needs a CSI camera on a Jetson: set "
+    "EDGEVISION_TEST_CSI=1 (with JetPack's OpenCV, which has GStreamer) to run it",
+)
 def test_csi_camera_through_gstreamer_on_the_board():
     from edgevision.devices.opencv_camera import csi_pipeline
 
@@ -386,7 +389,12 @@ def test_sounddevice_microphone_and_speaker_on_alsa_null_device(tmp_path: Path):
     (home / ".asoundrc").write_text(_NULL_ASOUNDRC)  # ALSA's null device as the default: a sound card in software
     env = {**os.environ, "HOME": str(home)}
     result = subprocess.run(
-        [sys.executable, "-c", _SOUND_SCRIPT], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", _SOUND_SCRIPT],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -405,8 +413,9 @@ def test_devices_command_lists_what_this_machine_has(tmp_path: Path):
     (home / ".asoundrc").write_text(_NULL_ASOUNDRC)
     env = {**os.environ, "HOME": str(home)}
     command = [sys.executable, "-m", "edgevision", "devices"]
-    result = subprocess.run([*command, "--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            check=False)
+    result = subprocess.run(
+        [*command, "--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)
     sound = found["sound"]

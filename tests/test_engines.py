@@ -158,14 +158,17 @@ def test_int8_qdq_tower_runs_in_onnxruntime_close_to_fp32(make_tower, tmp_path: 
     zero_points = [t for t in graph.initializer if "zero_point" in t.name]
     assert all(not onnx.numpy_helper.to_array(z).any() for z in zero_points), "TensorRT needs symmetric INT8"
 
-    with OrtEncoder(tower, providers=["CPUExecutionProvider"]) as fp32, OrtEncoder(
-        qdq, providers=["CPUExecutionProvider"]
-    ) as int8:
+    with (
+        OrtEncoder(tower, providers=["CPUExecutionProvider"]) as fp32,
+        OrtEncoder(qdq, providers=["CPUExecutionProvider"]) as int8,
+    ):
         assert int8.spec == fp32.spec  # the Q/DQ copy keeps the tower's preprocessing
         pixels = preprocess(load_image(PHOTO), fp32.spec)  # not one of the calibration images
         cosines = engines.row_cosines(fp32.encode_pixels(pixels), int8.encode_pixels(pixels))
-    print(f"\nINT8 Q/DQ vs FP32 (ONNX Runtime, held-out photo): min cosine {cosines.min():.4f}, "
-          f"mean {cosines.mean():.4f} over {len(cosines)} tokens; calibrated on {len(images)} images")
+    print(
+        f"\nINT8 Q/DQ vs FP32 (ONNX Runtime, held-out photo): min cosine {cosines.min():.4f}, "
+        f"mean {cosines.mean():.4f} over {len(cosines)} tokens; calibrated on {len(images)} images"
+    )
     assert cosines.min() >= 0.99
 
 
@@ -181,9 +184,20 @@ def test_make_engines_without_tensorrt_says_so_and_leaves_plans_alone(built: Pat
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in built.parent.iterdir() if p.is_file()}
     # -o: never remake the virtual environment from a test, whatever pyproject.toml's date.
     result = subprocess.run(
-        ["make", "--no-print-directory", "-o", ".venv/.installed", "engines",
-         f"ENGINES={built.parent}", f"ENGINE_TOWERS={new_tower}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            ".venv/.installed",
+            "engines",
+            f"ENGINES={built.parent}",
+            f"ENGINE_TOWERS={new_tower}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode != 0
     assert "make engines: error: tensorrt and pycuda not installed" in result.stderr
@@ -202,7 +216,11 @@ def test_cli_with_tensorrt_backend_but_no_tensorrt_gives_one_line(demo_config: P
     edgevision = Path(sys.executable).with_name("edgevision")
     result = subprocess.run(
         [str(edgevision), "ask", "--config", str(config), "--image", str(PHOTO), "--question", "What is this?"],
-        capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("edgevision: error:")]
@@ -210,4 +228,3 @@ def test_cli_with_tensorrt_backend_but_no_tensorrt_gives_one_line(demo_config: P
     assert "tensorrt vision back-end needs tensorrt" in errors[0]
     assert "python3-libnvinfer" in errors[0] and "vision.backend: onnxruntime" in errors[0]
     assert "Traceback" not in result.stderr
-

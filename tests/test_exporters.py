@@ -84,19 +84,28 @@ def test_hf_exporter_matches_numpy_evaluation(tools, tmp_path) -> None:
 
 def test_cli_exports_an_mmproj_and_refuses_a_bad_file(tools, tmp_path) -> None:
     _, make_mmproj, _ = tools
-    mmproj = make_mmproj.write_mmproj(tmp_path / "mmproj.gguf", projector="gemma4v", n_embd=64, grid=3, patch=4, ftype="f16")
+    mmproj = make_mmproj.write_mmproj(
+        tmp_path / "mmproj.gguf", projector="gemma4v", n_embd=64, grid=3, patch=4, ftype="f16"
+    )
     out = tmp_path / "tower.onnx"
     cli = [sys.executable, str(ROOT / "tools" / "export_tower.py"), "mmproj"]
-    done = subprocess.run([*cli, str(mmproj), "--out", str(out)], check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*cli, str(mmproj), "--out", str(out)], check=False, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "9 image tokens × 64" in done.stdout
     with OrtEncoder(out) as enc:
         assert enc.spec.source == "mmproj:gemma4v"
-        assert enc.encode_pixels(np.zeros((1, 3, enc.spec.image_size, enc.spec.image_size), np.float32)).shape == (9, 64)
+        assert enc.encode_pixels(np.zeros((1, 3, enc.spec.image_size, enc.spec.image_size), np.float32)).shape == (
+            9,
+            64,
+        )
 
     not_gguf = tmp_path / "notes.txt"
     not_gguf.write_text("hello")
-    done = subprocess.run([*cli, str(not_gguf), "--out", str(out)], check=False, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [*cli, str(not_gguf), "--out", str(out)], check=False, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 2
     assert "not a readable GGUF" in done.stderr
 

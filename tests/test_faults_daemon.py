@@ -45,8 +45,15 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("EDGEVISION_CONFIG", "IN
 
 
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgevision", *args], env=ENV, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "edgevision", *args],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _one_clear_line(stderr: str, *words: str) -> str:
@@ -94,15 +101,23 @@ class _Peer:
         self.sock.close()
 
 
-@pytest.mark.parametrize("reply, endless, says", [
-    (b"\x00\xffgarbage\n", 0, "not edgevision's status"),
-    (b'{"state": "idle"}\n', 0, "no 'mode'"),
-    (b'["a", "list"]\n', 0, "a JSON list"),
-    ((b'{"state": "idle", "mode": "overlapped", "ready": true, "uptime_s": 1, "interactions": 1, "models": {}, '
-      b'"last": {"time": "t", "kind": "new", "question": "q", "answer": null, "durations_s": {"total": "x"}}}\n'),
-     0, "durations that are not numbers"),
-    (b"", 200 << 20, "more than"),  # 200 MB without a newline: read up to a bound, then refused
-])
+@pytest.mark.parametrize(
+    "reply, endless, says",
+    [
+        (b"\x00\xffgarbage\n", 0, "not edgevision's status"),
+        (b'{"state": "idle"}\n', 0, "no 'mode'"),
+        (b'["a", "list"]\n', 0, "a JSON list"),
+        (
+            (
+                b'{"state": "idle", "mode": "overlapped", "ready": true, "uptime_s": 1, "interactions": 1, "models": {}, '
+                b'"last": {"time": "t", "kind": "new", "question": "q", "answer": null, "durations_s": {"total": "x"}}}\n'
+            ),
+            0,
+            "durations that are not numbers",
+        ),
+        (b"", 200 << 20, "more than"),  # 200 MB without a newline: read up to a bound, then refused
+    ],
+)
 def test_status_against_a_peer_that_is_not_edgevision_prints_one_clear_line(reply, endless, says) -> None:
     where = _short_dir()
     peer = _Peer(where / "control.sock", reply, endless)
@@ -152,8 +167,14 @@ def test_a_flood_past_the_descriptor_limit_backs_off_with_one_log_line_and_serve
     lifted (max_clients=10000) so the descriptor limit (40) is what runs out."""
     where = _short_dir()
     path = where / "control.sock"
-    server = subprocess.Popen([sys.executable, "-c", _LOW_FD_SERVER, str(path), "25"], env=ENV, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-c", _LOW_FD_SERVER, str(path), "25"],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     clients: list[socket.socket] = []
     try:
         assert server.stdout.readline().strip() == "listening"
@@ -181,8 +202,7 @@ def test_a_flood_past_the_descriptor_limit_backs_off_with_one_log_line_and_serve
     assert "Too many open files" in accept_lines[0]
 
 
-def test_a_microphone_that_comes_late_is_waited_for_and_one_that_never_comes_exits_3(tmp_path: Path,
-                                                                                  caplog) -> None:
+def test_a_microphone_that_comes_late_is_waited_for_and_one_that_never_comes_exits_3(tmp_path: Path, caplog) -> None:
     """Start-up's wait for a sound device (`build.DeviceWait`) with the real WAV microphone: a USB microphone
     enumerated a moment after boot, and one that never is."""
     from edgevision.daemon.build import DeviceWait
@@ -218,14 +238,19 @@ def test_a_microphone_that_comes_late_is_waited_for_and_one_that_never_comes_exi
     assert missing.value.exit_status == 3  # not the unit's RestartPreventExitStatus=2: systemd tries again
 
 
-def test_a_record_torn_by_a_crash_is_cut_off_at_the_next_start_and_the_next_record_stands_alone(tmp_path: Path,
-                                                                                                 caplog) -> None:
+def test_a_record_torn_by_a_crash_is_cut_off_at_the_next_start_and_the_next_record_stands_alone(
+    tmp_path: Path, caplog
+) -> None:
     """A process killed (or the power cut) in the middle of writing a record leaves a line without its end;
     the next start must not append its first record to that fragment (read() would then skip both)."""
     from edgevision.telemetry.log import InteractionLog, read
 
     path = tmp_path / "interactions.jsonl"
-    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import os, signal
         from edgevision.telemetry.log import InteractionLog
         log = InteractionLog({str(path)!r})
@@ -233,7 +258,11 @@ def test_a_record_torn_by_a_crash_is_cut_off_at_the_next_start_and_the_next_reco
         with open({str(path)!r}, "ab", buffering=0) as raw:  # the start of the next record, as write() sends it
             raw.write(b'{{"question": "second", "answer": "cut sho')
         os.kill(os.getpid(), signal.SIGKILL)
-    """)], env=ENV, cwd=ROOT)
+    """),
+        ],
+        env=ENV,
+        cwd=ROOT,
+    )
     assert writer.wait(timeout=60) == -signal.SIGKILL
     caplog.set_level(logging.WARNING, "edgevision.telemetry.log")
     with InteractionLog(path) as log:  # the next start
@@ -298,8 +327,9 @@ def _tiny_tmpfs(size: str):
     if os.geteuid() != 0 or shutil.which("mount") is None:
         shutil.rmtree(where)
         pytest.skip("a full disk is made with a tmpfs mount: needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True, check=False
+    )
     if mounted.returncode != 0:
         shutil.rmtree(where)
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
@@ -353,11 +383,24 @@ def service(demo_config: Path, disk: Path, tmp_path_factory: pytest.TempPathFact
     speaker = WavSpeaker(base / "spoken", realtime=False)
     control = SocketButton(sockets / "control.sock", idle_s=2.0)
     log = InteractionLog(disk / "interactions.jsonl")
-    notifier = Notifier({"NOTIFY_SOCKET": str(sockets / "notify"), "WATCHDOG_USEC": str(WATCHDOG_USEC),
-                         "WATCHDOG_PID": str(os.getpid())})
-    daemon = Daemon(assistant=assistant, camera=open_camera("image", str(PHOTO)),
-                    microphone=WavMicrophone(microphone_dir, loop=True), speaker=speaker, buttons=[control],
-                    control=control, settings=SETTINGS, log=log, notifier=notifier)
+    notifier = Notifier(
+        {
+            "NOTIFY_SOCKET": str(sockets / "notify"),
+            "WATCHDOG_USEC": str(WATCHDOG_USEC),
+            "WATCHDOG_PID": str(os.getpid()),
+        }
+    )
+    daemon = Daemon(
+        assistant=assistant,
+        camera=open_camera("image", str(PHOTO)),
+        microphone=WavMicrophone(microphone_dir, loop=True),
+        speaker=speaker,
+        buttons=[control],
+        control=control,
+        settings=SETTINGS,
+        log=log,
+        notifier=notifier,
+    )
     daemon.closing.append(log.close)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_until_complete, args=(daemon.run(),), name="daemon-loop")
@@ -377,8 +420,9 @@ def service(demo_config: Path, disk: Path, tmp_path_factory: pytest.TempPathFact
     assert not thread.is_alive(), "the daemon did not stop"
 
 
-def test_a_flood_of_idle_clients_long_lines_and_garbage_leaves_status_and_the_button_working(service: Service,
-                                                                                               caplog) -> None:
+def test_a_flood_of_idle_clients_long_lines_and_garbage_leaves_status_and_the_button_working(
+    service: Service, caplog
+) -> None:
     from edgevision.devices.socket_button import MAX_LINE
 
     caplog.set_level(logging.DEBUG, "edgevision.devices.socket_button")
@@ -436,8 +480,9 @@ def _still_open(client: socket.socket) -> bool:
         return False
 
 
-def test_a_full_disk_drops_only_the_records_that_do_not_fit_and_never_glues_a_fragment(service: Service,
-                                                                                        disk: Path, caplog) -> None:
+def test_a_full_disk_drops_only_the_records_that_do_not_fit_and_never_glues_a_fragment(
+    service: Service, disk: Path, caplog
+) -> None:
     from edgevision.telemetry.log import read
 
     first = service.ask()
@@ -577,9 +622,14 @@ class Run:
         self.stderr = open(where / f"stderr-{time.monotonic_ns()}", "w+")  # noqa: SIM115 - closed in close()
         self.tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir=where))  # its own: what it leaves there is its own
         env = dict(ENV, NOTIFY_SOCKET=str(self.notify_dir / "notify"), WATCHDOG_USEC="5000000", TMPDIR=str(self.tmp))
-        self.process = subprocess.Popen([sys.executable, "-m", "edgevision", "run", "--config", str(config)],
-                                        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                        preexec_fn=preexec)  # noqa: PLW1509 - rlimit/cgroup before exec
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edgevision", "run", "--config", str(config)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            preexec_fn=preexec,  # noqa: PLW1509 - rlimit/cgroup before exec
+        )
         threading.Thread(target=self._listen, daemon=True).start()
 
     def _listen(self) -> None:
@@ -713,15 +763,19 @@ def test_late_microphone_sigkill_and_sigterm_mid_answer_and_a_client_flood_under
         send_button(control, "status", timeout=0.2)
 
 
-@pytest.mark.parametrize("make, says", [
-    (lambda p: p.write_text("not a socket"), "a file that is not a socket"),
-    (lambda p: p.mkdir(), "a directory"),
-    (lambda p: p.symlink_to("/etc/passwd"), "a symlink"),
-    (None, "at most 107"),
-    ("second", "in use"),
-])
-def test_a_control_socket_that_cannot_be_used_stops_run_before_the_models_load(make, says, demo_config: Path,
-                                                                                tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda p: p.write_text("not a socket"), "a file that is not a socket"),
+        (lambda p: p.mkdir(), "a directory"),
+        (lambda p: p.symlink_to("/etc/passwd"), "a symlink"),
+        (None, "at most 107"),
+        ("second", "in use"),
+    ],
+)
+def test_a_control_socket_that_cannot_be_used_stops_run_before_the_models_load(
+    make, says, demo_config: Path, tmp_path: Path
+) -> None:
     """A regular file, a directory, a symlink, a path over 107 bytes, or a second instance: one clear line,
     exit status 2, and never READY (the models are not even loaded)."""
     where = _short_dir()
@@ -753,8 +807,7 @@ def test_a_control_socket_that_cannot_be_used_stops_run_before_the_models_load(m
         shutil.rmtree(where, ignore_errors=True)
 
 
-def test_the_decoder_out_of_memory_under_a_memory_cgroup_never_reports_ready(demo_config: Path,
-                                                                             tmp_path: Path) -> None:
+def test_the_decoder_out_of_memory_under_a_memory_cgroup_never_reports_ready(demo_config: Path, tmp_path: Path) -> None:
     """The service in a cgroup too small for the decoder's context: the kernel's OOM killer ends it while the
     decoder allocates (SIGKILL, counted by the cgroup), before READY, so systemd sees a failed start (and
     restarts it), not a healthy service; nothing half-written is left in the log."""
@@ -802,12 +855,23 @@ def test_the_unit_is_sealed_to_an_exposure_of_at_most_2_5() -> None:
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
     unit = ROOT / "systemd" / "edgevision.service"
-    result = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(unit)], capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     line = next(line for line in result.stdout.splitlines() if "Overall exposure level" in line)
     exposure = float(line.split(":")[1].split()[0])
     assert exposure <= 2.5, result.stdout
     text = unit.read_text(encoding="utf-8")
-    for needed in ("BindPaths=-/tmp/argus_socket", "SupplementaryGroups=video audio input gpio",
-                   "DeviceAllow=char-gpiochip rw", "DeviceAllow=char-input r", "LimitNOFILE=", "LimitMEMLOCK="):
+    for needed in (
+        "BindPaths=-/tmp/argus_socket",
+        "SupplementaryGroups=video audio input gpio",
+        "DeviceAllow=char-gpiochip rw",
+        "DeviceAllow=char-input r",
+        "LimitNOFILE=",
+        "LimitMEMLOCK=",
+    ):
         assert needed in text, needed

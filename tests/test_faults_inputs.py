@@ -37,8 +37,9 @@ TIMEOUT_S = 90
 # --- making bad files ---------------------------------------------------------------------------------------
 
 
-def wav_bytes(*, rate: int = 16_000, channels: int = 1, width: int = 2, frames: int = 1600,
-              claimed_frames: int | None = None) -> bytes:
+def wav_bytes(
+    *, rate: int = 16_000, channels: int = 1, width: int = 2, frames: int = 1600, claimed_frames: int | None = None
+) -> bytes:
     """A PCM WAV file with any header values (the standard library refuses to write some of these)."""
     data = b"\0" * (frames * channels * width)
     data_size = len(data) if claimed_frames is None else claimed_frames * channels * width
@@ -87,8 +88,10 @@ class Case:
 def config_text(tmp: Path, **overrides: dict) -> str:
     """A valid config naming the provisioned models (absolute paths), with sections overridden."""
     sections = {
-        "speech": {"recognizer": {"kind": "whisper", "model": str(MODELS / "whisper-tiny.en")},
-                   "synthesizer": {"kind": "piper", "voice": str(MODELS / "piper" / "en_US-joe-medium.onnx")}},
+        "speech": {
+            "recognizer": {"kind": "whisper", "model": str(MODELS / "whisper-tiny.en")},
+            "synthesizer": {"kind": "piper", "voice": str(MODELS / "piper" / "en_US-joe-medium.onnx")},
+        },
         "vision": {"tower": str(MODELS / "synthetic" / "tower-gemma3-270m.onnx"), "threads": 1},
         "decoder": {"model": str(MODELS / "gemma-3-270m-q4_k_m.gguf"), "n_threads": 1, "max_answer_tokens": 8},
         "logging": {"level": "warning"},
@@ -110,8 +113,15 @@ def config(tmp: Path, **overrides: dict) -> Path:
     return write(tmp, "config.yaml", config_text(tmp, **overrides))
 
 
-def ask(tmp: Path, *, image: Path | str = PHOTO, audio: Path | str | None = None, question: str | bytes | None = None,
-        out: Path | str | None = None, cfg: Path | None = None) -> list[str | bytes]:
+def ask(
+    tmp: Path,
+    *,
+    image: Path | str = PHOTO,
+    audio: Path | str | None = None,
+    question: str | bytes | None = None,
+    out: Path | str | None = None,
+    cfg: Path | None = None,
+) -> list[str | bytes]:
     """`edgevision ask` with a good config, photo and question unless given; --out answer.wav in tmp."""
     args: list[str | bytes] = ["ask", "--config", str(cfg or config(tmp)), "--image", str(image)]
     if audio is not None:
@@ -165,8 +175,14 @@ def replaced_decoder(tmp: Path) -> list[str | bytes]:
     models.mkdir()
     gguf = models / "decoder.gguf"
     gguf.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\0" * 1024)
-    record = {"name": "decoder", "kind": "decoder", "path": str(gguf.resolve()), "sha256": "0" * 64,
-              "size": gguf.stat().st_size, "source": "test"}
+    record = {
+        "name": "decoder",
+        "kind": "decoder",
+        "path": str(gguf.resolve()),
+        "sha256": "0" * 64,
+        "size": gguf.stat().st_size,
+        "source": "test",
+    }
     (models / "registry.json").write_text(json.dumps({"decoder": record}))
     return ask(tmp, cfg=config(tmp, decoder={"model": str(gguf)}))
 
@@ -199,8 +215,11 @@ CASES = [
     Case("wav-no-samples", with_audio(wav_bytes(frames=0)), r"holds no audio.*record again"),
     Case("wav-is-text", with_audio(b"this is not audio\n" * 10), r"not a PCM WAV file.*ffmpeg"),
     Case("wav-truncated-header", with_audio(wav_bytes()[:20]), r"not a PCM WAV file \(it ends inside.*ffmpeg"),
-    Case("wav-float-samples", with_audio(wav_bytes()[:20] + struct.pack("<H", 3) + wav_bytes()[22:]),
-         r"not a PCM WAV file.*ffmpeg"),
+    Case(
+        "wav-float-samples",
+        with_audio(wav_bytes()[:20] + struct.pack("<H", 3) + wav_bytes()[22:]),
+        r"not a PCM WAV file.*ffmpeg",
+    ),
     Case("wav-is-a-directory", lambda tmp: ask(tmp, audio=tmp), r"is not a file; give the path of a WAV"),
     Case("wav-missing", lambda tmp: ask(tmp, audio=tmp / "nothing.wav"), r"not found.*Check the path"),
     # image
@@ -210,8 +229,11 @@ CASES = [
     Case("image-is-text", with_image(b"hello\n"), r"cannot read .* as an image.*JPEG or PNG"),
     Case("image-empty-file", with_image(b""), r"cannot read .* as an image.*JPEG or PNG"),
     Case("jpeg-truncated", with_image(PHOTO.read_bytes()[:300]), r"cannot read .* as an image.*JPEG or PNG"),
-    Case("png-bad-crc", with_image(png_header(64, 64)[:29] + b"\0\0\0\0" + png_header(64, 64)[33:]),
-         r"cannot read .* as an image.*JPEG or PNG"),
+    Case(
+        "png-bad-crc",
+        with_image(png_header(64, 64)[:29] + b"\0\0\0\0" + png_header(64, 64)[33:]),
+        r"cannot read .* as an image.*JPEG or PNG",
+    ),
     Case("image-is-a-directory", lambda tmp: ask(tmp, image=tmp), r"is not a file.*JPEG or PNG"),
     Case("image-missing", lambda tmp: ask(tmp, image=tmp / "nothing.jpg"), r"not found.*JPEG or PNG"),
     # question
@@ -225,69 +247,134 @@ CASES = [
     Case("out-in-proc", lambda tmp: ask(tmp, out="/proc/edgevision-answer.wav"), r"cannot be written.*writable folder"),
     Case("out-is-a-fifo", lambda tmp: ask(tmp, out=fifo(tmp)), r"not a regular file; choose another name"),
     Case("out-is-a-symlink", lambda tmp: ask(tmp, out=loop(tmp)), r"symbolic link; give the path of a regular file"),
-    Case("snapshot-folder-missing", lambda tmp: ["devices", "--snapshot", str(tmp / "no" / "frame.jpg")],
-         r"--snapshot .* does not exist; create it"),
-    Case("snapshot-unknown-format", lambda tmp: ["devices", "--snapshot", str(tmp / "frame.txt")],
-         r"name the file \.jpg or \.png"),
+    Case(
+        "snapshot-folder-missing",
+        lambda tmp: ["devices", "--snapshot", str(tmp / "no" / "frame.jpg")],
+        r"--snapshot .* does not exist; create it",
+    ),
+    Case(
+        "snapshot-unknown-format",
+        lambda tmp: ["devices", "--snapshot", str(tmp / "frame.txt")],
+        r"name the file \.jpg or \.png",
+    ),
     # config
     Case("config-2-mib", check_config("# padding\n" * 220_000), r"MiB; a config file may be at most 1024 KiB"),
     Case("config-dev-zero", lambda tmp: ["check-config", "/dev/zero"], r"not a regular file.*YAML config file"),
     Case("config-fifo", lambda tmp: ["check-config", str(fifo(tmp))], r"not a regular file.*YAML config file"),
     Case("config-directory", lambda tmp: ["check-config", str(tmp)], r"is a directory.*YAML config file"),
     Case("config-nested-1000", check_config(deep_yaml(1000)), r"nested more than 16 levels.*check the brackets"),
-    Case("config-nested-mappings", check_config("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 40))),
-         r"nested more than 16 levels"),
-    Case("config-not-utf8", check_config(b"speech:\n  language: \xff\xfe\n"), r"not UTF-8 text.*save the file as UTF-8"),
+    Case(
+        "config-nested-mappings",
+        check_config("a:\n" + "".join(" " * i + "b:\n" for i in range(1, 40))),
+        r"nested more than 16 levels",
+    ),
+    Case(
+        "config-not-utf8", check_config(b"speech:\n  language: \xff\xfe\n"), r"not UTF-8 text.*save the file as UTF-8"
+    ),
     Case("config-syntax", check_config("speech: [unclosed\n"), r"YAML syntax error.*fix the indentation"),
     Case("config-top-level-list", check_config("- speech\n- vision\n"), r"top level is a list.*write the sections"),
     Case("config-unknown-key", check_overridden(decoder={"n_ctxx": 512}), r"unknown setting.*did you mean 'n_ctx'"),
     Case("config-out-of-range", check_overridden(decoder={"n_ctx": 10}), r"below the minimum 256.*set a value"),
-    Case("log-path-traversal", check_overridden(telemetry={"log_path": "../../../../etc/cron.d/edgevision"}),
-         r"climbs out of its folder with '\.\.'.*full path"),
-    Case("log-path-in-etc", check_overridden(telemetry={"log_path": "/etc/cron.d/edgevision"}),
-         r"system folder /etc.*full path"),
-    Case("capture-dir-traversal", check_overridden(telemetry={"capture_dir": "captures/../../../usr"}),
-         r"climbs out of its folder.*full path"),
-    Case("decoder-is-a-directory", lambda tmp: ["check-config", str(config(tmp, decoder={"model": str(tmp)}))],
-         r"is a directory, not a file.*model file itself"),
-    Case("decoder-symlink-loop", lambda tmp: ["check-config", str(config(tmp, decoder={"model": str(loop(tmp))}))],
-         r"broken, or a loop.*fix the link"),
-    Case("config-env-is-a-directory", lambda tmp: ask(tmp)[:1] + ask(tmp)[3:], r"is a directory, not a file.*check the path",
-         env=lambda tmp: {"EDGEVISION_CONFIG": str(tmp)}),
+    Case(
+        "log-path-traversal",
+        check_overridden(telemetry={"log_path": "../../../../etc/cron.d/edgevision"}),
+        r"climbs out of its folder with '\.\.'.*full path",
+    ),
+    Case(
+        "log-path-in-etc",
+        check_overridden(telemetry={"log_path": "/etc/cron.d/edgevision"}),
+        r"system folder /etc.*full path",
+    ),
+    Case(
+        "capture-dir-traversal",
+        check_overridden(telemetry={"capture_dir": "captures/../../../usr"}),
+        r"climbs out of its folder.*full path",
+    ),
+    Case(
+        "decoder-is-a-directory",
+        lambda tmp: ["check-config", str(config(tmp, decoder={"model": str(tmp)}))],
+        r"is a directory, not a file.*model file itself",
+    ),
+    Case(
+        "decoder-symlink-loop",
+        lambda tmp: ["check-config", str(config(tmp, decoder={"model": str(loop(tmp))}))],
+        r"broken, or a loop.*fix the link",
+    ),
+    Case(
+        "config-env-is-a-directory",
+        lambda tmp: ask(tmp)[:1] + ask(tmp)[3:],
+        r"is a directory, not a file.*check the path",
+        env=lambda tmp: {"EDGEVISION_CONFIG": str(tmp)},
+    ),
     # models and the registry
-    Case("registry-is-a-list", lambda tmp: ["models", "--dir", str(registry(tmp, "[1, 2]")), "list"],
-         r"holds list, not an object.*delete it"),
-    Case("registry-is-a-directory", lambda tmp: ["models", "--dir", str(registry(tmp, None)), "list"],
-         r"not a regular file.*delete it"),
-    Case("registry-entry-malformed", lambda tmp: ["models", "--dir", str(registry(tmp, '{"x": {"name": 1}}')), "list"],
-         r"entry 'x' is malformed.*delete it"),
-    Case("register-a-directory", lambda tmp: ["models", "--dir", str(tmp / "m"), "register", str(tmp), "--kind",
-                                              "decoder"], r"not a file; a decoder must be a llama.cpp GGUF"),
-    Case("register-symlink-loop", lambda tmp: ["models", "--dir", str(tmp / "m"), "register", str(loop(tmp)),
-                                               "--kind", "decoder"], r"cannot be resolved.*fix the symbolic link"),
+    Case(
+        "registry-is-a-list",
+        lambda tmp: ["models", "--dir", str(registry(tmp, "[1, 2]")), "list"],
+        r"holds list, not an object.*delete it",
+    ),
+    Case(
+        "registry-is-a-directory",
+        lambda tmp: ["models", "--dir", str(registry(tmp, None)), "list"],
+        r"not a regular file.*delete it",
+    ),
+    Case(
+        "registry-entry-malformed",
+        lambda tmp: ["models", "--dir", str(registry(tmp, '{"x": {"name": 1}}')), "list"],
+        r"entry 'x' is malformed.*delete it",
+    ),
+    Case(
+        "register-a-directory",
+        lambda tmp: ["models", "--dir", str(tmp / "m"), "register", str(tmp), "--kind", "decoder"],
+        r"not a file; a decoder must be a llama.cpp GGUF",
+    ),
+    Case(
+        "register-symlink-loop",
+        lambda tmp: ["models", "--dir", str(tmp / "m"), "register", str(loop(tmp)), "--kind", "decoder"],
+        r"cannot be resolved.*fix the symbolic link",
+    ),
     Case("registered-decoder-replaced", replaced_decoder, r"changed since it was registered.*register it again"),
-    Case("tower-image-size-100000", lambda tmp: ask(tmp, cfg=config(tmp, vision={"tower": str(
-        relabelled_tower(tmp, image_size=100_000))})), r"relabelled.onnx: .*image_size 100000.*re-export"),
-    Case("tower-width-mislabelled", lambda tmp: ask(tmp, cfg=config(tmp, vision={"tower": str(
-        relabelled_tower(tmp, n_embd=128))})), r"rows of width 128.*outputs.*re-export"),
+    Case(
+        "tower-image-size-100000",
+        lambda tmp: ask(tmp, cfg=config(tmp, vision={"tower": str(relabelled_tower(tmp, image_size=100_000))})),
+        r"relabelled.onnx: .*image_size 100000.*re-export",
+    ),
+    Case(
+        "tower-width-mislabelled",
+        lambda tmp: ask(tmp, cfg=config(tmp, vision={"tower": str(relabelled_tower(tmp, n_embd=128))})),
+        r"rows of width 128.*outputs.*re-export",
+    ),
     Case("gguf-truncated", truncated_gguf, r"could not load decoder model.*truncated or corrupt"),
     Case("gguf-data-cut-short", gguf_data_cut, r"could not load decoder model.*truncated or corrupt"),
-    Case("gguf-version-99", lambda tmp: ask(tmp, cfg=config(tmp, decoder={"model": str(write(
-        tmp, "v99.gguf", b"GGUF" + struct.pack("<I", 99) + b"\0" * 64))})), r"GGUF version 99.*re-convert"),
+    Case(
+        "gguf-version-99",
+        lambda tmp: ask(
+            tmp,
+            cfg=config(
+                tmp, decoder={"model": str(write(tmp, "v99.gguf", b"GGUF" + struct.pack("<I", 99) + b"\0" * 64))}
+            ),
+        ),
+        r"GGUF version 99.*re-convert",
+    ),
 ]
 
 
 def run_cli(args: list[str | bytes], tmp: Path, env: dict[str, str] | None = None, **kwargs):
     home = tmp / "home"
     home.mkdir(exist_ok=True)
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(tmp),
-                   "EDGEVISION_CACHE_DIR": str(CACHE)}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(home),
+        "TMPDIR": str(tmp),
+        "EDGEVISION_CACHE_DIR": str(CACHE),
+    }
     for inherited in ("ORT_DISABLE_TELEMETRY", "EDGEVISION_CONFIG", "XDG_CACHE_HOME"):
         environment.pop(inherited, None)  # edgevision itself must turn telemetry off; no config from outside
     environment.update(env or {})
     command = [sys.executable, "-m", "edgevision", *args]
-    return subprocess.run(command, env=environment, cwd=tmp, capture_output=True, timeout=TIMEOUT_S, check=False,
-                          **kwargs)
+    return subprocess.run(
+        command, env=environment, cwd=tmp, capture_output=True, timeout=TIMEOUT_S, check=False, **kwargs
+    )
 
 
 CACHE = Path(os.environ.get("EDGEVISION_TEST_CACHE", "/tmp/edgevision-test-digests"))
@@ -310,7 +397,8 @@ def test_bad_input_gets_one_clear_line(case: Case, tmp_path: Path):
     assert len(lines) == 1 and lines[0].startswith("edgevision: error: "), stderr
     assert re.search(case.says, lines[0]), lines[0]
     leftovers = sorted(p.name for p in tmp_path.glob("*answer.wav*")) + sorted(
-        p.name for p in tmp_path.glob("edgevision-piper-*"))
+        p.name for p in tmp_path.glob("edgevision-piper-*")
+    )
     assert leftovers == [], leftovers
     assert not (tmp_path / "home" / ".cache" / "Microsoft").exists(), "ONNX Runtime wrote telemetry"
 
@@ -320,11 +408,21 @@ def test_sigterm_during_ask_leaves_no_temporary_files_and_no_output(tmp_path: Pa
     writes no answer, and says so in one line."""
     home = tmp_path / "home"
     home.mkdir()
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": str(home), "TMPDIR": str(tmp_path),
-                   "EDGEVISION_CACHE_DIR": str(CACHE)}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(home),
+        "TMPDIR": str(tmp_path),
+        "EDGEVISION_CACHE_DIR": str(CACHE),
+    }
     out = tmp_path / "answer.wav"
-    process = subprocess.Popen([sys.executable, "-m", "edgevision", *ask(tmp_path, out=out)], env=environment,
-                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgevision", *ask(tmp_path, out=out)],
+        env=environment,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + TIMEOUT_S
     while not list(tmp_path.glob("edgevision-piper-*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -345,8 +443,12 @@ def tiny_disk(tmp_path: Path):
     mountpoint.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command here to make a small disk")
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)], capture_output=True,
-                          text=True, check=False)
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if made.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.strip()}")
     try:

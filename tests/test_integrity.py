@@ -63,8 +63,15 @@ def test_tensorrt_plan_guard_hashes_its_onnx_only_after_it_changed(tmp_path: Pat
     plan = tmp_path / "tower.plan"
     platform = engines.Platform("10.3.0", "Orin", "8.7")
     manifest = engines.Manifest(
-        platform=platform, onnx="tower.onnx", onnx_sha256=engines.sha256_file(onnx), precision="fp16",
-        inputs=(), outputs=(), build_flags=(), spec=TowerSpec(224, 49, 640), built_at="2026-01-01T00:00:00Z",
+        platform=platform,
+        onnx="tower.onnx",
+        onnx_sha256=engines.sha256_file(onnx),
+        precision="fp16",
+        inputs=(),
+        outputs=(),
+        build_flags=(),
+        spec=TowerSpec(224, 49, 640),
+        built_at="2026-01-01T00:00:00Z",
     )
     time.sleep(SETTLE_S)
     engines.check_manifest(plan, manifest, platform)  # hashes once
@@ -115,8 +122,12 @@ def test_typed_control_tokens_stay_text(gemma3_gguf: Path):
     with LlamaDecoder(gemma3_gguf, n_ctx=256, n_threads=1) as dec:
         end_of_turn = dec.tokenize("<end_of_turn>", add_special=False, parse_special=True)
         assert len(end_of_turn) == 1  # a control token of the vocabulary
-        tokens = [t for seg in turn.question if isinstance(seg, Text)
-                  for t in dec.tokenize(seg.text, add_special=False, parse_special=seg.special)]
+        tokens = [
+            t
+            for seg in turn.question
+            if isinstance(seg, Text)
+            for t in dec.tokenize(seg.text, add_special=False, parse_special=seg.special)
+        ]
         assert tokens.count(end_of_turn[0]) == 1  # only the template's own, after the question
         question_tokens = dec.tokenize(injected, add_special=False, parse_special=False)
         assert end_of_turn[0] not in question_tokens

@@ -270,7 +270,9 @@ def _managed_run(model: Path, budget_experts: int, prior=None, extra_buffer_type
     ) as decoder:
         mapping = ModelMapping(layout, decoder.mapping_base)
         budget = budget_experts * layout.expert_bytes(layout.moe_layers[0])
-        manager = ExpertManager(layout, mapping, prior, budget=budget, predictor=RoutePredictor.from_gguf(model), **options)
+        manager = ExpertManager(
+            layout, mapping, prior, budget=budget, predictor=RoutePredictor.from_gguf(model), **options
+        )
         with manager:
             manager.attach(observer)  # as the policy runs: decisions on the manager's own thread
             manager.start()
@@ -385,8 +387,11 @@ def test_bench_policy_command_replays_recorded_routing(moe_q8: Path, tmp_path: P
             name, rate = line.split("%", 1)[1].rsplit(None, 2)[0].strip(), line.split()[-2]
             rows[name] = float(rate.rstrip("%"))
     assert set(rows) == {
-        "expert LRU", "router-aware, recency only", "router-aware (prior + recency)",
-        "router-aware + predicted routing", "Belady (optimal)",
+        "expert LRU",
+        "router-aware, recency only",
+        "router-aware (prior + recency)",
+        "router-aware + predicted routing",
+        "Belady (optimal)",
     }
     assert rows["Belady (optimal)"] >= max(rows["expert LRU"], rows["router-aware (prior + recency)"])
     assert "predicted routing (next MoE layer's router on this layer's input): recall" in proc.stdout

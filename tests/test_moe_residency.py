@@ -83,7 +83,7 @@ def test_gpu_takes_whole_evenly_routed_layers_and_the_rest_is_overridden_to_cpu(
     plan = plan_residency(layout, share, ram_budget=1000 + 400, gpu_budget=2 * 400 + 10)
     assert plan.gpu_layers == (1, 3)  # the two uniform (highest-entropy) layers
     assert all(layer not in plan.gpu_layers for layer, _ in plan.pinned)
-    (pattern, buft), = plan.tensor_overrides(layout)
+    ((pattern, buft),) = plan.tensor_overrides(layout)
     assert buft == "CPU"
     names = [f"blk.{il}.{kind}" for il in range(4) for kind in ("ffn_gate_up_exps.weight", "ffn_down_exps.scale")]
     on_cpu = {name.split(".")[1] for name in names if re.search(pattern, name)}
@@ -198,9 +198,19 @@ def test_online_replanning_follows_live_routing_and_never_changes_tokens(moe_q8:
     observer = RouterObserver.for_model(moe_q8)
     budget = layout.other_bytes + 8 * layout.expert_bytes(0)  # room for 8 experts
     wrong_prior = np.tile(np.arange(8, dtype=float), (4, 1))  # prefers expert 7, then 6, ...
-    with ExpertPinner(layout) as pinner, OnlineResidency(
-        layout, pinner, wrong_prior, ram_budget=budget, replan_every=4, half_life=1e9, prior_tokens=1e-3, prefetch=True
-    ) as online:
+    with (
+        ExpertPinner(layout) as pinner,
+        OnlineResidency(
+            layout,
+            pinner,
+            wrong_prior,
+            ram_budget=budget,
+            replan_every=4,
+            half_life=1e9,
+            prior_tokens=1e-3,
+            prefetch=True,
+        ) as online,
+    ):
         observer.listeners.append(online.observe)
         online.start()
         assert pinner.pinned == {(layer, e) for layer in range(4) for e in (6, 7)}
@@ -260,6 +270,10 @@ def test_bench_moe_command_runs_every_configuration(moe_q8: Path, tmp_path: Path
 
     missing = subprocess.run(
         [sys.executable, "-m", "edgevision", "bench", "moe", "--model", str(tmp_path / "none.gguf")],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
     )
     assert missing.returncode == 2 and "make bench-model" in missing.stderr

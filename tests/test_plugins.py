@@ -32,8 +32,17 @@ def test_each_setting_offers_exactly_its_registry() -> None:
 
 def test_every_registered_back_end_names_a_class_that_exists() -> None:
     """Registries hold "module:Class" strings; a typo would only show when a user picks that back-end."""
-    registries = (CAMERAS, BUTTONS, MICROPHONES, SPEAKERS, BACKENDS, POWER_READERS, RECOGNIZERS, SYNTHESIZERS,
-                  OCR_BACKENDS)
+    registries = (
+        CAMERAS,
+        BUTTONS,
+        MICROPHONES,
+        SPEAKERS,
+        BACKENDS,
+        POWER_READERS,
+        RECOGNIZERS,
+        SYNTHESIZERS,
+        OCR_BACKENDS,
+    )
     for registry in registries:
         for name, target in registry.items():
             module, _, cls = target.partition(":")

@@ -74,7 +74,11 @@ def test_an_answer_written_one_word_per_line_is_not_spoken_as_one_word_sentences
 def test_a_line_of_a_few_words_still_ends_a_piece_at_its_line_break() -> None:
     text = "There is a red ball on the table\nand a cup\nnext to it.\n\n- a green door on the left\n- two"
     assert list(split_sentences([text])) == [
-        "There is a red ball on the table", "and a cup next to it.", "- a green door on the left", "- two"]
+        "There is a red ball on the table",
+        "and a cup next to it.",
+        "- a green door on the left",
+        "- two",
+    ]
 
 
 def test_wav_round_trip_and_resampling_keep_the_sound(tmp_path: Path) -> None:
@@ -170,8 +174,11 @@ def test_the_fitted_window_hears_the_recorded_question_as_the_full_window_does(
     recorded = read_wav(Path(__file__).resolve().parents[1] / "assets" / "question.wav")
     assert recognizer.window == "fit"  # the default
     with WhisperRecognizer(whisper_dir, window="full") as full:
-        assert words(recognizer.transcribe(recorded).text) == words(full.transcribe(recorded).text) == [
-            "what", "is", "on", "the", "table", "in", "front", "of", "me"]
+        assert (
+            words(recognizer.transcribe(recorded).text)
+            == words(full.transcribe(recorded).text)
+            == ["what", "is", "on", "the", "table", "in", "front", "of", "me"]
+        )
 
 
 def test_a_fitted_decode_that_runs_into_its_token_limit_is_done_again_over_the_full_window(

@@ -169,8 +169,14 @@ print(json.dumps(meter.stop().to_record()))
 def test_memory_peak_catches_an_allocation_freed_before_stop():
     # VmHWM is process-wide: measured in a fresh process, so what other tests allocated cannot decide it, and
     # after a higher earlier peak, so a high-water mark that was not reset for the span would show.
-    result = subprocess.run([sys.executable, "-c", _PEAK_PROBE], capture_output=True, text=True, timeout=120,
-                            check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     report = json.loads(result.stdout)
     assert 80 < report["peak_rss_mb"] - report["rss_mb"] < 250, report
     assert report["peak_rss_source"] in ("VmHWM", "sampled")
@@ -181,7 +187,8 @@ def test_memory_peak_catches_an_allocation_freed_before_stop():
 def test_memory_counts_child_processes_like_the_piper_voice():
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; b = bytearray(64 << 20); print('ready', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout is not None and child.stdout.readline().strip() == "ready"
@@ -254,7 +261,9 @@ def test_log_keeps_only_the_configured_backups(tmp_path: Path):
         for i in range(40):
             log.write({"i": i, "energy": {"joules": float("nan")}})
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "interactions.jsonl", "interactions.jsonl.1", "interactions.jsonl.2"
+        "interactions.jsonl",
+        "interactions.jsonl.1",
+        "interactions.jsonl.2",
     ]
     records = read(path, rotated=True)
     assert records[-1] == {"i": 39, "energy": {"joules": None}}  # NaN is not JSON: written as null
@@ -323,7 +332,10 @@ def test_board_power_and_gpu_memory_are_measured():
 def test_bench_telemetry_prints_the_costs_side_by_side():
     result = subprocess.run(
         [sys.executable, "-m", "edgevision", "bench", "telemetry", "--seconds", "0.2", "--power", "none"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "log record (fsync'd)" in result.stdout and "on / off" in result.stdout

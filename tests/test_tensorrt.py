@@ -123,7 +123,9 @@ def test_a_plan_whose_onnx_changed_is_refused(copy_of: Path, make_tower) -> None
         TensorRTEncoder(copy_of)
 
 
-@pytest.mark.parametrize("field, value", [("gpu_name", "Xavier"), ("compute_capability", "7.2"), ("tensorrt_version", "8.6.2")])
+@pytest.mark.parametrize(
+    "field, value", [("gpu_name", "Xavier"), ("compute_capability", "7.2"), ("tensorrt_version", "8.6.2")]
+)
 def test_a_plan_for_another_gpu_or_tensorrt_is_refused(copy_of: Path, field: str, value: str) -> None:
     from edgevision.vision.tensorrt import TensorRTEncoder
 

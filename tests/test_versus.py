@@ -21,9 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _record(mode: str, first_audio: float, heard: str = "What is in front of me?") -> dict:
-    return {"mode": mode, "answer": "A cup.", "question": heard, "expected": "What is in front of me?",
-            "durations_s": {"release_to_first_audio": first_audio},
-            "usage": {"peak_rss_mb": 600.0 if mode == "peer" else 700.0}}
+    return {
+        "mode": mode,
+        "answer": "A cup.",
+        "question": heard,
+        "expected": "What is in front of me?",
+        "durations_s": {"release_to_first_audio": first_audio},
+        "usage": {"peak_rss_mb": 600.0 if mode == "peer" else 700.0},
+    }
 
 
 def test_the_report_puts_the_daemon_beside_the_peer_and_judges_the_median_ratio() -> None:
@@ -51,8 +56,13 @@ def test_a_question_is_heard_as_spoken_when_its_words_match_whatever_the_punctua
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to follow processes")
 def test_peak_memory_of_a_side_counts_its_child_processes(tmp_path: Path) -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 * 2**20); time.sleep(3)"])
-    sampler = ProcessSampler({"tree": lambda: tree(os.getpid()), "alone": lambda: [os.getpid()],
-                              "without": lambda: tree(os.getpid(), without=lambda: {child.pid})})
+    sampler = ProcessSampler(
+        {
+            "tree": lambda: tree(os.getpid()),
+            "alone": lambda: [os.getpid()],
+            "without": lambda: tree(os.getpid(), without=lambda: {child.pid}),
+        }
+    )
     started = time.monotonic()
     sampler.start()
     try:
@@ -66,20 +76,48 @@ def test_peak_memory_of_a_side_counts_its_child_processes(tmp_path: Path) -> Non
     assert sampler.cpu_between("tree", started + 0.1, ended - 0.1) >= 0
 
 
-def test_the_peer_answers_a_recorded_question_with_its_own_models(models_dir: Path, whisper_dir: Path,
-                                                                  piper_voice: Path, gemma3_gguf: Path,
-                                                                  tmp_path: Path) -> None:
+def test_the_peer_answers_a_recorded_question_with_its_own_models(
+    models_dir: Path, whisper_dir: Path, piper_voice: Path, gemma3_gguf: Path, tmp_path: Path
+) -> None:
     from edgevision.daemon.versus import PeerProcess
     from edgevision.speech.audio import read_wav, resample
 
     mmproj = tmp_path / "mmproj.gguf"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_mmproj.py"), "--type", "mlp", "--n-embd", "640",
-                    "--out", str(mmproj)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "make_mmproj.py"),
+            "--type",
+            "mlp",
+            "--n-embd",
+            "640",
+            "--out",
+            str(mmproj),
+        ],
+        check=True,
+        capture_output=True,
+    )
     samples = resample(read_wav(ROOT / "assets" / "question.wav"), 16_000).samples
     np.save(tmp_path / "question.npy", samples.astype(np.float32))
-    command = [sys.executable, "-m", "edgevision.daemon.peer", "--whisper", str(whisper_dir), "--decoder",
-               str(gemma3_gguf), "--mmproj", str(mmproj), "--threads", "2", "--voice", str(piper_voice),
-               "--max-tokens", "12", "--system", "Answer in one short sentence."]
+    command = [
+        sys.executable,
+        "-m",
+        "edgevision.daemon.peer",
+        "--whisper",
+        str(whisper_dir),
+        "--decoder",
+        str(gemma3_gguf),
+        "--mmproj",
+        str(mmproj),
+        "--threads",
+        "2",
+        "--voice",
+        str(piper_voice),
+        "--max-tokens",
+        "12",
+        "--system",
+        "Answer in one short sentence.",
+    ]
     with PeerProcess(command) as peer:
         release = time.monotonic()
         reply = peer.ask(tmp_path / "question.npy", ROOT / "assets" / "photo.jpg", release)
@@ -91,8 +129,23 @@ def test_the_peer_answers_a_recorded_question_with_its_own_models(models_dir: Pa
 
 
 def test_bench_e2e_refuses_cold_rounds_without_the_peer_in_one_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "edgevision", "bench", "e2e", "--config",
-                           str(ROOT / "config" / "edgevision.yaml"), "--cold", "2"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgevision",
+            "bench",
+            "e2e",
+            "--config",
+            str(ROOT / "config" / "edgevision.yaml"),
+            "--cold",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
     assert done.returncode == 2
     assert done.stderr.strip() == "edgevision: error: bench e2e: --cold N needs --peer and N of 0 or more"

@@ -160,7 +160,9 @@ def test_whole_prompt_matches_mtmd_multimodal_path(case, decoder_path) -> None:
         text = "".join(ref.marker if isinstance(s, Image) else s.text for s in turn.segments)
         if kind == "gemma4v":
             text = text.replace(fmt.image_start + ref.marker + fmt.image_end, ref.marker)
-        theirs_tokens = [t for c in ref.layout(text, [image]) for t in (c.tokens if c.kind == "text" else [-1] * c.n_tokens)]
+        theirs_tokens = [
+            t for c in ref.layout(text, [image]) for t in (c.tokens if c.kind == "text" else [-1] * c.n_tokens)
+        ]
         assert ref.non_causal == (not fmt.image_causal)
         assert ref.prefill(text, [image]) == n_past
         theirs_logits = dec.logits()

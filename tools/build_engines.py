@@ -112,8 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"TensorRT {running.tensorrt_version} on {running.gpu_name} (sm {running.compute_capability})")
         for onnx in towers:
             build_engine(
-                onnx, precision=args.precision, calibration=images, workspace_mib=args.workspace_mib,
-                force=args.force, say=say,
+                onnx,
+                precision=args.precision,
+                calibration=images,
+                workspace_mib=args.workspace_mib,
+                force=args.force,
+                say=say,
             )
         if args.ocr:
             from edgevision.ocr.tensorrt import build_plans

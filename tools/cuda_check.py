@@ -27,7 +27,10 @@ def _gpu_used_mib() -> str:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
         ).stdout.split()
         return f"{int(out[0])} MiB"
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -58,7 +61,10 @@ def check_placement(model: Path) -> list[str]:
         reference = _greedy(cpu)
     half = layout.layer_bytes(layout.moe_layers[0]) * (len(layout.moe_layers) // 2)
     plan = plan_residency(layout, np.ones((layout.n_layer, layout.n_expert)), ram_budget=10**12, gpu_budget=half)
-    for label, overrides in (("all on the GPU", []), ("planned: half the layers' experts on the CPU", plan.tensor_overrides(layout))):
+    for label, overrides in (
+        ("all on the GPU", []),
+        ("planned: half the layers' experts on the CPU", plan.tensor_overrides(layout)),
+    ):
         observer = RouterObserver.for_model(model)
         before = _gpu_used_mib()
         with LlamaDecoder(model, n_ctx=256, n_gpu_layers=-1, tensor_overrides=overrides, cb_eval=observer) as gpu:
@@ -93,7 +99,9 @@ def check_observation(model: Path) -> list[str]:
         lines.append(f"- {name} observer: {int(observer.tokens.sum())} rows seen, {len(seen[name])} layer reads")
     pairs = list(zip(seen["router"], seen["predicting"], strict=False))
     same = sum(np.array_equal(a, b) for a, b in pairs)
-    lines.append(f"- the two observers agree on {same} of {len(pairs)} layer choices (top-k from logits vs llama.cpp's)")
+    lines.append(
+        f"- the two observers agree on {same} of {len(pairs)} layer choices (top-k from logits vs llama.cpp's)"
+    )
     return lines
 
 

@@ -28,9 +28,13 @@ from edgevision.speech.recognition import WhisperRecognizer
 from edgevision.speech.synthesis import PiperSynthesizer
 
 MORE_QUESTIONS = (
-    "Can you read the sign for me?", "How many people are in the room?", "Where is the door?",
-    "Is the light on or off?", "What is written on the label of this bottle in my hand?",
-    "Tell me what colour my shirt is.", "Is the cooker switched on?",
+    "Can you read the sign for me?",
+    "How many people are in the room?",
+    "Where is the door?",
+    "Is the light on or off?",
+    "What is written on the label of this bottle in my hand?",
+    "Tell me what colour my shirt is.",
+    "Is the cooker switched on?",
     "Which way is the exit from this room, and is anything in my path?",
 )
 
@@ -51,13 +55,14 @@ def main() -> int:
     with PiperSynthesizer(voice.voice, length_scale=voice.length_scale) as piper:
         clips += [(q, piper.synthesize(q)) for q in (QUESTIONS + MORE_QUESTIONS) * args.takes]
     options = {"language": whisper.language, "beam_size": whisper.beam_size, "threads": whisper.threads}
-    print(f"{len(clips)} spoken questions ({min(c.duration for _, c in clips):.1f}–"
-          f"{max(c.duration for _, c in clips):.1f} s), Whisper {Path(whisper.model).name}")
+    print(
+        f"{len(clips)} spoken questions ({min(c.duration for _, c in clips):.1f}–"
+        f"{max(c.duration for _, c in clips):.1f} s), Whisper {Path(whisper.model).name}"
+    )
     print(f"{'window':<22} {'heard as spoken':>16} {'same as full':>13} {'CPU s (median)':>15} {'max':>6}")
     full_heard: list[str] = []
     for name, window in [("full (30 s)", None)] + [(f"fit, at least {w:g} s", w) for w in args.min_window]:
-        with WhisperRecognizer(whisper.model, window="full" if window is None else "fit",
-                               **options) as recognizer:
+        with WhisperRecognizer(whisper.model, window="full" if window is None else "fit", **options) as recognizer:
             if window is not None:
                 recognition.MIN_WINDOW_S = window
             recognizer.transcribe(clips[0][1])  # warm
@@ -70,8 +75,10 @@ def main() -> int:
             full_heard = heard
         right = sum(words(h) == words(q) for h, (q, _) in zip(heard, clips, strict=True))
         same = sum(words(h) == words(f) for h, f in zip(heard, full_heard, strict=True))
-        print(f"{name:<22} {f'{right}/{len(clips)}':>16} {f'{same}/{len(clips)}':>13} "
-              f"{statistics.median(cpu):>15.3f} {max(cpu):>6.2f}")
+        print(
+            f"{name:<22} {f'{right}/{len(clips)}':>16} {f'{same}/{len(clips)}':>13} "
+            f"{statistics.median(cpu):>15.3f} {max(cpu):>6.2f}"
+        )
         for h, (q, _) in zip(heard, clips, strict=True):
             if words(h) != words(q):
                 print(f"    said {q!r}, heard {h!r}")

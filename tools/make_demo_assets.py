@@ -20,7 +20,11 @@ sys.path.insert(0, str(ROOT))
 
 FONTS = Path("/usr/share/fonts/truetype/dejavu")
 QUESTION = "What does this label say?"
-LINES = [("GREEN TEA", "DejaVuSerif-Bold.ttf", 42), ("with lemon", "DejaVuSans.ttf", 34), ("20 tea bags", "DejaVuSans.ttf", 30)]
+LINES = [
+    ("GREEN TEA", "DejaVuSerif-Bold.ttf", 42),
+    ("with lemon", "DejaVuSans.ttf", 34),
+    ("20 tea bags", "DejaVuSans.ttf", 30),
+]
 
 
 def photo() -> Image.Image:

@@ -116,7 +116,12 @@ def _tensors_gemma4v(spec: MmprojSpec, rng: np.random.Generator) -> dict[str, np
     # Gemma4ClippableLinear: scalars beside a weight clamp its input and output.
     clamps = {"v.blk.0.ffn_down": (-1.5, 1.5, -2.0, 2.0), "mm.input_projection": (-2.5, 2.5, -3.0, 3.0)}
     for base, (in_min, in_max, out_min, out_max) in clamps.items():
-        for suffix, value in (("input_min", in_min), ("input_max", in_max), ("output_min", out_min), ("output_max", out_max)):
+        for suffix, value in (
+            ("input_min", in_min),
+            ("input_max", in_max),
+            ("output_min", out_min),
+            ("output_max", out_max),
+        ):
             t[f"{base}.{suffix}"] = np.array([value])
     return t
 
@@ -179,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = MmprojSpec(**args)
     write_mmproj(out, spec)
     tokens = spec.grid * spec.grid
-    print(f"wrote {out}: {spec.projector}, {spec.image_size}px → {tokens} image tokens × {spec.n_embd}, seed {spec.seed}")
+    print(
+        f"wrote {out}: {spec.projector}, {spec.image_size}px → {tokens} image tokens × {spec.n_embd}, seed {spec.seed}"
+    )
     return 0
 
 

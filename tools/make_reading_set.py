@@ -23,55 +23,138 @@ SIZE = (640, 480)
 
 # name, lines, background, card colour, ink, questions [(question, mode, must contain, must not contain)]
 SCENES = [
-    ("water", ["WATER", "500 ml", "still"], (60, 120, 170), (245, 245, 240), (10, 10, 10), [
-        ("What does this label say?", "read", ["WATER", "500"], []),
-        ("How big is this bottle?", "answer", ["500"], []),
-    ]),
-    ("tea", ["GREEN TEA", "20 tea bags", "Sencha"], (140, 95, 60), (225, 240, 215), (20, 70, 30), [
-        ("What does this box say?", "read", ["GREEN TEA", "20"], []),
-        ("What kind of tea is this?", "answer", ["green"], []),
-    ]),
-    ("bus", ["BUS STOP", "Route 42", "City Centre"], (150, 190, 230), (250, 210, 40), (20, 20, 20), [
-        ("Read the sign to me.", "read", ["BUS STOP", "42"], []),
-        ("Which bus stops here?", "answer", ["42"], []),
-    ]),
-    ("room", ["Room 214", "Meeting Room"], (200, 200, 195), (40, 60, 110), (240, 240, 240), [
-        ("What is written on the door sign?", "read", ["214"], []),
-        ("What room number is this?", "answer", ["214"], []),
-    ]),
-    ("book", ["The Quiet Garden", "Anna Lindqvist"], (90, 60, 50), (235, 225, 200), (60, 30, 30), [
-        ("Read the cover.", "read", ["Quiet Garden", "Anna"], []),
-        ("What is the title of this book?", "answer", ["Quiet Garden"], []),
-    ]),
-    ("street", ["Baker Street", "NW1"], (120, 120, 120), (245, 245, 245), (0, 0, 0), [
-        ("What does the sign say?", "read", ["Baker Street"], []),
-        ("What is the name of this street?", "answer", ["Baker"], []),
-    ]),
-    ("medicine", ["PARACETAMOL", "500 mg tablets", "Take 1 or 2 every 4 hours"], (230, 230, 235), (255, 255, 255),
-     (20, 40, 120), [
-        ("What does this box say?", "read", ["PARACETAMOL", "500 mg"], []),
-        ("How many tablets should I take?", "answer", ["pharmacist"], []),
-    ]),
-    ("yoghurt", ["Strawberry Yoghurt", "Best before 14/12/2026"], (250, 250, 250), (250, 220, 230), (120, 20, 50), [
-        ("What does the lid say?", "read", ["Strawberry", "14/12/2026"], []),
-        ("Is this still safe to eat?", "answer", ["14/12/2026", "can't judge"], ["yes", "safe to eat"]),
-    ]),
-    ("price", ["Bananas", "£1.20 per kg"], (70, 140, 70), (255, 255, 255), (200, 20, 20), [
-        ("What does the tag say?", "read", ["Bananas", "1.20"], []),
-        ("What is the price?", "answer", ["1.20", "can't judge"], []),
-    ]),
-    ("cereal", ["CORN FLAKES", "May contain nuts"], (230, 200, 90), (255, 245, 200), (150, 40, 20), [
-        ("Read the packet.", "read", ["CORN FLAKES", "nuts"], []),
-        ("Does this contain nuts?", "answer", ["May contain nuts", "can't judge"], ["does not contain"]),
-    ]),
-    ("screen", ["09:10", "Monday"], (30, 30, 35), (10, 10, 10), (120, 255, 120), [
-        ("What does the screen say?", "read", ["09:10", "Monday"], []),
-        ("What day is shown on the screen?", "answer", ["Monday"], []),
-    ]),
-    ("receipt", ["CAFE LUNA", "Total 23.45"], (90, 90, 100), (250, 250, 245), (30, 30, 30), [
-        ("Read the receipt.", "read", ["CAFE LUNA", "23.45"], []),
-        ("How much do I have to pay?", "answer", ["23.45", "can't judge"], []),
-    ]),
+    (
+        "water",
+        ["WATER", "500 ml", "still"],
+        (60, 120, 170),
+        (245, 245, 240),
+        (10, 10, 10),
+        [
+            ("What does this label say?", "read", ["WATER", "500"], []),
+            ("How big is this bottle?", "answer", ["500"], []),
+        ],
+    ),
+    (
+        "tea",
+        ["GREEN TEA", "20 tea bags", "Sencha"],
+        (140, 95, 60),
+        (225, 240, 215),
+        (20, 70, 30),
+        [
+            ("What does this box say?", "read", ["GREEN TEA", "20"], []),
+            ("What kind of tea is this?", "answer", ["green"], []),
+        ],
+    ),
+    (
+        "bus",
+        ["BUS STOP", "Route 42", "City Centre"],
+        (150, 190, 230),
+        (250, 210, 40),
+        (20, 20, 20),
+        [
+            ("Read the sign to me.", "read", ["BUS STOP", "42"], []),
+            ("Which bus stops here?", "answer", ["42"], []),
+        ],
+    ),
+    (
+        "room",
+        ["Room 214", "Meeting Room"],
+        (200, 200, 195),
+        (40, 60, 110),
+        (240, 240, 240),
+        [
+            ("What is written on the door sign?", "read", ["214"], []),
+            ("What room number is this?", "answer", ["214"], []),
+        ],
+    ),
+    (
+        "book",
+        ["The Quiet Garden", "Anna Lindqvist"],
+        (90, 60, 50),
+        (235, 225, 200),
+        (60, 30, 30),
+        [
+            ("Read the cover.", "read", ["Quiet Garden", "Anna"], []),
+            ("What is the title of this book?", "answer", ["Quiet Garden"], []),
+        ],
+    ),
+    (
+        "street",
+        ["Baker Street", "NW1"],
+        (120, 120, 120),
+        (245, 245, 245),
+        (0, 0, 0),
+        [
+            ("What does the sign say?", "read", ["Baker Street"], []),
+            ("What is the name of this street?", "answer", ["Baker"], []),
+        ],
+    ),
+    (
+        "medicine",
+        ["PARACETAMOL", "500 mg tablets", "Take 1 or 2 every 4 hours"],
+        (230, 230, 235),
+        (255, 255, 255),
+        (20, 40, 120),
+        [
+            ("What does this box say?", "read", ["PARACETAMOL", "500 mg"], []),
+            ("How many tablets should I take?", "answer", ["pharmacist"], []),
+        ],
+    ),
+    (
+        "yoghurt",
+        ["Strawberry Yoghurt", "Best before 14/12/2026"],
+        (250, 250, 250),
+        (250, 220, 230),
+        (120, 20, 50),
+        [
+            ("What does the lid say?", "read", ["Strawberry", "14/12/2026"], []),
+            ("Is this still safe to eat?", "answer", ["14/12/2026", "can't judge"], ["yes", "safe to eat"]),
+        ],
+    ),
+    (
+        "price",
+        ["Bananas", "£1.20 per kg"],
+        (70, 140, 70),
+        (255, 255, 255),
+        (200, 20, 20),
+        [
+            ("What does the tag say?", "read", ["Bananas", "1.20"], []),
+            ("What is the price?", "answer", ["1.20", "can't judge"], []),
+        ],
+    ),
+    (
+        "cereal",
+        ["CORN FLAKES", "May contain nuts"],
+        (230, 200, 90),
+        (255, 245, 200),
+        (150, 40, 20),
+        [
+            ("Read the packet.", "read", ["CORN FLAKES", "nuts"], []),
+            ("Does this contain nuts?", "answer", ["May contain nuts", "can't judge"], ["does not contain"]),
+        ],
+    ),
+    (
+        "screen",
+        ["09:10", "Monday"],
+        (30, 30, 35),
+        (10, 10, 10),
+        (120, 255, 120),
+        [
+            ("What does the screen say?", "read", ["09:10", "Monday"], []),
+            ("What day is shown on the screen?", "answer", ["Monday"], []),
+        ],
+    ),
+    (
+        "receipt",
+        ["CAFE LUNA", "Total 23.45"],
+        (90, 90, 100),
+        (250, 250, 245),
+        (30, 30, 30),
+        [
+            ("Read the receipt.", "read", ["CAFE LUNA", "23.45"], []),
+            ("How much do I have to pay?", "answer", ["23.45", "can't judge"], []),
+        ],
+    ),
 ]
 
 # variant name → (font file, text height in pixels, tilt degrees, blur radius, brightness, JPEG quality)
@@ -137,26 +220,35 @@ def main(argv: list[str] | None = None) -> int:
             image = draw(lines, background, card, ink, variant)
             file = f"{name}-{variant}.jpg"
             image.save(args.out / file, quality=VARIANTS[variant][5])
-            items.append({
-                "image": file,
-                "variant": variant,
-                "lines": lines,
-                "questions": [
-                    {"question": q, "mode": mode, "must": must, "must_not": must_not}
-                    for q, mode, must, must_not in questions
-                ],
-            })
+            items.append(
+                {
+                    "image": file,
+                    "variant": variant,
+                    "lines": lines,
+                    "questions": [
+                        {"question": q, "mode": mode, "must": must, "must_not": must_not}
+                        for q, mode, must, must_not in questions
+                    ],
+                }
+            )
     for kind in ("park", "table"):
         file = f"no-text-{kind}.jpg"
         no_text(kind).save(args.out / file, quality=85)
-        items.append({
-            "image": file,
-            "variant": "no-text",
-            "lines": [],
-            "questions": [
-                {"question": "What does this label say?", "mode": "read", "must": ["can't find any text"], "must_not": []},
-            ],
-        })
+        items.append(
+            {
+                "image": file,
+                "variant": "no-text",
+                "lines": [],
+                "questions": [
+                    {
+                        "question": "What does this label say?",
+                        "mode": "read",
+                        "must": ["can't find any text"],
+                        "must_not": [],
+                    },
+                ],
+            }
+        )
     (args.out / "labels.json").write_text(json.dumps(items, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     total = sum((args.out / item["image"]).stat().st_size for item in items)
     print(f"wrote {len(items)} images ({total // 1024} KiB) and labels.json to {args.out}")

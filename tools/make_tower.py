@@ -136,7 +136,9 @@ def build_tower(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgevision")
     model.ir_version = 8
     spec = TowerSpec(image_size=image_size, n_tokens=n_tokens, n_embd=n_embd)
-    helper.set_model_props(model, {METADATA_KEY: spec.to_json(), "edgevision.kind": "synthetic", "edgevision.seed": str(seed)})
+    helper.set_model_props(
+        model, {METADATA_KEY: spec.to_json(), "edgevision.kind": "synthetic", "edgevision.seed": str(seed)}
+    )
     onnx.checker.check_model(model)
     return model
 

@@ -60,7 +60,9 @@ def main(path: str) -> int:
             ],
             "MADV_DONTNEED on llama.cpp's mapping + FADV_DONTNEED": lambda: mapping.evict(ranges),
         }
-        print(f"{os.path.basename(path)}: {len(experts)} experts, {sum(e - s for s, e in ranges) / 2**20:.1f} MiB of whole pages")
+        print(
+            f"{os.path.basename(path)}: {len(experts)} experts, {sum(e - s for s, e in ranges) / 2**20:.1f} MiB of whole pages"
+        )
         print(f"{'method':<54} {'resident before':>15} {'after':>7}")
         for name, method in methods.items():
             touch()

@@ -78,7 +78,9 @@ def evaluate(assistant, labels: Path) -> list[ItemResult]:
     try:
         items = json.loads(labels.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the labelled set {labels} ({exc}); make it with tools/make_reading_set.py") from exc
+        raise InputError(
+            f"cannot read the labelled set {labels} ({exc}); make it with tools/make_reading_set.py"
+        ) from exc
     results = []
     for item in items:
         image = load_image(labels.parent / item["image"])
@@ -89,16 +91,18 @@ def evaluate(assistant, labels: Path) -> list[ItemResult]:
         result = ItemResult(item["image"], item["variant"], truth_text, read, cer(read, truth_text))
         for question in item["questions"]:
             answer = assistant.answer(question["question"], scene)
-            result.questions.append({
-                "question": question["question"],
-                "expected_mode": question["mode"],
-                "mode": answer.mode,
-                "answer": answer.text,
-                "recall": recall(answer.text, question["must"]),
-                "violations": violations(question, answer.text, truth),
-                "guarded": list(answer.topics) or list(sensitive_topics(question["question"], None, answer.mode)),
-                "withheld": answer.withheld,
-            })
+            result.questions.append(
+                {
+                    "question": question["question"],
+                    "expected_mode": question["mode"],
+                    "mode": answer.mode,
+                    "answer": answer.text,
+                    "recall": recall(answer.text, question["must"]),
+                    "violations": violations(question, answer.text, truth),
+                    "guarded": list(answer.topics) or list(sensitive_topics(question["question"], None, answer.mode)),
+                    "withheld": answer.withheld,
+                }
+            )
         results.append(result)
     return results
 
@@ -171,7 +175,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         for r in results:
             print(f"\n{r.image} (CER {100 * r.cer:.1f} %): read {r.read!r}")
             for q in r.questions:
-                print(f"  [{q['mode']}] {q['question']} → {q['answer']!r}" + (f"  VIOLATION {q['violations']}" if q["violations"] else ""))
+                print(
+                    f"  [{q['mode']}] {q['question']} → {q['answer']!r}"
+                    + (f"  VIOLATION {q['violations']}" if q["violations"] else "")
+                )
     if args.json:
         Path(args.json).write_text(
             json.dumps({"summary": totals, "items": [asdict(r) for r in results]}, indent=1, ensure_ascii=False) + "\n",
@@ -189,4 +196,3 @@ def add_commands(sub, bench) -> None:
     parser.add_argument("--json", help="write every answer and the summary to this JSON file")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every reading and answer")
     parser.set_defaults(func=_cmd_eval)
-

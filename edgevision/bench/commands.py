@@ -15,19 +15,35 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suites", default="all", help=_SUITES_HELP.format(names=", ".join(SUITES)))
     parser.add_argument("--quick", action="store_true", help="few rounds and short runs (tests, a first look)")
     parser.add_argument("--rounds", type=int, help="repeats of every measurement (default: 5, or 2 with --quick)")
-    parser.add_argument("--config", default="config/edgevision.yaml",
-                        help="config whose models the suites use, on the machine that runs them (default: %(default)s)")
+    parser.add_argument(
+        "--config",
+        default="config/edgevision.yaml",
+        help="config whose models the suites use, on the machine that runs them (default: %(default)s)",
+    )
     parser.add_argument("--power", default="auto", help="power reader: auto, ina3221, tegrastats, rapl, none")
-    parser.add_argument("--power-root", help="read the INA3221/RAPL sysfs files under this folder instead of / "
-                                             "(tests: the recorded-format fixture in tests/data)")
+    parser.add_argument(
+        "--power-root",
+        help="read the INA3221/RAPL sysfs files under this folder instead of / "
+        "(tests: the recorded-format fixture in tests/data)",
+    )
     parser.add_argument("--interval-ms", type=int, default=100, help="power and memory sampling (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the decoders; 0: all cores")
 
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
     """The suite options, as `bench suites` on the board takes them."""
-    argv = ["--suites", args.suites, "--config", args.config, "--power", args.power,
-            "--interval-ms", str(args.interval_ms), "--threads", str(args.threads)]
+    argv = [
+        "--suites",
+        args.suites,
+        "--config",
+        args.config,
+        "--power",
+        args.power,
+        "--interval-ms",
+        str(args.interval_ms),
+        "--threads",
+        str(args.threads),
+    ]
     if args.quick:
         argv.append("--quick")
     if args.rounds is not None:
@@ -38,33 +54,57 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 
 
 def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    board = bench.add_parser("board", help="run the benchmark suites on a board over SSH and bring back one "
-                                           "results folder with its report")
+    board = bench.add_parser(
+        "board", help="run the benchmark suites on a board over SSH and bring back one results folder with its report"
+    )
     board.add_argument("host", help="the board: [user@]host, as ssh takes it")
     board.add_argument("-p", "--port", type=int, help="SSH port (default: ssh's)")
     board.add_argument("-i", "--identity", type=Path, help="private key (default: ssh-agent and ssh's defaults)")
-    board.add_argument("-o", "--ssh-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="extra ssh option, repeatable (e.g. UserKnownHostsFile=FILE)")
-    board.add_argument("--remote-dir", default="edgevision",
-                       help="where the tree is copied on the board, relative to its home (default: %(default)s)")
-    board.add_argument("--python", default=".venv/bin/python",
-                       help="the board's Python environment to use (default: %(default)s in --remote-dir, made "
-                            "with 'make venv' if missing)")
-    board.add_argument("--models", help="the board's models folder, linked as --remote-dir/models where that has "
-                                        "none (default: make models there)")
-    board.add_argument("--no-setup", action="store_true",
-                       help="never run make venv / make models on the board: a missing environment is an error")
-    board.add_argument("--copy", choices=["auto", "rsync", "tar"], default="auto",
-                       help="how the tree and results travel: rsync over ssh, tar over ssh, or auto (rsync where both "
-                            "sides have it)")
+    board.add_argument(
+        "-o",
+        "--ssh-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra ssh option, repeatable (e.g. UserKnownHostsFile=FILE)",
+    )
+    board.add_argument(
+        "--remote-dir",
+        default="edgevision",
+        help="where the tree is copied on the board, relative to its home (default: %(default)s)",
+    )
+    board.add_argument(
+        "--python",
+        default=".venv/bin/python",
+        help="the board's Python environment to use (default: %(default)s in --remote-dir, made "
+        "with 'make venv' if missing)",
+    )
+    board.add_argument(
+        "--models",
+        help="the board's models folder, linked as --remote-dir/models where that has "
+        "none (default: make models there)",
+    )
+    board.add_argument(
+        "--no-setup",
+        action="store_true",
+        help="never run make venv / make models on the board: a missing environment is an error",
+    )
+    board.add_argument(
+        "--copy",
+        choices=["auto", "rsync", "tar"],
+        default="auto",
+        help="how the tree and results travel: rsync over ssh, tar over ssh, or auto (rsync where both sides have it)",
+    )
     board.add_argument("--out", type=Path, help="local results folder (default: out/bench/HOST-UTCTIME)")
     board.add_argument("--compare", type=Path, help="an older results folder for the report to compare with")
     board.add_argument("--force", action="store_true", help="compare even across hardware, power modes or models")
     _suite_arguments(board)
     board.set_defaults(func=_cmd_board)
 
-    suites = bench.add_parser("suites", help="run the benchmark suites on this machine into a results folder "
-                                             "(what 'bench board' runs on the board)")
+    suites = bench.add_parser(
+        "suites",
+        help="run the benchmark suites on this machine into a results folder (what 'bench board' runs on the board)",
+    )
     _suite_arguments(suites)
     suites.add_argument("--models", type=Path, default=Path("models"), help="models folder (default: %(default)s)")
     suites.add_argument("--out", type=Path, help="results folder to make (default: out/bench/HOST-UTCTIME)")
@@ -72,13 +112,20 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     suites.add_argument("--git-dirty", action="store_true", help=argparse.SUPPRESS)
     suites.set_defaults(func=_cmd_suites)
 
-    report = sub.add_parser("report", help="an HTML and Markdown report (plots inlined) from a benchmark results "
-                                           "folder, optionally against an older one")
+    report = sub.add_parser(
+        "report",
+        help="an HTML and Markdown report (plots inlined) from a benchmark results "
+        "folder, optionally against an older one",
+    )
     report.add_argument("results", type=Path, help="results folder (from 'edgevision bench board' or 'bench suites')")
     report.add_argument("--compare", type=Path, metavar="OLDER", help="older results folder: mark what changed")
     report.add_argument("--force", action="store_true", help="compare even across hardware, power modes or models")
-    report.add_argument("--threshold", type=float, default=0.05,
-                        help="smallest relative change that counts as a regression or improvement (default: 0.05)")
+    report.add_argument(
+        "--threshold",
+        type=float,
+        default=0.05,
+        help="smallest relative change that counts as a regression or improvement (default: 0.05)",
+    )
     report.add_argument("--out", type=Path, help="folder for report.html/report.md (default: the results folder)")
     report.set_defaults(func=_cmd_report)
 
@@ -96,10 +143,19 @@ def _cmd_suites(args: argparse.Namespace) -> int:
     suites = parse_suites(args.suites)
     out = args.out or Path("out/bench") / f"{platform.node()}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     commit = {"git_commit": args.git_commit, "git_dirty": args.git_dirty} if args.git_commit else None
-    folder = run_suites(out, suites=suites, config_path=Path(args.config), models_dir=args.models,
-                        rounds=_rounds(args), quick=args.quick, power=args.power,
-                        power_root=Path(args.power_root) if args.power_root else None,
-                        interval=args.interval_ms / 1000, threads=args.threads, commit=commit)
+    folder = run_suites(
+        out,
+        suites=suites,
+        config_path=Path(args.config),
+        models_dir=args.models,
+        rounds=_rounds(args),
+        quick=args.quick,
+        power=args.power,
+        power_root=Path(args.power_root) if args.power_root else None,
+        interval=args.interval_ms / 1000,
+        threads=args.threads,
+        commit=commit,
+    )
     print(f"results: {folder}")
     return 0
 
@@ -125,9 +181,17 @@ def _cmd_board(args: argparse.Namespace) -> int:
             files = build_report(folder)
         write_report(folder, files)
 
-    folder = bench_board(ssh, suites_argv=_forwarded(args), out=args.out, remote_dir=args.remote_dir,
-                         python=args.python, models=args.models, setup=not args.no_setup, copy=args.copy,
-                         finish=finish)
+    folder = bench_board(
+        ssh,
+        suites_argv=_forwarded(args),
+        out=args.out,
+        remote_dir=args.remote_dir,
+        python=args.python,
+        models=args.models,
+        setup=not args.no_setup,
+        copy=args.copy,
+        finish=finish,
+    )
     print(f"results: {folder}\nreport:  {folder / 'report.html'}")
     if refused:
         raise EdgevisionError(f"{refused[0]}; the results and a report without the comparison are in {folder}")

@@ -65,8 +65,11 @@ def power_mode() -> dict[str, Any] | None:
         return None
     name = re.search(r"NV Power Mode:\s*(\S+)", text)
     number = re.search(r"^\s*(\d+)\s*$", text, re.MULTILINE)
-    return {"mode": name.group(1) if name else text.splitlines()[0], "id": int(number.group(1)) if number else None,
-            "text": text}
+    return {
+        "mode": name.group(1) if name else text.splitlines()[0],
+        "id": int(number.group(1)) if number else None,
+        "text": text,
+    }
 
 
 def machine_facts() -> dict[str, Any]:
@@ -74,8 +77,10 @@ def machine_facts() -> dict[str, Any]:
     mem = re.search(r"^MemTotal:\s+(\d+) kB", _read("/proc/meminfo") or "", re.MULTILINE)
     l4t = _read("/etc/nv_tegra_release")
     board = _read("/proc/device-tree/model")
-    tensorrt = _version("tensorrt") or (_run(["dpkg-query", "-W", "-f=${Version}", "libnvinfer10"])
-                                       or _run(["dpkg-query", "-W", "-f=${Version}", "libnvinfer8"]))
+    tensorrt = _version("tensorrt") or (
+        _run(["dpkg-query", "-W", "-f=${Version}", "libnvinfer10"])
+        or _run(["dpkg-query", "-W", "-f=${Version}", "libnvinfer8"])
+    )
     return {
         "hostname": platform.node(),
         "board": board,  # e.g. "NVIDIA Jetson Orin NX Engineering Reference Developer Kit"; None off a Jetson
@@ -93,8 +98,10 @@ def machine_facts() -> dict[str, Any]:
         "power_mode": power_mode(),
         "clocks": _run(["jetson_clocks", "--show"]),
         "python": platform.python_version(),
-        "packages": {name: _version(name) for name in ("llama_cpp_python", "onnxruntime", "onnxruntime-gpu",
-                                                       "faster-whisper", "piper-tts", "numpy")},
+        "packages": {
+            name: _version(name)
+            for name in ("llama_cpp_python", "onnxruntime", "onnxruntime-gpu", "faster-whisper", "piper-tts", "numpy")
+        },
     }
 
 
@@ -108,8 +115,8 @@ def _cpu_ticks() -> dict[int, tuple[str, int]]:
             text = stat.read_text()
         except OSError:
             continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        fields = text[text.rindex(")") + 2:].split()
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text[text.rindex(")") + 2 :].split()
         ticks[int(stat.parent.name)] = (name, int(fields[11]) + int(fields[12]))  # utime + stime
     return ticks
 
@@ -123,7 +130,7 @@ def _command_line(pid: int, width: int = 60) -> str | None:
     if not argv:
         return None
     text = " ".join([Path(argv[0]).name, *argv[1:]])
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def load_snapshot(window: float = 0.5, top: int = 5) -> dict[str, Any]:
@@ -147,7 +154,9 @@ def load_snapshot(window: float = 0.5, top: int = 5) -> dict[str, Any]:
         process["command"] = _command_line(process["pid"]) or process["command"]
     return {
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "loadavg_1m": float(loadavg[0]), "loadavg_5m": float(loadavg[1]), "loadavg_15m": float(loadavg[2]),
+        "loadavg_1m": float(loadavg[0]),
+        "loadavg_5m": float(loadavg[1]),
+        "loadavg_15m": float(loadavg[2]),
         "cpu_count": os.cpu_count(),
         "top_processes": busy[:top],
         "units": {"loadavg": "runnable tasks", "cpu_percent": "% of one core"},

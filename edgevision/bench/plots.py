@@ -11,9 +11,20 @@ from typing import Any
 
 from edgevision.bench.results import Change, figures
 
-COLORS = {"hold": "#9aa5b1", "think": "#e8a33d", "speak": "#3d8fe8", "power": "#c0392b", "rss": "#2c7fb8",
-          "used": "#7f7f7f", "gpu": "#41ab5d", "regression": "#c0392b", "improvement": "#2e8b57",
-          "within noise": "#9aa5b1", "too few rounds": "#d5dade", "changed": "#d5dade"}
+COLORS = {
+    "hold": "#9aa5b1",
+    "think": "#e8a33d",
+    "speak": "#3d8fe8",
+    "power": "#c0392b",
+    "rss": "#2c7fb8",
+    "used": "#7f7f7f",
+    "gpu": "#41ab5d",
+    "regression": "#c0392b",
+    "improvement": "#2e8b57",
+    "within noise": "#9aa5b1",
+    "too few rounds": "#d5dade",
+    "changed": "#d5dade",
+}
 WIDTH = 9.0  # inches at 100 dpi: 900 px, the report's column
 
 
@@ -23,8 +34,15 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
-                         "axes.titleweight": "bold", "axes.titlesize": 11})
+    plt.rcParams.update(
+        {
+            "font.size": 10,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "axes.titleweight": "bold",
+            "axes.titlesize": 11,
+        }
+    )
     return plt
 
 
@@ -43,8 +61,12 @@ def waterfall(results: dict) -> bytes | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(WIDTH, 1.6 + 0.9 * len(answers)))
-    spans = (("press", "release", "hold"), ("release", "first token", "think"), ("first token", "first audio", "think"),
-             ("first audio", "last audio", "speak"))
+    spans = (
+        ("press", "release", "hold"),
+        ("release", "first token", "think"),
+        ("first token", "first audio", "think"),
+        ("first audio", "last audio", "speak"),
+    )
     longest = max(a["events_s"]["last audio"] for a in answers.values())
     for row, answer in enumerate(answers.values()):
         events = answer["events_s"]
@@ -52,29 +74,59 @@ def waterfall(results: dict) -> bytes | None:
             if start not in events or end not in events:
                 continue
             width = events[end] - events[start]
-            ax.barh(row, width, left=events[start], height=0.55, color=COLORS[color],
-                    alpha=0.55 if start == "first token" else 0.95, edgecolor="white")
+            ax.barh(
+                row,
+                width,
+                left=events[start],
+                height=0.55,
+                color=COLORS[color],
+                alpha=0.55 if start == "first token" else 0.95,
+                edgecolor="white",
+            )
             if width > 0.07 * longest:  # the stage's length inside its bar, where it fits
                 ax.annotate(f"{width:.1f} s", (events[start] + width / 2, row), ha="center", va="center", fontsize=8)
         for t in events.values():
             ax.plot([t, t], [row - 0.34, row + 0.34], color="black", lw=0.8)
         wait = events["first audio"] - events["release"]
-        ax.annotate(f"waits {wait:.1f} s after release", (events["last audio"], row), xytext=(6, 0),
-                    textcoords="offset points", va="center", fontsize=9, fontweight="bold")
+        ax.annotate(
+            f"waits {wait:.1f} s after release",
+            (events["last audio"], row),
+            xytext=(6, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=9,
+            fontweight="bold",
+        )
     first = next(iter(answers.values()))["events_s"]
     for i, (name, t) in enumerate(first.items()):  # event names over the top row, staggered so close ones part
-        ax.annotate(name, (t, -0.36), xytext=(0, 3 + 11 * (i % 2)), textcoords="offset points", ha="center",
-                    va="bottom", fontsize=8, color="#333333")
+        ax.annotate(
+            name,
+            (t, -0.36),
+            xytext=(0, 3 + 11 * (i % 2)),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="#333333",
+        )
     ax.set_yticks(range(len(answers)), list(answers))
     ax.set_ylim(len(answers) - 0.5, -0.9)
     ax.set_xlim(0, longest * 1.3)
     ax.set_xlabel("seconds since the button was pressed")
     ax.set_title("One answer, stage by stage (the median answer of each mode)", pad=10)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[c], alpha=a) for c, a in
-               (("hold", 0.95), ("think", 0.95), ("think", 0.55), ("speak", 0.95))]
-    ax.legend(handles, ["question spoken (held)", "release → first token", "first token → first audio",
-                        "answer spoken"], loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False,
-              ncol=4)
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=COLORS[c], alpha=a)
+        for c, a in (("hold", 0.95), ("think", 0.95), ("think", 0.55), ("speak", 0.95))
+    ]
+    ax.legend(
+        handles,
+        ["question spoken (held)", "release → first token", "first token → first audio", "answer spoken"],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        fontsize=8,
+        frameon=False,
+        ncol=4,
+    )
     return _png(fig)
 
 
@@ -91,8 +143,11 @@ def power_over_answer(results: dict) -> bytes | None:
     press = answer["press_unix_s"] - series["start_unix_s"]
     events = answer["events_s"]
     end = events["last audio"]
-    points = [(t - press, w) for t, w in zip(series["t_s"], series["power_w"], strict=True)
-              if w is not None and -1.0 <= t - press <= end + 1.0]
+    points = [
+        (t - press, w)
+        for t, w in zip(series["t_s"], series["power_w"], strict=True)
+        if w is not None and -1.0 <= t - press <= end + 1.0
+    ]
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(WIDTH, 3.2))
@@ -100,12 +155,26 @@ def power_over_answer(results: dict) -> bytes | None:
     ax.step(ts, ws, where="post", color=COLORS["power"], lw=1.5, label="board power (total)")
     inside = [(t, w) for t, w in points if 0 <= t <= end]
     if inside:
-        ax.fill_between([p[0] for p in inside], [p[1] for p in inside], step="post", color=COLORS["power"],
-                        alpha=0.2, label=f"energy of the answer: {answer.get('energy_j') or 0:.1f} J")
+        ax.fill_between(
+            [p[0] for p in inside],
+            [p[1] for p in inside],
+            step="post",
+            color=COLORS["power"],
+            alpha=0.2,
+            label=f"energy of the answer: {answer.get('energy_j') or 0:.1f} J",
+        )
     for name, t in events.items():
         ax.axvline(t, color="#555555", lw=0.7, ls="--")
-        ax.annotate(name, (t, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top", ha="right",
-                    fontsize=8, color="#333333")
+        ax.annotate(
+            name,
+            (t, 1.0),
+            xycoords=("data", "axes fraction"),
+            rotation=90,
+            va="top",
+            ha="right",
+            fontsize=8,
+            color="#333333",
+        )
     ax.set_ylim(0, max(ws) * 1.5)  # room above the curve for the stage names
     ax.set_xlabel("seconds since the button was pressed")
     ax.set_ylabel("W")
@@ -125,14 +194,29 @@ def memory_over_run(results: dict) -> bytes | None:
             continue
         ts = [offset + t for t in series["t_s"]]
         ax.axvspan(ts[0], ts[-1], color="#eef1f4" if i % 2 else "#f8f9fa", zorder=0)
-        ax.annotate(name, ((ts[0] + ts[-1]) / 2, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom",
-                    xytext=(0, 2 + 11 * (i % 2)), textcoords="offset points", fontsize=9, color="#333333")
+        ax.annotate(
+            name,
+            ((ts[0] + ts[-1]) / 2, 1.0),
+            xycoords=("data", "axes fraction"),
+            ha="center",
+            va="bottom",
+            xytext=(0, 2 + 11 * (i % 2)),
+            textcoords="offset points",
+            fontsize=9,
+            color="#333333",
+        )
         first = not drew
         ax.plot(ts, series["rss_mib"], color=COLORS["rss"], lw=1.4, label="benchmark process RSS" if first else None)
         if total_mib and any(v is not None for v in series["mem_available_mib"]):
             used = [None if v is None else total_mib - v for v in series["mem_available_mib"]]
-            ax.plot(ts, used, color=COLORS["used"], lw=1.0, ls="--",
-                    label="system RAM in use (MemTotal − MemAvailable)" if first else None)
+            ax.plot(
+                ts,
+                used,
+                color=COLORS["used"],
+                lw=1.0,
+                ls="--",
+                label="system RAM in use (MemTotal − MemAvailable)" if first else None,
+            )
         if any(v is not None for v in series["gpu_mib"]):
             ax.plot(ts, series["gpu_mib"], color=COLORS["gpu"], lw=1.4, label="GPU memory (NvMap)" if first else None)
         offset = ts[-1] + 0.5
@@ -150,8 +234,11 @@ def memory_over_run(results: dict) -> bytes | None:
 
 def tokens_per_second(results: dict) -> bytes | None:
     """Decode (and prefill) speed of every configuration, median with the range over repeats."""
-    rows = [(f"{suite}: {fig['config'].removeprefix(suite + ' ')} — {fig['name']}", fig)
-            for suite, fig in figures(results) if fig["unit"] == "tok/s" and fig["median"] is not None]
+    rows = [
+        (f"{suite}: {fig['config'].removeprefix(suite + ' ')} — {fig['name']}", fig)
+        for suite, fig in figures(results)
+        if fig["unit"] == "tok/s" and fig["median"] is not None
+    ]
     if not rows:
         return None
     plt = _pyplot()
@@ -161,8 +248,9 @@ def tokens_per_second(results: dict) -> bytes | None:
     highs = [f["max"] - f["median"] for _, f in rows]
     ax.barh(range(len(rows)), medians, xerr=[lows, highs], color="#3d8fe8", ecolor="#333333", capsize=3)
     for i, (_label, f) in enumerate(rows):
-        ax.annotate(f"{f['median']:.3g}", (f["max"], i), xytext=(6, 0), textcoords="offset points", va="center",
-                    fontsize=8)
+        ax.annotate(
+            f"{f['median']:.3g}", (f["max"], i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8
+        )
     ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=9)
     ax.invert_yaxis()
     top = max(f["max"] for _, f in rows)
@@ -195,8 +283,15 @@ def changes(items: list[Change]) -> bytes | None:
     ax.invert_yaxis()
     for i, (c, p) in enumerate(zip(items, percent, strict=True)):
         mark = {"regression": " regression", "improvement": " improvement"}.get(c.verdict, "")
-        ax.annotate(f"{p:+.1f}%{mark}", (p, i), xytext=(4 if p >= 0 else -4, 0), textcoords="offset points",
-                    ha="left" if p >= 0 else "right", va="center", fontsize=8)
+        ax.annotate(
+            f"{p:+.1f}%{mark}",
+            (p, i),
+            xytext=(4 if p >= 0 else -4, 0),
+            textcoords="offset points",
+            ha="left" if p >= 0 else "right",
+            va="center",
+            fontsize=8,
+        )
     span = max(abs(p) for p in percent) or 1
     ax.set_xlim(-span * 1.6, span * 1.6)
     ax.set_xlabel("change vs the older run, % of its median (tok/s: higher is better; s, J, MiB: lower)")

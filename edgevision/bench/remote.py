@@ -71,11 +71,14 @@ class Ssh:
         if code == 255:
             line = next((x for x in reversed(lines) if not x.startswith("Warning:")), "ssh failed")
             if "Permission denied" in line:
-                return RemoteError(f"{self.host} refused the key ({line}); pass --identity KEY whose public key is in "
-                                   "the board's ~/.ssh/authorized_keys, or load it into ssh-agent")
+                return RemoteError(
+                    f"{self.host} refused the key ({line}); pass --identity KEY whose public key is in "
+                    "the board's ~/.ssh/authorized_keys, or load it into ssh-agent"
+                )
             if "Host key verification failed" in line or "REMOTE HOST IDENTIFICATION" in stderr:
-                return RemoteError(f"{self.host}: host key not known or changed ({line}); connect once with ssh "
-                                   "to check and accept it")
+                return RemoteError(
+                    f"{self.host}: host key not known or changed ({line}); connect once with ssh to check and accept it"
+                )
             return RemoteError(f"cannot reach {self.host}: {line}")
         said = next((x for x in reversed(lines) if x.startswith("edgevision: error: ")), None)
         if said:
@@ -95,8 +98,17 @@ def sync(ssh: Ssh, remote_dir: str, *, use_rsync: bool, say: Callable[[str], Non
     quoted = shlex.quote(remote_dir)
     if use_rsync:
         say(f"bench board: copying {tree} to {ssh.host}:{remote_dir} (rsync)")
-        argv = ["rsync", "-az", "--delete", "--filter=:- .gitignore", *(f"--exclude={e}" for e in EXCLUDES),
-                "-e", shlex.join(ssh.argv()), f"{tree}/", f"{ssh.host}:{remote_dir}/"]
+        argv = [
+            "rsync",
+            "-az",
+            "--delete",
+            "--filter=:- .gitignore",
+            *(f"--exclude={e}" for e in EXCLUDES),
+            "-e",
+            shlex.join(ssh.argv()),
+            f"{tree}/",
+            f"{ssh.host}:{remote_dir}/",
+        ]
         ssh.run(f"mkdir -p {quoted}")
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -105,12 +117,16 @@ def sync(ssh: Ssh, remote_dir: str, *, use_rsync: bool, say: Callable[[str], Non
     say(f"bench board: copying {tree} to {ssh.host}:{remote_dir} (tar over ssh: rsync is missing)")
     archive = subprocess.run(
         ["tar", "-C", str(tree), "--exclude-vcs-ignores", *(f"--exclude=.{e}" for e in EXCLUDES), "-czf", "-", "."],
-        capture_output=True, check=False)
+        capture_output=True,
+        check=False,
+    )
     if archive.returncode != 0:
         raise EdgevisionError(f"tar failed: {archive.stderr.decode(errors='replace').strip()}")
     keep = " ".join(f"! -name {shlex.quote(k)}" for k in KEEP_ON_BOARD)
-    ssh.run(f"mkdir -p {quoted} && cd {quoted} && find . -mindepth 1 -maxdepth 1 {keep} -exec rm -rf {{}} + "
-            "&& tar -xzf -", stdin=archive.stdout)
+    ssh.run(
+        f"mkdir -p {quoted} && cd {quoted} && find . -mindepth 1 -maxdepth 1 {keep} -exec rm -rf {{}} + && tar -xzf -",
+        stdin=archive.stdout,
+    )
     return "tar"
 
 
@@ -123,24 +139,37 @@ def remote_script(remote_dir: str, python: str, models: str | None, setup: bool,
         lines.append(f"if [ -L models ] || [ ! -e models ]; then ln -sfn {q(models)} models; fi")
     lines.append(f"if [ ! -x {q(python)} ]; then")
     if setup and default:
-        lines.append("  echo 'bench board: making the environment (make venv; the first time on a board takes tens "
-                     "of minutes)' >&2; python3 -m venv --system-site-packages .venv; make venv >&2")
+        lines.append(
+            "  echo 'bench board: making the environment (make venv; the first time on a board takes tens "
+            "of minutes)' >&2; python3 -m venv --system-site-packages .venv; make venv >&2"
+        )
     else:
-        lines.append(f"  echo \"edgevision: error: no Python environment at {q(python)} on $(hostname) (in "
-                     f"$PWD); {'pass --python PATH or drop --no-setup' if default else 'check --python'}\" >&2; "
-                     "exit 2")
+        lines.append(
+            f'  echo "edgevision: error: no Python environment at {q(python)} on $(hostname) (in '
+            f'$PWD); {"pass --python PATH or drop --no-setup" if default else "check --python"}" >&2; '
+            "exit 2"
+        )
     lines.append("fi")
     if setup and default and not models:
-        lines.append("if [ ! -f models/registry.json ]; then echo 'bench board: making the models (make models)' >&2;"
-                     " make models >&2; fi")
-    lines.append(f"exec env PYTHONPATH=\"$PWD\" {q(python)} -m edgevision bench suites {shlex.join(suites_argv)}")
+        lines.append(
+            "if [ ! -f models/registry.json ]; then echo 'bench board: making the models (make models)' >&2;"
+            " make models >&2; fi"
+        )
+    lines.append(f'exec env PYTHONPATH="$PWD" {q(python)} -m edgevision bench suites {shlex.join(suites_argv)}')
     return "\n".join(lines)
 
 
 def _stream(argv: list[str], say: Callable[[str], None], prefix: str) -> tuple[int, str]:
     """Run, echoing each output line as it comes; the exit status and everything it printed."""
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               text=True, errors="replace", bufsize=1)
+    process = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+    )
     seen = []
     assert process.stdout is not None
     for line in process.stdout:
@@ -152,13 +181,19 @@ def _stream(argv: list[str], say: Callable[[str], None], prefix: str) -> tuple[i
 def fetch(ssh: Ssh, remote_folder: str, local: Path, *, use_rsync: bool) -> None:
     local.mkdir(parents=True)
     if use_rsync:
-        done = subprocess.run(["rsync", "-az", "-e", shlex.join(ssh.argv()), f"{ssh.host}:{remote_folder}/",
-                               f"{local}/"], capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            ["rsync", "-az", "-e", shlex.join(ssh.argv()), f"{ssh.host}:{remote_folder}/", f"{local}/"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise ssh.error(255 if done.returncode in (12, 255) else done.returncode, done.stderr)
         return
     archive = ssh.run(f"tar -C {shlex.quote(remote_folder)} -czf - .")
-    done = subprocess.run(["tar", "-C", str(local), "-xzf", "-"], input=archive.stdout, capture_output=True, check=False)
+    done = subprocess.run(
+        ["tar", "-C", str(local), "-xzf", "-"], input=archive.stdout, capture_output=True, check=False
+    )
     if done.returncode != 0:
         raise EdgevisionError(f"cannot unpack the results: {done.stderr.decode(errors='replace').strip()}")
 
@@ -188,8 +223,10 @@ def bench_board(
     probe = ssh.run("command -v rsync >/dev/null && echo rsync || echo no-rsync")
     have_rsync = shutil.which("rsync") is not None and probe.stdout.decode().strip() == "rsync"
     if copy == "rsync" and not have_rsync:
-        raise EdgevisionError(f"--copy rsync: rsync is missing {'here' if shutil.which('rsync') is None else 'on ' + ssh.name}"
-                              "; install it, or use --copy auto")
+        raise EdgevisionError(
+            f"--copy rsync: rsync is missing {'here' if shutil.which('rsync') is None else 'on ' + ssh.name}"
+            "; install it, or use --copy auto"
+        )
     use_rsync = have_rsync and copy != "tar"
     sync(ssh, remote_dir, use_rsync=use_rsync, say=say)
 

@@ -30,15 +30,21 @@ class ResultsError(EdgevisionError):
     """A results folder that cannot be read, or two that should not be compared."""
 
 
-def figure(name: str, unit: str, values: Iterable[float | None], *, config: str = "", better: str | None = None) -> dict:
+def figure(
+    name: str, unit: str, values: Iterable[float | None], *, config: str = "", better: str | None = None
+) -> dict:
     """One measured quantity: its repeats, median and range, in `unit`. None values (not measured) are dropped."""
     kept = [float(v) for v in values if v is not None]
     if better is None:
         better = "lower" if unit in LOWER_IS_BETTER else "higher"
     out: dict[str, Any] = {"name": name, "config": config, "unit": unit, "better": better, "n": len(kept)}
     if kept:
-        out.update(median=_round(statistics.median(kept)), min=_round(min(kept)), max=_round(max(kept)),
-                   values=[_round(v) for v in kept])
+        out.update(
+            median=_round(statistics.median(kept)),
+            min=_round(min(kept)),
+            max=_round(max(kept)),
+            values=[_round(v) for v in kept],
+        )
     else:
         out.update(median=None, min=None, max=None, values=[])
     return out
@@ -69,8 +75,9 @@ def load_results(folder: str | os.PathLike[str]) -> dict:
     if path.is_dir():
         path = path / RESULTS_FILE
     if not path.is_file():
-        raise ResultsError(f"{path}: no such results file; give a folder made by 'edgevision bench board' or "
-                           "'edgevision bench suites'")
+        raise ResultsError(
+            f"{path}: no such results file; give a folder made by 'edgevision bench board' or 'edgevision bench suites'"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -81,8 +88,10 @@ def load_results(folder: str | os.PathLike[str]) -> dict:
     if not isinstance(version, int):
         raise ResultsError(f"{path}: no schema_version")
     if version > SCHEMA_VERSION:
-        raise ResultsError(f"{path}: schema version {version} is newer than this edgevision reads ({SCHEMA_VERSION}); "
-                           "update edgevision on this machine to read it")
+        raise ResultsError(
+            f"{path}: schema version {version} is newer than this edgevision reads ({SCHEMA_VERSION}); "
+            "update edgevision on this machine to read it"
+        )
     missing = [key for key in ("run", "source", "machine", "models", "suites") if key not in data]
     if missing:
         raise ResultsError(f"{path}: incomplete results (no {', '.join(missing)}); the run did not finish")
@@ -159,8 +168,17 @@ def compare(new: dict, old: dict, *, threshold: float = 0.05) -> list[Change]:
         before = olds.get(_figure_id(suite, fig))
         if before is None or fig["median"] is None or before["median"] is None:
             continue
-        changes.append(Change(suite, fig["name"], fig["config"], fig["unit"], before["median"], fig["median"],
-                              _verdict(fig, before, threshold)))
+        changes.append(
+            Change(
+                suite,
+                fig["name"],
+                fig["config"],
+                fig["unit"],
+                before["median"],
+                fig["median"],
+                _verdict(fig, before, threshold),
+            )
+        )
     return changes
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_suites(text: str) -> list[str]:
-    """"e2e,vision" → ["vision", "e2e"] in the registry's order; "all" → every suite."""
+    """ "e2e,vision" → ["vision", "e2e"] in the registry's order; "all" → every suite."""
     names = list(SUITES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SUITES]
     if unknown or not names:
@@ -40,6 +40,7 @@ def parse_suites(text: str) -> list[str]:
 
 def source_commit() -> dict[str, Any]:
     """The checkout's git commit and whether it had changes, or "unknown" outside a git checkout."""
+
     def git(*argv: str) -> str | None:
         try:
             done = subprocess.run(["git", "-C", str(ROOT), *argv], capture_output=True, text=True, check=False)
@@ -63,8 +64,17 @@ def check_models(models_dir: Path) -> list[dict[str, Any]]:
     missing = [r.name for r in records if not Path(r.path).exists()]
     if missing:
         raise ModelError(f"registered models missing from {models_dir}: {', '.join(missing)}; run 'make models' again")
-    return [{"name": r.name, "kind": r.kind, "path": r.path, "sha256": r.sha256, "size": quantity(r.size, "B"),
-             "source": r.source} for r in records]
+    return [
+        {
+            "name": r.name,
+            "kind": r.kind,
+            "path": r.path,
+            "sha256": r.sha256,
+            "size": quantity(r.size, "B"),
+            "source": r.source,
+        }
+        for r in records
+    ]
 
 
 def used_models(paths: list[Path], registered: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,8 +90,14 @@ def used_models(paths: list[Path], registered: list[dict[str, Any]]) -> list[dic
         record = by_path.get(key)
         if record is None:
             sha, size = sha256_of(Path(key))
-            record = {"name": Path(key).stem, "kind": "unregistered", "path": key, "sha256": sha,
-                      "size": quantity(size, "B"), "source": "not in the registry"}
+            record = {
+                "name": Path(key).stem,
+                "kind": "unregistered",
+                "path": key,
+                "sha256": sha,
+                "size": quantity(size, "B"),
+                "source": "not in the registry",
+            }
         out[key] = record
     return sorted(out.values(), key=lambda r: (r["kind"], r["name"]))
 
@@ -120,8 +136,14 @@ def run_suites(
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "run": {
-                "id": out.name, "started_utc": _utc(), "suites": suites, "rounds": rounds, "quick": quick,
-                "threads": threads, "config": str(config_path), "sample_interval": quantity(interval, "s"),
+                "id": out.name,
+                "started_utc": _utc(),
+                "suites": suites,
+                "rounds": rounds,
+                "quick": quick,
+                "threads": threads,
+                "config": str(config_path),
+                "sample_interval": quantity(interval, "s"),
             },
             "source": {**(commit or source_commit()), "edgevision_version": __version__},
             "machine": machine_facts(),
@@ -131,9 +153,13 @@ def run_suites(
         }
         reader = open_power_reader(power, root=power_root or "/")
         results["run"]["power"] = {
-            "reader": reader.name, "sysfs_root": str(power_root or "/"),
-            "note": (f"read from {power_root}, a folder of sysfs files, not from this machine's monitors"
-                     if power_root else getattr(reader, "reason", "")),
+            "reader": reader.name,
+            "sysfs_root": str(power_root or "/"),
+            "note": (
+                f"read from {power_root}, a folder of sysfs files, not from this machine's monitors"
+                if power_root
+                else getattr(reader, "reason", "")
+            ),
         }
         context = SuiteContext(config, models_dir, rounds, quick, threads)
         used: list[Path] = []
@@ -175,14 +201,23 @@ def _run_one(name: str, context: SuiteContext, reader: Any, interval: float) -> 
     rss = [v for v in series["rss_mib"] if v is not None]
     available = [v for v in series["mem_available_mib"] if v is not None]
     gpu = [v for v in series["gpu_mib"] if v is not None]
-    memory = {"peak_rss": quantity(max(rss, default=None), "MiB"),
-              "min_mem_available": quantity(min(available, default=None), "MiB"),
-              "peak_gpu": quantity(max(gpu, default=None), "MiB")}
+    memory = {
+        "peak_rss": quantity(max(rss, default=None), "MiB"),
+        "min_mem_available": quantity(min(available, default=None), "MiB"),
+        "peak_gpu": quantity(max(gpu, default=None), "MiB"),
+    }
     return {
-        "status": "ok", "description": SUITES[name][1], "seconds": quantity(seconds, "s"),
+        "status": "ok",
+        "description": SUITES[name][1],
+        "seconds": quantity(seconds, "s"),
         # CPU time of this process and its finished children (Piper): what the suite costs, whatever else ran
-        "cpu_seconds": quantity(cpu, "s"), "figures": figures,
-        "notes": result.notes, "answer": result.answer, "memory": memory, "load_before": load, "samples": series,
+        "cpu_seconds": quantity(cpu, "s"),
+        "figures": figures,
+        "notes": result.notes,
+        "answer": result.answer,
+        "memory": memory,
+        "load_before": load,
+        "samples": series,
         "models": sorted({Path(p).name for p in result.models}),
     }, [Path(p) for p in result.models]
 

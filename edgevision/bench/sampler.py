@@ -18,8 +18,7 @@ from edgevision.telemetry.power import TOTAL, PowerReader
 
 logger = logging.getLogger(__name__)
 
-UNITS = {"t_s": "s", "power_w": "W", "rss_mib": "MiB", "mem_available_mib": "MiB", "gpu_mib": "MiB",
-         "rails_w": "W"}
+UNITS = {"t_s": "s", "power_w": "W", "rss_mib": "MiB", "mem_available_mib": "MiB", "gpu_mib": "MiB", "rails_w": "W"}
 
 
 class Sampler:
@@ -82,8 +81,16 @@ class Sampler:
         available = info.get("MemAvailable")
         clients = nvmap_clients()
         gpu = clients.get("total", sum(clients.values())) if clients else info.get("NvMapMemUsed")
-        self._rows.append((now, total, {k: round(v, 3) for k, v in watts.items()}, rss / 1024,
-                           None if available is None else available / 1024, None if gpu is None else gpu / 1024))
+        self._rows.append(
+            (
+                now,
+                total,
+                {k: round(v, 3) for k, v in watts.items()},
+                rss / 1024,
+                None if available is None else available / 1024,
+                None if gpu is None else gpu / 1024,
+            )
+        )
 
 
 def energy_between(series: dict[str, Any], start_unix: float, end_unix: float) -> float | None:

@@ -25,15 +25,19 @@ from edgevision.errors import EdgevisionError, ModelError
 SUITES: dict[str, tuple[str, str]] = {
     "idle": ("edgevision.bench.suites:idle", "the board at rest: power and memory with nothing running"),
     "vision": ("edgevision.bench.suites:vision", "vision tower: time to encode one camera frame, per back-end"),
-    "e2e": ("edgevision.bench.suites:e2e",
-            "spoken questions through the daemon, overlapped vs sequential: press → first audio, energy"),
+    "e2e": (
+        "edgevision.bench.suites:e2e",
+        "spoken questions through the daemon, overlapped vs sequential: press → first audio, energy",
+    ),
     "router": ("edgevision.bench.suites:router", "MoE decoder speed with and without the router observer"),
     "moe": ("edgevision.bench.suites:moe", "MoE decoder speed per quantisation (f32, q8_0, q4_0)"),
 }
 MOE_DECODERS = "synthetic/gemma4-moe-synthetic-l4-e8k2-{}.gguf"
 MOE_VARIANTS = ("f32", "q8_0", "q4_0")
-PROMPT = ("<|turn>user\nThe camera sees a person standing next to a table. On the table there is a red cup, a "
-          "green bottle and two books. What do you see in the picture?<turn|>\n<|turn>model\n")
+PROMPT = (
+    "<|turn>user\nThe camera sees a person standing next to a table. On the table there is a red cup, a "
+    "green bottle and two books. What do you see in the picture?<turn|>\n<|turn>model\n"
+)
 
 
 @dataclass(frozen=True)
@@ -116,9 +120,12 @@ def vision(ctx: SuiteContext) -> SuiteResult:
         for encoder in encoders.values():
             encoder.close()
     figures = [figure("encode one frame", "ms", t, config=name) for name, t in times.items()]
-    figures += [figure("frames per second", "frames/s", [1000 / v for v in t], config=name) for name, t in times.items()]
-    return SuiteResult(figures, [f"{tower.name}: {spec.image_size} px → {spec.n_tokens} image tokens"],
-                       models=list(paths.values()))
+    figures += [
+        figure("frames per second", "frames/s", [1000 / v for v in t], config=name) for name, t in times.items()
+    ]
+    return SuiteResult(
+        figures, [f"{tower.name}: {spec.image_size} px → {spec.n_tokens} image tokens"], models=list(paths.values())
+    )
 
 
 # --- e2e ---------------------------------------------------------------------------------------------------------
@@ -148,8 +155,9 @@ def e2e(ctx: SuiteContext) -> SuiteResult:
         records = report.by_mode(mode)
         for name, key, unit in E2E_STAGES:
             figures.append(figure(name, unit, [r["durations_s"].get(key) for r in records], config=mode))
-        figures.append(figure("answer tokens", "tokens", [r["n_tokens"] for r in records], config=mode,
-                              better="neither"))
+        figures.append(
+            figure("answer tokens", "tokens", [r["n_tokens"] for r in records], config=mode, better="neither")
+        )
     answers = {mode: waterfall(report.by_mode(mode)) for mode in MODES}
 
     def after(series: dict[str, Any]) -> list[dict]:
@@ -164,11 +172,17 @@ def e2e(ctx: SuiteContext) -> SuiteResult:
                 answer.pop("record")
         return out
 
-    notes = [f"questions: {', '.join(sorted({r['question'] or '' for r in report.records}))}",
-             f"scenes: {', '.join(report.images)}"]
+    notes = [
+        f"questions: {', '.join(sorted({r['question'] or '' for r in report.records}))}",
+        f"scenes: {', '.join(report.images)}",
+    ]
     speech, config = ctx.config.speech, ctx.config
-    models = [*speech.recognizer.paths().values(), *speech.synthesizer.paths().values(), config.vision.tower,
-              config.decoder.model]
+    models = [
+        *speech.recognizer.paths().values(),
+        *speech.synthesizer.paths().values(),
+        config.vision.tower,
+        config.decoder.model,
+    ]
     return SuiteResult(figures, notes, answer=answers, after=after, models=models)
 
 
@@ -186,8 +200,13 @@ def waterfall(records: list[dict]) -> dict[str, Any] | None:
         events["first token"] = release + d["release_to_first_token"]
     events["first audio"] = release + d["release_to_first_audio"]
     events["last audio"] = d["total"]
-    return {"question": record["question"], "answer": record["answer"], "press_unix_s": _unix(record),
-            "events_s": {k: round(v, 4) for k, v in events.items()}, "record": record}
+    return {
+        "question": record["question"],
+        "answer": record["answer"],
+        "press_unix_s": _unix(record),
+        "events_s": {k: round(v, 4) for k, v in events.items()},
+        "record": record,
+    }
 
 
 def _unix(record: dict) -> float:
@@ -208,8 +227,9 @@ def router(ctx: SuiteContext) -> SuiteResult:
 
     decoder = _need(ctx.models_dir / MOE_DECODERS.format("f32"), "MoE decoder")
     tokens = 16 if ctx.quick else 64
-    runs = measure_router(decoder, tokens=tokens, repeats=ctx.rounds, n_threads=ctx.threads or 1,
-                          variants=("plain", "observer"))
+    runs = measure_router(
+        decoder, tokens=tokens, repeats=ctx.rounds, n_threads=ctx.threads or 1, variants=("plain", "observer")
+    )
     figures = []
     for name, rows in runs.items():
         figures.append(figure("decode", "tok/s", [r[1] for r in rows], config=f"router {name}"))
@@ -246,6 +266,14 @@ def moe(ctx: SuiteContext) -> SuiteResult:
                     speed[variant].append((n - 1) / (end - middle))
     figures = [figure("decode", "tok/s", speed[v], config=f"moe {v}") for v in paths]
     figures += [figure("prefill", "tok/s", prefill[v], config=f"moe {v}") for v in paths]
-    return SuiteResult(figures, [(f"{', '.join(p.name for p in paths.values())}: {tokens} tokens after a "
-                                 f"{len(PROMPT.split())}-word prompt, median of {ctx.rounds}"),
-                                 "memory-capped residency is 'edgevision bench moe'"], models=list(paths.values()))
+    return SuiteResult(
+        figures,
+        [
+            (
+                f"{', '.join(p.name for p in paths.values())}: {tokens} tokens after a "
+                f"{len(PROMPT.split())}-word prompt, median of {ctx.rounds}"
+            ),
+            "memory-capped residency is 'edgevision bench moe'",
+        ],
+        models=list(paths.values()),
+    )

@@ -85,19 +85,39 @@ class E2EReport:
         a, b = self.modes
         n = {mode: len(self.by_mode(mode)) for mode in self.modes}
         lines = [
-            (f"edgevision bench e2e: {n[a]} + {n[b]} {self.questions} questions about {len(self.images)} scenes, "
-             f"warm, interleaved, medians"),
+            (
+                f"edgevision bench e2e: {n[a]} + {n[b]} {self.questions} questions about {len(self.images)} scenes, "
+                f"warm, interleaved, medians"
+            ),
             f"{'stage':<28} {a:>14} {b:>14} {'ratio':>7}",
         ]
         for label, key, unit in ROWS:
             lines.append(self._row(label, self.median(a, key), self.median(b, key), unit))
             if key == "release_to_first_audio":
-                lines.append(self._row("  without CPU-queue waits", self.reading(a, "usage", "free_to_first_audio_s"),
-                                       self.reading(b, "usage", "free_to_first_audio_s"), "s"))
-        lines.append(self._row("CPU, release → first audio", self.reading(a, "usage", "cpu_to_first_audio_s"),
-                               self.reading(b, "usage", "cpu_to_first_audio_s"), "s"))
-        lines.append(self._row("peak RSS, all processes", self.reading(a, "usage", "peak_rss_mb"),
-                               self.reading(b, "usage", "peak_rss_mb"), "MB"))
+                lines.append(
+                    self._row(
+                        "  without CPU-queue waits",
+                        self.reading(a, "usage", "free_to_first_audio_s"),
+                        self.reading(b, "usage", "free_to_first_audio_s"),
+                        "s",
+                    )
+                )
+        lines.append(
+            self._row(
+                "CPU, release → first audio",
+                self.reading(a, "usage", "cpu_to_first_audio_s"),
+                self.reading(b, "usage", "cpu_to_first_audio_s"),
+                "s",
+            )
+        )
+        lines.append(
+            self._row(
+                "peak RSS, all processes",
+                self.reading(a, "usage", "peak_rss_mb"),
+                self.reading(b, "usage", "peak_rss_mb"),
+                "MB",
+            )
+        )
         joules = [self.reading(mode, "energy", "joules") for mode in self.modes]
         if None in joules:
             reasons = {r["energy"].get("reason") for r in self.records if isinstance(r.get("energy"), dict)}
@@ -107,25 +127,33 @@ class E2EReport:
             lines.append(self._row("energy per answer", *joules, "J"))
         heard = {mode: [r for r in self.by_mode(mode) if r.get("expected")] for mode in self.modes}
         if heard[a] or heard[b]:
-            cells = [f"{sum(_same_words(r['question'], r['expected']) for r in heard[m])}/{len(heard[m])}"
-                     for m in self.modes]
+            cells = [
+                f"{sum(_same_words(r['question'], r['expected']) for r in heard[m])}/{len(heard[m])}"
+                for m in self.modes
+            ]
             lines.append(f"{'question heard as spoken':<28} {cells[0]:>14} {cells[1]:>14}")
         over, other = self.median(a, "release_to_first_audio"), self.median(b, "release_to_first_audio")
         if over is not None and other:
             verdict = "met" if over / other <= TARGET else "NOT met"
-            lines.append(f"headline: release → first audio {over:.2f} s {a} vs {other:.2f} s {b} = "
-                         f"{over / other:.2f}× (target ≤ {TARGET}×: {verdict})")
+            lines.append(
+                f"headline: release → first audio {over:.2f} s {a} vs {other:.2f} s {b} = "
+                f"{over / other:.2f}× (target ≤ {TARGET}×: {verdict})"
+            )
         over, other = (self.reading(m, "usage", "free_to_first_audio_s") for m in self.modes)
         if over is not None and other:
             verdict = "met" if over / other <= TARGET else "NOT met"
-            lines.append(f"  without waits for CPUs other programs held: {over:.2f} s vs {other:.2f} s = "
-                         f"{over / other:.2f}× ({verdict})")
+            lines.append(
+                f"  without waits for CPUs other programs held: {over:.2f} s vs {other:.2f} s = "
+                f"{over / other:.2f}× ({verdict})"
+            )
         overlapped = self.by_mode("overlapped")
         if overlapped:
             early = sum(bool(r.get("early_transcript")) for r in overlapped)
             made = sum(r.get("early_transcripts_made", 0) for r in overlapped)
-            lines.append(f"early transcript (recognised while held) used in {early} of {len(overlapped)} overlapped "
-                         f"answers; {made} made in all")
+            lines.append(
+                f"early transcript (recognised while held) used in {early} of {len(overlapped)} overlapped "
+                f"answers; {made} made in all"
+            )
         if self.cold:
             lines += self._cold_table()
         failed = [r for r in self.records if r["answer"] is None]
@@ -135,13 +163,19 @@ class E2EReport:
 
     def _cold_table(self) -> list[str]:
         sides = ("edgevision", "peer")
-        runs = {side: [r for r in self.cold if r["side"] == side and r.get("first_audio_s") is not None]
-                for side in sides}
-        heading = (f"cold: a new process per question, started as the button is let go ({len(runs['edgevision'])} + "
-                   f"{len(runs['peer'])} runs, model files in the page cache), medians")
+        runs = {
+            side: [r for r in self.cold if r["side"] == side and r.get("first_audio_s") is not None] for side in sides
+        }
+        heading = (
+            f"cold: a new process per question, started as the button is let go ({len(runs['edgevision'])} + "
+            f"{len(runs['peer'])} runs, model files in the page cache), medians"
+        )
         lines = [heading, f"{'':<28} {'edgevision':>14} {'peer':>14} {'ratio':>7}"]
-        rows = (("start → models loaded", "loaded_s", "s"), ("start → first audio", "first_audio_s", "s"),
-                ("peak RSS, all processes", "peak_rss_mb", "MB"))
+        rows = (
+            ("start → models loaded", "loaded_s", "s"),
+            ("start → first audio", "first_audio_s", "s"),
+            ("peak RSS, all processes", "peak_rss_mb", "MB"),
+        )
         for label, key, unit in rows:
             values = [[r[key] for r in runs[side] if r.get(key) is not None] for side in sides]
             lines.append(self._row(label, *(statistics.median(v) if v else None for v in values), unit))
@@ -212,10 +246,12 @@ def run_e2e(
     power = open_power_reader(config.telemetry.power_reader)
     interval = config.telemetry.sample_interval_ms / 1000
     peers: set[int] = set()  # the peer's processes, left out of the daemon's side
-    sampler = ProcessSampler({
-        "daemon": lambda: tree(os.getpid(), without=lambda: set(peers)),
-        "peer": lambda: [p for root in list(peers) for p in tree(root)],
-    })
+    sampler = ProcessSampler(
+        {
+            "daemon": lambda: tree(os.getpid(), without=lambda: set(peers)),
+            "peer": lambda: [p for root in list(peers) for p in tree(root)],
+        }
+    )
     sampler.start()
     peer_process = None
     if peer is not None:  # loaded first, so the daemon's warm-up does not share the CPU with its loading
@@ -270,8 +306,7 @@ def run_e2e(
                     pressed = time.monotonic()
                     time.sleep(clip.duration)  # the user speaks while holding the button; the script records
                     reply = peer_process.ask(clip_files[k], scene_files[i % len(scenes)], time.monotonic())
-                    record = peer_record(reply, pressed=pressed, scene=named[i % len(scenes)][0],
-                                         expected=spoken[k][2])
+                    record = peer_record(reply, pressed=pressed, scene=named[i % len(scenes)][0], expected=spoken[k][2])
                     side = "peer"
                 else:
                     scene.save(camera_file.with_suffix(".new.png"))
@@ -285,8 +320,9 @@ def run_e2e(
                     time.sleep(clip.duration)  # the user speaks while holding the button
                     released = time.monotonic()
                     send_button(control.path, "release")
-                    record = dict(records.get(timeout=_TIMEOUT_S), expected=spoken[k][2],
-                                  scene=named[i % len(scenes)][0])
+                    record = dict(
+                        records.get(timeout=_TIMEOUT_S), expected=spoken[k][2], scene=named[i % len(scenes)][0]
+                    )
                     durations = record["durations_s"]
                     record["moments"] = {"press": pressed, "release": released}
                     for name, key in (("first_audio", "release_to_first_audio"), ("answered", "release_to_answer_end")):
@@ -316,8 +352,17 @@ def run_e2e(
     return E2EReport(results, [name for name, _ in named], modes=modes, questions=questions, cold=cold_runs)
 
 
-def _cold_rounds(config: Config, config_path: Path, peer: PeerModels, rounds: int, clip_files: list[Path], scene_files: list[Path],
-                 sampler: Any, peers: set[int], work: Path) -> list[dict[str, Any]]:
+def _cold_rounds(
+    config: Config,
+    config_path: Path,
+    peer: PeerModels,
+    rounds: int,
+    clip_files: list[Path],
+    scene_files: list[Path],
+    sampler: Any,
+    peers: set[int],
+    work: Path,
+) -> list[dict[str, Any]]:
     """Each side as a new process asked one question the moment it starts, alternating which goes first."""
     import subprocess
     import sys
@@ -330,17 +375,31 @@ def _cold_rounds(config: Config, config_path: Path, peer: PeerModels, rounds: in
         for side in ("edgevision", "peer") if i % 2 == 0 else ("peer", "edgevision"):
             started = time.monotonic()
             if side == "peer":
-                process = PeerProcess(peer_command(config, peer.mmproj),
-                                      requests=[{"audio": str(audio), "image": str(image), "release": started}])
+                process = PeerProcess(
+                    peer_command(config, peer.mmproj),
+                    requests=[{"audio": str(audio), "image": str(image), "release": started}],
+                )
                 peers.add(process.pid)
                 reply = process.answer()
                 process.close()
                 loaded, first_audio = process.ready["load_s"], reply["moments"].get("first_audio")
             else:
                 out = work / f"cold{i}.json"
-                command = [sys.executable, "-m", "edgevision.daemon.versus", "--tower", str(peer.tower),
-                           "--config", str(config_path), "--audio", str(audio), "--image", str(image),
-                           "--out", str(out)]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "edgevision.daemon.versus",
+                    "--tower",
+                    str(peer.tower),
+                    "--config",
+                    str(config_path),
+                    "--audio",
+                    str(audio),
+                    "--image",
+                    str(image),
+                    "--out",
+                    str(out),
+                ]
                 process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                 peers.add(process.pid)
                 _, errors = process.communicate(timeout=_TIMEOUT_S)
@@ -350,12 +409,16 @@ def _cold_rounds(config: Config, config_path: Path, peer: PeerModels, rounds: in
                 loaded, first_audio = reply["loaded"] - started, reply["moments"].get("first_audio")
             ended = time.monotonic()
             peers.discard(process.pid)
-            runs.append({
-                "side": side, "question": reply["question"], "answer": reply["answer"],
-                "loaded_s": round(loaded, 4),
-                "first_audio_s": None if first_audio is None else round(first_audio - started, 4),
-                "peak_rss_mb": sampler.peak_rss_mb("peer", started, ended),
-            })
+            runs.append(
+                {
+                    "side": side,
+                    "question": reply["question"],
+                    "answer": reply["answer"],
+                    "loaded_s": round(loaded, 4),
+                    "first_audio_s": None if first_audio is None else round(first_audio - started, 4),
+                    "peak_rss_mb": sampler.peak_rss_mb("peer", started, ended),
+                }
+            )
             logger.info("cold %s: %s", side, runs[-1]["first_audio_s"])
     return runs
 
@@ -427,4 +490,3 @@ def _wait(condition, what: str, timeout: float = _TIMEOUT_S) -> None:
         if time.monotonic() > deadline:
             raise EdgevisionError(f"bench e2e: waited {timeout:.0f} s for {what}")
         time.sleep(0.05)
-

@@ -55,8 +55,9 @@ def build_daemon(config: Config, *, notifier: Notifier | None = None) -> Daemon:
         camera = open_configured_camera(devices)
         stack.callback(camera.close)
 
-        log = InteractionLog(telemetry.log_path, max_bytes=int(telemetry.log_max_mb * 2**20),
-                             backups=telemetry.log_backups)
+        log = InteractionLog(
+            telemetry.log_path, max_bytes=int(telemetry.log_max_mb * 2**20), backups=telemetry.log_backups
+        )
         stack.callback(log.close)
         interval = telemetry.sample_interval_ms / 1000
         power = open_power_reader(telemetry.power_reader)

@@ -34,22 +34,46 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
     )
     e2e.add_argument("--config", help=_CONFIG_HELP)
     e2e.add_argument("-n", "--interactions", type=int, default=3, help="questions per mode (default: %(default)s)")
-    e2e.add_argument("--image", action="append", type=Path,
-                     help="photo to ask about (repeatable; default: the bundled photo and two generated scenes)")
+    e2e.add_argument(
+        "--image",
+        action="append",
+        type=Path,
+        help="photo to ask about (repeatable; default: the bundled photo and two generated scenes)",
+    )
     e2e.add_argument("--json", type=Path, help="also write every interaction record to this JSON file")
-    e2e.add_argument("--pause", type=float, default=0.0,
-                     help="seconds the scripted user stays quiet after each question before letting go "
-                          "(default: %(default)s: the button is let go as the spoken clip ends)")
-    e2e.add_argument("--audio", nargs="+", type=Path, metavar="WAV",
-                     help="recorded spoken questions instead of synthesised ones (a .txt beside one says what it asks)")
-    e2e.add_argument("--peer", action="store_true",
-                     help="compare the daemon with the sequential pipeline a user would script (faster-whisper → "
-                          "llama-cpp-python Llama with a Llava15ChatHandler → Piper), in its own process")
-    e2e.add_argument("--mmproj", type=Path,
-                     help="--peer: the vision tower as an mmproj GGUF; the daemon runs its ONNX export beside it "
-                          "(same name, .onnx) (default: mmproj-gemma3-270m.gguf beside the config's tower)")
-    e2e.add_argument("--cold", type=int, default=0, metavar="N",
-                     help="--peer: also N rounds of each side as a new process asked one question (default: 0)")
+    e2e.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="seconds the scripted user stays quiet after each question before letting go "
+        "(default: %(default)s: the button is let go as the spoken clip ends)",
+    )
+    e2e.add_argument(
+        "--audio",
+        nargs="+",
+        type=Path,
+        metavar="WAV",
+        help="recorded spoken questions instead of synthesised ones (a .txt beside one says what it asks)",
+    )
+    e2e.add_argument(
+        "--peer",
+        action="store_true",
+        help="compare the daemon with the sequential pipeline a user would script (faster-whisper → "
+        "llama-cpp-python Llama with a Llava15ChatHandler → Piper), in its own process",
+    )
+    e2e.add_argument(
+        "--mmproj",
+        type=Path,
+        help="--peer: the vision tower as an mmproj GGUF; the daemon runs its ONNX export beside it "
+        "(same name, .onnx) (default: mmproj-gemma3-270m.gguf beside the config's tower)",
+    )
+    e2e.add_argument(
+        "--cold",
+        type=int,
+        default=0,
+        metavar="N",
+        help="--peer: also N rounds of each side as a new process asked one question (default: 0)",
+    )
     e2e.set_defaults(func=_cmd_bench_e2e)
 
     soak = bench.add_parser(
@@ -110,19 +134,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply, indent=2))
         return 0
-    print(f"state:   {reply['state']} ({reply['mode']} mode{'' if reply['ready'] else ', warming up'}), "
-          f"up {reply['uptime_s']:.0f} s, {reply['interactions']} presses")
+    print(
+        f"state:   {reply['state']} ({reply['mode']} mode{'' if reply['ready'] else ', warming up'}), "
+        f"up {reply['uptime_s']:.0f} s, {reply['interactions']} presses"
+    )
     for role, name in reply["models"].items():
         print(f"{role + ':':<11} {name}")
     if placement := reply.get("placement"):
         hit = placement["hit_rate"]
-        print(f"placement: {placement['pinned_experts']} experts pinned ({placement['pinned_bytes'] / 2**20:.1f} MiB), "
-              f"{placement['locked_bytes'] / 2**20:.1f} MiB locked, {len(placement['gpu_layers'])} GPU layers; "
-              f"hit rate {'-' if hit is None else f'{100 * hit:.1f}%'} of {placement['expert_selections']} experts routed")
-        print(f"  since start: {placement['storage_bytes_read'] / 2**20:.1f} MiB read from storage, "
-              f"{placement['major_faults']} major faults, {placement['replans']} re-plans"
-              + (f", {placement['adaptation_errors']} failed ({placement['last_adaptation_error']})"
-                 if placement["adaptation_errors"] else ""))
+        print(
+            f"placement: {placement['pinned_experts']} experts pinned ({placement['pinned_bytes'] / 2**20:.1f} MiB), "
+            f"{placement['locked_bytes'] / 2**20:.1f} MiB locked, {len(placement['gpu_layers'])} GPU layers; "
+            f"hit rate {'-' if hit is None else f'{100 * hit:.1f}%'} of {placement['expert_selections']} experts routed"
+        )
+        print(
+            f"  since start: {placement['storage_bytes_read'] / 2**20:.1f} MiB read from storage, "
+            f"{placement['major_faults']} major faults, {placement['replans']} re-plans"
+            + (
+                f", {placement['adaptation_errors']} failed ({placement['last_adaptation_error']})"
+                if placement["adaptation_errors"]
+                else ""
+            )
+        )
     last = reply.get("last")
     if not last:
         print("no question answered yet")
@@ -136,10 +169,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-_STATUS_KEYS = {"state": str, "mode": str, "ready": bool, "uptime_s": int | float, "interactions": int,
-                "models": dict, "last": dict | None}
-_LAST_KEYS = {"time": str, "kind": str, "question": str | None, "answer": str | None,
-              "durations_s": dict}
+_STATUS_KEYS = {
+    "state": str,
+    "mode": str,
+    "ready": bool,
+    "uptime_s": int | float,
+    "interactions": int,
+    "models": dict,
+    "last": dict | None,
+}
+_LAST_KEYS = {"time": str, "kind": str, "question": str | None, "answer": str | None, "durations_s": dict}
 
 
 def _status_reply(path: Path, line: str) -> dict:
@@ -147,8 +186,10 @@ def _status_reply(path: Path, line: str) -> dict:
     from edgevision.errors import DeviceError
 
     def wrong(why: str) -> DeviceError:
-        return DeviceError(f"{path} answered `status` with {why}, not edgevision's status — is it edgevision's "
-                           "control socket, and the same version as this command? (check --socket)")
+        return DeviceError(
+            f"{path} answered `status` with {why}, not edgevision's status — is it edgevision's "
+            "control socket, and the same version as this command? (check --socket)"
+        )
 
     try:
         reply = json.loads(line)
@@ -193,8 +234,16 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     if args.peer:
         mmproj = args.mmproj or Path(config.vision.tower).parent / "mmproj-gemma3-270m.gguf"
         peer = PeerModels(mmproj=mmproj, tower=mmproj.with_suffix(".onnx"))
-    report = run_e2e(config, n=args.interactions, images=args.image, pause=args.pause, audio=args.audio,
-                     peer=peer, cold=args.cold, config_path=path)
+    report = run_e2e(
+        config,
+        n=args.interactions,
+        images=args.image,
+        pause=args.pause,
+        audio=args.audio,
+        peer=peer,
+        cold=args.cold,
+        config_path=path,
+    )
     print(report.table())
     if args.json:
         records = {"warm": report.records, "cold": report.cold} if args.peer else report.records

@@ -9,7 +9,7 @@ question is left to prefill, and the answer is spoken sentence by sentence as it
 mode does everything after release, for comparison.
 
 The loop is the only place that touches the devices and the state machine; the worker only computes and
-posts messages back (`state.py`). Components are built by the caller (`commands.build_daemon`) and passed
+posts messages back (`state.py`). Components are built by the caller (`build.build_daemon`) and passed
 in, so tests hand in software devices; the daemon closes them when it stops.
 """
 
@@ -58,6 +58,7 @@ from edgevision.devices.sound import Microphone, Speaker
 from edgevision.errors import DeviceError, EdgevisionError, InputError
 from edgevision.speech.audio import Audio
 from edgevision.telemetry.log import InteractionLog
+from edgevision.telemetry.meters import start_meters, stop_meters
 
 logger = logging.getLogger(__name__)
 
@@ -439,28 +440,10 @@ class Daemon:
         return self._phrases[text]
 
     def _start_meters(self, ix: Interaction) -> None:
-        for name, new_meter in self.meters.items():
-            try:
-                meter = new_meter()
-                meter.start()
-            except (OSError, EdgevisionError) as error:
-                logger.warning("%s meter failed to start: %s", name, error)
-                ix.meters[name] = error
-            else:
-                ix.meters[name] = meter
+        ix.meters.update(start_meters(self.meters))
 
     def _stop_meters(self, ix: Interaction) -> dict[str, Any]:
-        readings: dict[str, Any] = {}
-        for name, meter in ix.meters.items():
-            if isinstance(meter, Exception):
-                readings[name] = {"available": False, "reason": str(meter)}
-                continue
-            try:
-                readings[name] = meter.stop()
-            except (OSError, EdgevisionError, RuntimeError) as error:
-                readings[name] = {"available": False, "reason": str(error)}
-        ix.meters.clear()
-        return readings
+        return stop_meters(ix.meters)
 
     # --- the worker (models, one step at a time) ----------------------------------------------------------
 
@@ -556,8 +539,10 @@ class Daemon:
             busy = self._busy_since
             if busy is not None and time.monotonic() - busy > self.settings.worker_timeout_s:
                 if warned != busy:
-                    logger.error("a model step has run for over %.0f s; letting the watchdog restart the service",
-                                 self.settings.worker_timeout_s)
+                    logger.error(
+                        "a model step has run for over %.0f s; letting the watchdog restart the service",
+                        self.settings.worker_timeout_s,
+                    )
                     warned = busy
             else:
                 self.notifier.watchdog()
@@ -594,8 +579,12 @@ class Daemon:
         for button in self.buttons:
             await button.close()
         self._worker.shutdown(wait=True)
-        for name, close in (("camera", self.camera.close), ("microphone", self.microphone.close),
-                            ("speaker", self.speaker.close), ("models", self.assistant.close)):
+        for name, close in (
+            ("camera", self.camera.close),
+            ("microphone", self.microphone.close),
+            ("speaker", self.speaker.close),
+            ("models", self.assistant.close),
+        ):
             try:
                 close()
             except (OSError, EdgevisionError) as error:

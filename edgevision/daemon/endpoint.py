@@ -33,7 +33,7 @@ def frame_rms(samples: np.ndarray, sample_rate: int = 16_000) -> np.ndarray:
     padded[: len(samples)] = samples
     rms = np.sqrt((padded.reshape(n, size) ** 2).mean(axis=1))
     if len(samples) % size:  # the last frame's mean over its own samples, not the zero padding
-        tail = samples[(n - 1) * size:].astype(np.float64)
+        tail = samples[(n - 1) * size :].astype(np.float64)
         rms[-1] = np.sqrt((tail**2).mean())
     return rms
 

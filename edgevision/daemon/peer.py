@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         DEFAULT_SYSTEM_MESSAGE = None
         CHAT_FORMAT = GEMMA3_CHAT
 
-    whisper = WhisperModel(args.whisper, device="cpu", compute_type="int8", cpu_threads=args.whisper_threads,
-                           local_files_only=True)
+    whisper = WhisperModel(
+        args.whisper, device="cpu", compute_type="int8", cpu_threads=args.whisper_threads, local_files_only=True
+    )
     # llama.cpp's extra buffer types (repacked weights; AMX) off, as edgevision's decoder has them: Llama()
     # takes no argument for it in 0.3.36, so the model parameters it starts from are changed before it loads.
     default_params = llama_cpp.llama_cpp.llama_model_default_params
@@ -111,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         release = request["release"]
         moments: dict[str, float] = {}
         samples = np.load(request["audio"])
-        segments, _ = whisper.transcribe(samples, language=args.language, beam_size=args.beam_size,
-                                         condition_on_previous_text=False, without_timestamps=True)
+        segments, _ = whisper.transcribe(
+            samples,
+            language=args.language,
+            beam_size=args.beam_size,
+            condition_on_previous_text=False,
+            without_timestamps=True,
+        )
         question = " ".join(segment.text.strip() for segment in segments).strip()
         moments["heard"] = time.monotonic()
         image = base64.b64encode(Path(request["image"]).read_bytes()).decode("ascii")
@@ -120,12 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         stream = llm.create_chat_completion(
             messages=[
                 {"role": "system", "content": args.system},
-                {"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{image}"}},
-                    {"type": "text", "text": question},
-                ]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,{image}"}},
+                        {"type": "text", "text": question},
+                    ],
+                },
             ],
-            stream=True, temperature=0.0, repeat_penalty=1.0, max_tokens=args.max_tokens, seed=0,
+            stream=True,
+            temperature=0.0,
+            repeat_penalty=1.0,
+            max_tokens=args.max_tokens,
+            seed=0,
         )
         text, pending, spoken = "", "", 0.0
 
@@ -144,14 +157,22 @@ def main(argv: list[str] | None = None) -> int:
             text += piece
             pending += piece
             while (end := _SENTENCE_END.search(pending)) is not None:
-                sentence, pending = pending[: end.end()].strip(), pending[end.end():]
+                sentence, pending = pending[: end.end()].strip(), pending[end.end() :]
                 if sentence:
                     spoken += say(sentence)
         if pending.strip():
             spoken += say(pending.strip())
         moments["answered"] = time.monotonic()
-        _send({"event": "answer", "question": question, "answer": text.strip(), "release": release,
-               "moments": moments, "speech_s": spoken})
+        _send(
+            {
+                "event": "answer",
+                "question": question,
+                "answer": text.strip(),
+                "release": release,
+                "moments": moments,
+                "speech_s": spoken,
+            }
+        )
     return 0
 
 

@@ -146,7 +146,9 @@ def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, A
         "withheld_sentences": answer.withheld if answer is not None else 0,
         "said": ix.said,
         "error": ix.error,
-        "frame": None if ix.frame is None else {"index": ix.frame.index, "age_s": _round(ix.pressed_at - ix.frame.timestamp)},
+        "frame": None
+        if ix.frame is None
+        else {"index": ix.frame.index, "age_s": _round(ix.pressed_at - ix.frame.timestamp)},
         "timestamps": {
             name: _iso(ix.wall_at + (t - ix.pressed_at))
             for name, t in (

@@ -87,19 +87,26 @@ class SoakReport:
         s = self.summary()
         n = s["tenth"]
         lines = [
-            (f"edgevision bench soak: {s['answers']} spoken questions through one daemon in {s['seconds']:.0f} s "
-             f"(answers of up to {s['answer_tokens']} tokens; {s['errors']} without an answer)"),
+            (
+                f"edgevision bench soak: {s['answers']} spoken questions through one daemon in {s['seconds']:.0f} s "
+                f"(answers of up to {s['answer_tokens']} tokens; {s['errors']} without an answer)"
+            ),
             f"{'':<26} {f'first {n}':>12} {f'last {n}':>12} {'change':>10}",
         ]
-        for label, key, fmt in (("RSS, median (MB)", "rss_mb", "{:12.1f}"), ("Piper RSS, median (MB)", "piper_rss_mb",
-                                "{:12.1f}"), ("open descriptors, max", "fds", "{:12d}"), ("threads, max", "threads",
-                                "{:12d}")):
+        for label, key, fmt in (
+            ("RSS, median (MB)", "rss_mb", "{:12.1f}"),
+            ("Piper RSS, median (MB)", "piper_rss_mb", "{:12.1f}"),
+            ("open descriptors, max", "fds", "{:12d}"),
+            ("threads, max", "threads", "{:12d}"),
+        ):
             a, b = s[key]
             change = f"{(b - a) / a * 100:+9.1f}%" if key.endswith("mb") and a else f"{b - a:+10}"
             lines.append(f"{label:<26} {fmt.format(a)} {fmt.format(b)} {change}")
-        lines.append(f"RSS growth {s['rss_growth'] * 100:+.1f}% (goal < {RSS_GOAL * 100:.0f}%: "
-                     f"{'met' if s['rss_goal_met'] else 'NOT met'}); descriptors "
-                     f"{'did not grow' if s['no_fd_growth'] else 'GREW'}")
+        lines.append(
+            f"RSS growth {s['rss_growth'] * 100:+.1f}% (goal < {RSS_GOAL * 100:.0f}%: "
+            f"{'met' if s['rss_goal_met'] else 'NOT met'}); descriptors "
+            f"{'did not grow' if s['no_fd_growth'] else 'GREW'}"
+        )
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -168,8 +175,14 @@ def run_soak(config: Config, *, n: int = 500, tokens: int = 8, question: Path | 
             speaker.played.clear()
             samples.append(_sample(i + 1, record.get("error")))
             if (i + 1) % max(1, n // 20) == 0:
-                logger.warning("soak: %d/%d answers, RSS %.1f MB, %d descriptors, %d threads", i + 1, n,
-                               samples[-1].rss_mb, samples[-1].fds, samples[-1].threads)
+                logger.warning(
+                    "soak: %d/%d answers, RSS %.1f MB, %d descriptors, %d threads",
+                    i + 1,
+                    n,
+                    samples[-1].rss_mb,
+                    samples[-1].fds,
+                    samples[-1].threads,
+                )
     finally:
         loop.call_soon_threadsafe(daemon.stop, "soak done")
         thread.join(_TIMEOUT_S)

@@ -63,13 +63,33 @@ def peer_command(config: Config, mmproj: Path) -> list[str]:
         )
     whisper, voice = config.speech.recognizer.options, config.speech.synthesizer.options
     return [
-        sys.executable, "-m", "edgevision.daemon.peer",
-        "--whisper", str(whisper.model), "--language", whisper.language or "en",
-        "--beam-size", str(whisper.beam_size), "--whisper-threads", str(whisper.threads),
-        "--decoder", str(config.decoder.model), "--mmproj", str(mmproj), "--threads", str(threads),
-        "--n-ctx", str(config.decoder.n_ctx), "--max-tokens", str(config.decoder.max_answer_tokens),
-        "--system", config.decoder.system_prompt, "--voice", str(voice.voice),
-        "--length-scale", str(voice.length_scale),
+        sys.executable,
+        "-m",
+        "edgevision.daemon.peer",
+        "--whisper",
+        str(whisper.model),
+        "--language",
+        whisper.language or "en",
+        "--beam-size",
+        str(whisper.beam_size),
+        "--whisper-threads",
+        str(whisper.threads),
+        "--decoder",
+        str(config.decoder.model),
+        "--mmproj",
+        str(mmproj),
+        "--threads",
+        str(threads),
+        "--n-ctx",
+        str(config.decoder.n_ctx),
+        "--max-tokens",
+        str(config.decoder.max_answer_tokens),
+        "--system",
+        config.decoder.system_prompt,
+        "--voice",
+        str(voice.voice),
+        "--length-scale",
+        str(voice.length_scale),
     ]
 
 
@@ -79,7 +99,11 @@ class PeerProcess:
     def __init__(self, command: list[str], *, requests: list[dict[str, Any]] | None = None) -> None:
         self.spawned_at = time.monotonic()
         self._process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )
         self.pid = self._process.pid
@@ -152,8 +176,12 @@ def peer_record(reply: dict[str, Any], *, pressed: float, scene: str, expected: 
         "total": since("answered", pressed),
     }
     return {
-        "mode": "peer", "scene": scene, "question": reply["question"], "expected": expected,
-        "answer": reply["answer"] or None, "error": None if reply["answer"] else "the peer gave no answer",
+        "mode": "peer",
+        "scene": scene,
+        "question": reply["question"],
+        "expected": expected,
+        "answer": reply["answer"] or None,
+        "error": None if reply["answer"] else "the peer gave no answer",
         "durations_s": {k: v for k, v in durations.items() if v is not None},
         "moments": {"press": pressed, "release": release, **moments},
     }
@@ -316,8 +344,17 @@ def cold_main(argv: list[str] | None = None) -> int:
             audio=Audio(np.load(args.audio), WHISPER_SAMPLE_RATE),
             on_speech=lambda _chunk: moments.setdefault("first_audio", time.monotonic()),
         )
-    Path(args.out).write_text(json.dumps({"started": started, "loaded": loaded, "question": answer.question,
-                                          "answer": answer.text, "moments": moments}))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "started": started,
+                "loaded": loaded,
+                "question": answer.question,
+                "answer": answer.text,
+                "moments": moments,
+            }
+        )
+    )
     return 0
 
 

@@ -122,8 +122,9 @@ class CaptureLoop:
         self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
         self._thread.start()
         with self._new_frame:
-            self._new_frame.wait_for(lambda: self._raw is not None or self._problem is not None,
-                                     timeout=self.first_frame_timeout)
+            self._new_frame.wait_for(
+                lambda: self._raw is not None or self._problem is not None, timeout=self.first_frame_timeout
+            )
             if self._raw is None:
                 problem = self._problem or f"no frame within {self.first_frame_timeout:g} s"
         if self._raw is None:

@@ -58,11 +58,17 @@ def _sound() -> dict[str, Any]:
     default_in, default_out = sd.default.device
     devices = []
     for index, info in enumerate(sd.query_devices()):
-        devices.append({
-            "index": index, "name": info["name"], "inputs": info["max_input_channels"],
-            "outputs": info["max_output_channels"], "rate": int(info["default_samplerate"]),
-            "default_input": index == default_in, "default_output": index == default_out,
-        })
+        devices.append(
+            {
+                "index": index,
+                "name": info["name"],
+                "inputs": info["max_input_channels"],
+                "outputs": info["max_output_channels"],
+                "rate": int(info["default_samplerate"]),
+                "default_input": index == default_in,
+                "default_output": index == default_out,
+            }
+        )
     return {"available": True, "devices": devices}
 
 
@@ -177,9 +183,15 @@ def render(found: dict[str, Any]) -> str:
     if not sound["available"]:
         lines.append(("sound", sound["reason"]))
     else:
-        for kind, key, default in (("microphones", "inputs", "default_input"), ("speakers", "outputs", "default_output")):
-            names = [f"[{d['index']}] {d['name']} ({d['rate']} Hz){' *default' if d[default] else ''}"
-                     for d in sound["devices"] if d[key] > 0]
+        for kind, key, default in (
+            ("microphones", "inputs", "default_input"),
+            ("speakers", "outputs", "default_output"),
+        ):
+            names = [
+                f"[{d['index']}] {d['name']} ({d['rate']} Hz){' *default' if d[default] else ''}"
+                for d in sound["devices"]
+                if d[key] > 0
+            ]
             lines.append((kind, "; ".join(names) or "none"))
     buttons = found["buttons"]
     evdev = buttons["evdev"]

@@ -44,8 +44,14 @@ class EvdevButton:
         key: str = setting("KEY_SPACE", "The key code the button sends (`evtest` shows it).")
 
     def __init__(
-        self, device: str = "", *, key: str | int = "KEY_SPACE", debounce: float = 0.02, grab: bool = False,
-        backoff: float = 0.5, max_backoff: float = 5.0,
+        self,
+        device: str = "",
+        *,
+        key: str | int = "KEY_SPACE",
+        debounce: float = 0.02,
+        grab: bool = False,
+        backoff: float = 0.5,
+        max_backoff: float = 5.0,
     ) -> None:
         self._evdev = import_evdev()
         self.device, self.debounce, self.grab = device, debounce, grab
@@ -61,8 +67,10 @@ class EvdevButton:
             return int(key)
         code = self._evdev.ecodes.ecodes.get(str(key).upper())
         if code is None:
-            raise DeviceError(f"evdev button: unknown key {key!r} — use a name like KEY_SPACE or BTN_0 "
-                              "(`evtest` shows what a button sends)")
+            raise DeviceError(
+                f"evdev button: unknown key {key!r} — use a name like KEY_SPACE or BTN_0 "
+                "(`evtest` shows what a button sends)"
+            )
         return code
 
     def _find(self) -> Any:
@@ -78,8 +86,10 @@ class EvdevButton:
             if named and self.code in keys:
                 return candidate
             candidate.close()
-        raise DeviceError(f"evdev button: no input device {self.device or '(any)'} with key code {self.code} — "
-                          "check `ls /dev/input/by-id`, and that this user is in the 'input' group")
+        raise DeviceError(
+            f"evdev button: no input device {self.device or '(any)'} with key code {self.code} — "
+            "check `ls /dev/input/by-id`, and that this user is in the 'input' group"
+        )
 
     async def events(self) -> AsyncIterator[ButtonEvent]:
         if self._reader is None:

@@ -35,7 +35,12 @@ class GpioButton:
         active_low: bool = setting(True, "The button connects the pin to ground (pull-up on).")
 
     def __init__(
-        self, *, pin: int = 7, chip: str = "", line: int | None = None, active_low: bool = True,
+        self,
+        *,
+        pin: int = 7,
+        chip: str = "",
+        line: int | None = None,
+        active_low: bool = True,
         debounce: float = 0.03,
     ) -> None:
         self.pin, self.chip, self.line, self.active_low, self.debounce = pin, chip, line, active_low, debounce
@@ -74,8 +79,10 @@ class GpioButton:
             # Jetson.GPIO calls back on its own thread; debouncing is ours, so bouncetime stays off.
             GPIO.add_event_detect(self.pin, GPIO.BOTH, callback=lambda ch: self._edge(GPIO.input(ch)))
         except (RuntimeError, ValueError, OSError) as error:
-            raise DeviceError(f"GPIO button on BOARD pin {self.pin}: {error} — check the pin number and that "
-                              "this user is in the 'gpio' group") from error
+            raise DeviceError(
+                f"GPIO button on BOARD pin {self.pin}: {error} — check the pin number and that "
+                "this user is in the 'gpio' group"
+            ) from error
         logger.info("button: GPIO BOARD pin %d (Jetson.GPIO)", self.pin)
 
     def _open_gpiod(self) -> None:
@@ -84,15 +91,18 @@ class GpioButton:
 
         offset = self.line if self.line is not None else self.pin
         settings = gpiod.LineSettings(
-            direction=Direction.INPUT, edge_detection=Edge.BOTH,
+            direction=Direction.INPUT,
+            edge_detection=Edge.BOTH,
             bias=Bias.PULL_UP if self.active_low else Bias.PULL_DOWN,
             debounce_period=timedelta(0),
         )
         try:
             self._request = gpiod.request_lines(self.chip, consumer="edgevision", config={offset: settings})
         except OSError as error:
-            raise DeviceError(f"GPIO button on {self.chip} line {offset}: {error.strerror} — check the chip and "
-                              "line (`gpioinfo`) and that this user is in the 'gpio' group") from error
+            raise DeviceError(
+                f"GPIO button on {self.chip} line {offset}: {error.strerror} — check the chip and "
+                "line (`gpioinfo`) and that this user is in the 'gpio' group"
+            ) from error
         assert self._loop is not None
         self._loop.add_reader(self._request.fd, self._read_gpiod)
         logger.info("button: %s line %d (libgpiod)", self.chip, offset)

@@ -132,8 +132,11 @@ class OpenCvCamera(_DeferredDecoding):
                 f"camera {self.name}: cannot open {self.source} — check that it is plugged in, that this user is "
                 "in the 'video' group and that no other program holds it"
             )
-        for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.width), (cv2.CAP_PROP_FRAME_HEIGHT, self.height),
-                            (cv2.CAP_PROP_FPS, self.fps)):
+        for prop, value in (
+            (cv2.CAP_PROP_FRAME_WIDTH, self.width),
+            (cv2.CAP_PROP_FRAME_HEIGHT, self.height),
+            (cv2.CAP_PROP_FPS, self.fps),
+        ):
             if value:
                 capture.set(prop, value)
         if not self._gstreamer:

@@ -129,8 +129,12 @@ class SounddeviceMicrophone:
     def _open(self) -> Any:
         return self._sd.InputStream(
             # 16-bit integers: every value is a valid sample whatever the driver hands over (float32 can be NaN)
-            samplerate=self.sample_rate, channels=self.channels, dtype="int16", device=self.device,
-            blocksize=self.blocksize, callback=self._callback,
+            samplerate=self.sample_rate,
+            channels=self.channels,
+            dtype="int16",
+            device=self.device,
+            blocksize=self.blocksize,
+            callback=self._callback,
         )
 
     def _close_stream(self) -> None:
@@ -234,7 +238,7 @@ class SounddeviceSpeaker:
             while filled < frames and self._queue:
                 chunk = self._queue[0]
                 take = min(frames - filled, len(chunk) - self._offset)
-                outdata[filled:filled + take, 0] = chunk[self._offset:self._offset + take]
+                outdata[filled : filled + take, 0] = chunk[self._offset : self._offset + take]
                 filled += take
                 self._offset += take
                 if self._offset >= len(chunk):
@@ -273,8 +277,13 @@ class SounddeviceSpeaker:
                 with self._control:
                     if self._stream is None:
                         self._stream = self._sd.OutputStream(
-                            samplerate=self.sample_rate, channels=1, dtype="float32", device=self.device,
-                            blocksize=self.blocksize, latency=self.latency, callback=self._callback,
+                            samplerate=self.sample_rate,
+                            channels=1,
+                            dtype="float32",
+                            device=self.device,
+                            blocksize=self.blocksize,
+                            latency=self.latency,
+                            callback=self._callback,
                             finished_callback=self._finished,
                         )
                     if not self._stream.active:

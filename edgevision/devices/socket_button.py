@@ -82,25 +82,39 @@ class SocketButton:
             return
         path = self.path
         if len(os.fsencode(path)) > MAX_PATH:
-            raise DeviceError(f"control socket path {path} is {len(os.fsencode(path))} bytes long; a Unix socket "
-                              f"path can be at most {MAX_PATH} — choose a shorter devices.control_socket")
+            raise DeviceError(
+                f"control socket path {path} is {len(os.fsencode(path))} bytes long; a Unix socket "
+                f"path can be at most {MAX_PATH} — choose a shorter devices.control_socket"
+            )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             info = path.lstat()
         except FileNotFoundError:
             info = None
         except OSError as error:
-            raise DeviceError(f"cannot use control socket {path}: {error.strerror} — check devices.control_socket "
-                              "(systemd: RuntimeDirectory=edgevision)") from error
+            raise DeviceError(
+                f"cannot use control socket {path}: {error.strerror} — check devices.control_socket "
+                "(systemd: RuntimeDirectory=edgevision)"
+            ) from error
         if info is not None:
-            what = ("a symlink" if stat.S_ISLNK(info.st_mode) else "a directory" if stat.S_ISDIR(info.st_mode)
-                    else None if stat.S_ISSOCK(info.st_mode) else "a file that is not a socket")
+            what = (
+                "a symlink"
+                if stat.S_ISLNK(info.st_mode)
+                else "a directory"
+                if stat.S_ISDIR(info.st_mode)
+                else None
+                if stat.S_ISSOCK(info.st_mode)
+                else "a file that is not a socket"
+            )
             if what is not None:
-                raise DeviceError(f"control socket {path} is {what}; edgevision will not replace it — remove it "
-                                  "or choose another devices.control_socket")
+                raise DeviceError(
+                    f"control socket {path} is {what}; edgevision will not replace it — remove it "
+                    "or choose another devices.control_socket"
+                )
             if _listening(path):
-                raise DeviceError(f"control socket {path} is in use: is another edgevision running? "
-                                  "(`edgevision status`)")
+                raise DeviceError(
+                    f"control socket {path} is in use: is another edgevision running? (`edgevision status`)"
+                )
             path.unlink(missing_ok=True)  # left by a process that died
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -110,8 +124,10 @@ class SocketButton:
             listener.setblocking(False)
         except OSError as error:
             listener.close()
-            raise DeviceError(f"cannot listen on control socket {path}: {error.strerror} — check that its "
-                              "directory is writable by this user (systemd: RuntimeDirectory=edgevision)") from error
+            raise DeviceError(
+                f"cannot listen on control socket {path}: {error.strerror} — check that its "
+                "directory is writable by this user (systemd: RuntimeDirectory=edgevision)"
+            ) from error
         self._listener = listener
         logger.info("button: listening on %s", path)
 
@@ -164,8 +180,11 @@ class SocketButton:
             except OSError as error:
                 if error.errno not in _OUT_OF_RESOURCES:
                     raise
-                self._complaints.add("accept", f"control socket: accept() failed ({error.strerror}); backing off "
-                                     f"up to {_ACCEPT_BACKOFF_S[1]:g} s — too many open files? (LimitNOFILE)")
+                self._complaints.add(
+                    "accept",
+                    f"control socket: accept() failed ({error.strerror}); backing off "
+                    f"up to {_ACCEPT_BACKOFF_S[1]:g} s — too many open files? (LimitNOFILE)",
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _ACCEPT_BACKOFF_S[1])
                 continue
@@ -184,8 +203,9 @@ class SocketButton:
 
     def _evict_idlest(self) -> None:
         waiting = [(client.since, task) for task, client in self._clients.items() if client.waiting]
-        self._complaints.add("full", f"control socket: more than {self.max_clients} clients at once; closing the "
-                             "one idle the longest")
+        self._complaints.add(
+            "full", f"control socket: more than {self.max_clients} clients at once; closing the one idle the longest"
+        )
         if waiting:
             min(waiting, key=lambda pair: pair[0])[1].cancel()
 
@@ -287,23 +307,29 @@ def send_button(socket_path: str | os.PathLike[str], command: str, *, timeout: f
             break
         except (FileNotFoundError, ConnectionRefusedError) as error:
             if time.monotonic() >= deadline:
-                raise DeviceError(f"no edgevision is listening on {path} ({error.strerror}) — start it "
-                                  "(`systemctl start edgevision`) or pass the right --socket") from None
+                raise DeviceError(
+                    f"no edgevision is listening on {path} ({error.strerror}) — start it "
+                    "(`systemctl start edgevision`) or pass the right --socket"
+                ) from None
             time.sleep(0.05)
         except BlockingIOError:  # its queue of connections is full (a flood): it may take ours in a moment
             if time.monotonic() >= deadline:
-                raise DeviceError(f"edgevision on {path} is too busy to take a connection (its queue stayed full "
-                                  f"for {timeout:g} s) — is something flooding the control socket?") from None
+                raise DeviceError(
+                    f"edgevision on {path} is too busy to take a connection (its queue stayed full "
+                    f"for {timeout:g} s) — is something flooding the control socket?"
+                ) from None
             time.sleep(0.05)
         except PermissionError:
             raise DeviceError(f"not allowed to use {path} — add this user to the edgevision group") from None
         except TimeoutError:
-            raise DeviceError(f"edgevision on {path} did not answer within {timeout:g} s — it takes the socket "
-                              "before loading its models, so it may still be starting (`journalctl -u edgevision`)"
-                              ) from None
+            raise DeviceError(
+                f"edgevision on {path} did not answer within {timeout:g} s — it takes the socket "
+                "before loading its models, so it may still be starting (`journalctl -u edgevision`)"
+            ) from None
         except OSError as error:
-            raise DeviceError(f"cannot talk to {path}: {error.strerror or error} — is it edgevision's "
-                              "control socket?") from None
+            raise DeviceError(
+                f"cannot talk to {path}: {error.strerror or error} — is it edgevision's control socket?"
+            ) from None
     if reply.startswith("error:"):
         raise DeviceError(f"edgevision: {reply.removeprefix('error:').strip()}")
     return reply
@@ -322,8 +348,10 @@ def _read_line(sock: socket.socket, deadline: float, path: Path) -> str:
             break
         data += chunk
         if len(data) > MAX_REPLY:
-            raise DeviceError(f"{path} sent more than {MAX_REPLY} bytes without ending its reply — is it "
-                              "edgevision's control socket? (check --socket)")
+            raise DeviceError(
+                f"{path} sent more than {MAX_REPLY} bytes without ending its reply — is it "
+                "edgevision's control socket? (check --socket)"
+            )
     return data.decode("utf-8", "replace").strip()
 
 

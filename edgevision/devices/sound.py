@@ -46,5 +46,3 @@ class Speaker(Protocol):
         """Whether anything is playing or queued."""
 
     def close(self) -> None: ...
-
-

@@ -60,8 +60,9 @@ class WavMicrophone:
             elif path.is_file():
                 self._clips.append(path)
             else:
-                raise DeviceError(f"WAV microphone: {path} is neither a WAV file nor a folder — check "
-                                  "devices.microphone.source")
+                raise DeviceError(
+                    f"WAV microphone: {path} is neither a WAV file nor a folder — check devices.microphone.source"
+                )
         for file in files:
             self._clips.append(Path(file))
         self._current: Audio | None = None
@@ -218,7 +219,7 @@ class WavSpeaker:
             else:
                 start, written = time.monotonic(), 0
                 while written < len(samples) and not self._abort.is_set():
-                    chunk = samples[written:written + step]
+                    chunk = samples[written : written + step]
                     out.writeframes(np.ascontiguousarray(chunk).tobytes())
                     written += len(chunk)
                     self._abort.wait(max(0.0, start + written / rate - time.monotonic()))

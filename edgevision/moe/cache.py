@@ -156,7 +156,9 @@ class ScoredCache(_Sized):
         for expert in experts:  # a handful: scalar updates beat fancy indexing here
             row[expert] += amount
 
-    def _make_room(self, layer: int, expert: int, now: float, protect: Sequence[int], strict: bool) -> list[Expert] | None:
+    def _make_room(
+        self, layer: int, expert: int, now: float, protect: Sequence[int], strict: bool
+    ) -> list[Expert] | None:
         """Free room for (layer, expert) by evicting lower-scored residents (not `protect`, of the same layer):
         the evicted, or None if the expert does not beat them (`strict`: must score higher)."""
         need = self.size(layer) - (self.capacity - self.resident_bytes)

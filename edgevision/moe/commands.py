@@ -250,10 +250,14 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
     )
     policy.add_argument("--model", default=DEFAULT_MODEL, help="MoE decoder GGUF (default: %(default)s)")
     policy.add_argument(
-        "--calibration", default=DEFAULT_CALIBRATION, help="prompts.txt (the prior) and heldout.txt (default: %(default)s)"
+        "--calibration",
+        default=DEFAULT_CALIBRATION,
+        help="prompts.txt (the prior) and heldout.txt (default: %(default)s)",
     )
     policy.add_argument(
-        "--capacity", default="0.3,0.45,0.6", help="expert cache sizes, shares of all experts' bytes (default: %(default)s)"
+        "--capacity",
+        default="0.3,0.45,0.6",
+        help="expert cache sizes, shares of all experts' bytes (default: %(default)s)",
     )
     policy.add_argument("--tokens", type=int, default=16, help="generated tokens per question (default: %(default)s)")
     policy.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")

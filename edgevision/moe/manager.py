@@ -116,7 +116,9 @@ class ExpertManager:
         self.layout, self.mapping, self.predictor, self.depth = layout, mapping, predictor, depth
         self._budget = budget if callable(budget) else None
         capacity = budget if isinstance(budget, int) else budget(0)
-        expert_bytes = [layout.expert_bytes(layer) if layer in layout.moe_layers else 0 for layer in range(layout.n_layer)]
+        expert_bytes = [
+            layout.expert_bytes(layer) if layer in layout.moe_layers else 0 for layer in range(layout.n_layer)
+        ]
         self.cache = ScoredCache(capacity, expert_bytes, prior, half_life=half_life, prior_tokens=prior_tokens)
         self._lock = threading.Lock()  # the cache, between the decoding thread and the background one
         self.prefetcher = ExpertPrefetcher(layout, workers=workers) if prefetch else None
@@ -328,8 +330,14 @@ class ExpertManager:
         if self._error is not None:
             raise self._error
         return ManagerStats(
-            self._step, self._selected, self._misses, self._hinted, self._read_now + self._waited, self._evicted,
-            self.cache.capacity, self.cache.resident_bytes,
+            self._step,
+            self._selected,
+            self._misses,
+            self._hinted,
+            self._read_now + self._waited,
+            self._evicted,
+            self.cache.capacity,
+            self.cache.resident_bytes,
         )
 
     def close(self) -> None:
@@ -376,7 +384,12 @@ class RouterAwarePolicy:
         headroom: int = 32 * MIB,
     ) -> None:
         self.options = {
-            "predict": predict, "prefetch": prefetch, "evict": evict, "prior": prior, "follow": follow, "random": random,
+            "predict": predict,
+            "prefetch": prefetch,
+            "evict": evict,
+            "prior": prior,
+            "follow": follow,
+            "random": random,
         }
         self.headroom = headroom
         self.manager: ExpertManager | None = None

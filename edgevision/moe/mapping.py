@@ -205,7 +205,9 @@ def check_managed(mapping: ModelMapping, placement: dict[str, tuple[str, int]]) 
         )
     offsets = {tensor.name: tensor.offset for tensor in mapping.layout.tensors}
     outside = sorted(  # llama.cpp reads the tensor at exactly its file offset in the mapping, or not from it
-        (name, kind) for name, (kind, data) in placement.items() if name in names and data != mapping.base + offsets[name]
+        (name, kind)
+        for name, (kind, data) in placement.items()
+        if name in names and data != mapping.base + offsets[name]
     )
     if outside:
         name, kind = outside[0]

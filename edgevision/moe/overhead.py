@@ -48,8 +48,15 @@ def _attach_policy(stack: ExitStack, path: Path, decoder: object, observer: Pred
     mapping = stack.enter_context(ModelMapping(layout, decoder.mapping_base))  # type: ignore[attr-defined]
     prior = np.full((layout.n_layer, layout.n_expert), 1 / layout.n_expert)
     manager = ExpertManager(
-        layout, mapping, prior, budget=layout.expert_total, predictor=RoutePredictor.from_gguf(path),
-        prefetch=False, evict=False, warm=False, random_access=False,
+        layout,
+        mapping,
+        prior,
+        budget=layout.expert_total,
+        predictor=RoutePredictor.from_gguf(path),
+        prefetch=False,
+        evict=False,
+        warm=False,
+        random_access=False,
     )
     stack.enter_context(manager)
     manager.attach(observer)

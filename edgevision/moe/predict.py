@@ -202,4 +202,3 @@ class PredictingObserver(RouterObserver):
             if hidden is not None:
                 for listener in self.hidden_listeners:
                     listener(layer, hidden)
-

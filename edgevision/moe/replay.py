@@ -105,21 +105,31 @@ def compare_policies(
         simulate(
             "router-aware, recency only",
             ScoredCache(capacity, expert_bytes, prior, prior_tokens=0.0, **scored),
-            trace.steps, layers, expert_bytes, counted=counted,
+            trace.steps,
+            layers,
+            expert_bytes,
+            counted=counted,
         )
     )
     results.append(
         simulate(
             "router-aware (prior + recency)",
             ScoredCache(capacity, expert_bytes, prior, **scored),
-            trace.steps, layers, expert_bytes, counted=counted,
+            trace.steps,
+            layers,
+            expert_bytes,
+            counted=counted,
         )
     )
     results.append(
         simulate(
             "router-aware + predicted routing",
             ScoredCache(capacity, expert_bytes, prior, **scored),
-            trace.steps, layers, expert_bytes, predictions=trace.predicted, counted=counted,
+            trace.steps,
+            layers,
+            expert_bytes,
+            predictions=trace.predicted,
+            counted=counted,
         )
     )
     belady = BeladyCache(capacity, expert_bytes, trace.steps, layers)

@@ -39,9 +39,7 @@ def model_files(directory: str | Path) -> dict[str, Path]:
     files["dict"] = directory / DICT_FILE
     missing = [p.name for p in files.values() if not p.is_file()]
     if missing:
-        raise ModelError(
-            f"OCR models in {directory} are incomplete (missing {', '.join(missing)}); run 'make models'"
-        )
+        raise ModelError(f"OCR models in {directory} are incomplete (missing {', '.join(missing)}); run 'make models'")
     return files
 
 

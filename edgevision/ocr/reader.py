@@ -139,7 +139,9 @@ class TextReader:
         # single lines the classifier is sure read upside down on this page: kept the way that reads better
         doubt = [i for i, u in enumerate(upside) if u >= CLS_FLIP]
         if doubt:
-            alternatives = flipped or self.recognize([_turn(c) if i in doubt else c[:1, :1] for i, c in enumerate(crops)])
+            alternatives = flipped or self.recognize(
+                [_turn(c) if i in doubt else c[:1, :1] for i, c in enumerate(crops)]
+            )
             for i in doubt:
                 if alternatives[i][1] > texts[i][1]:
                     texts[i] = alternatives[i]

@@ -216,7 +216,9 @@ def _build_plan(onnx: Path, plan: Path, stage: str, *, workspace_mib: int, say: 
         say(f"building the fp16 {stage} plan for {platform.gpu_name} (sm {platform.compute_capability})")
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
-            raise ModelError(f"TensorRT could not build a plan from {onnx}: {'; '.join(log.errors[-3:]) or 'see the log'}")
+            raise ModelError(
+                f"TensorRT could not build a plan from {onnx}: {'; '.join(log.errors[-3:]) or 'see the log'}"
+            )
         tensor_in, tensor_out = network.get_input(0), network.get_output(0)
         inputs = (engines.TensorInfo(tensor_in.name, PROFILES[stage][2], "float32"),)
         outputs = (engines.TensorInfo(tensor_out.name, tuple(int(d) for d in tensor_out.shape), "float32"),)

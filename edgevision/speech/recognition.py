@@ -77,9 +77,7 @@ class WhisperRecognizer:
     class Settings:
         """Whisper through faster-whisper (CTranslate2), from a local model directory"""
 
-        model: Path = setting(
-            "../models/whisper-tiny.en", "Whisper model directory (CTranslate2 format).", path="dir"
-        )
+        model: Path = setting("../models/whisper-tiny.en", "Whisper model directory (CTranslate2 format).", path="dir")
         language: str = setting("en", "Language the user speaks, as a Whisper language code.")
         beam_size: int = setting(1, "Beam size; 1 is greedy decoding, the fastest.", min=1, max=10)
         threads: int = setting(0, "CPU threads; 0 picks automatically.", min=0, max=64)
@@ -185,8 +183,12 @@ class WhisperRecognizer:
         assert model is not None
         if self._tokenizer is None:
             language = self._language or "en"
-            self._tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
-                                        language=language if model.model.is_multilingual else None)
+            self._tokenizer = Tokenizer(
+                model.hf_tokenizer,
+                model.model.is_multilingual,
+                task="transcribe",
+                language=language if model.model.is_multilingual else None,
+            )
         tokenizer = self._tokenizer
         features = model.feature_extractor(samples)[:, :-1]  # the last frame is the extractor's padding
         duration = len(samples) / WHISPER_SAMPLE_RATE

@@ -87,7 +87,7 @@ def split_sentences(text_chunks: Iterable[str], *, first_clause_words: int = 0) 
                 if len(clause.split()) >= first_clause_words:
                     yield clause
                     first = False
-                    buffer = buffer[match.end():]
+                    buffer = buffer[match.end() :]
                     break
     tail = " ".join(buffer.split())
     if tail:
@@ -136,9 +136,7 @@ class PiperSynthesizer:
             "Piper voice model (.onnx, with its .onnx.json beside it).",
             path="file",
         )
-        length_scale: float = setting(
-            1.0, "Speaking rate: below 1 speaks faster, above 1 slower.", min=0.5, max=2.0
-        )
+        length_scale: float = setting(1.0, "Speaking rate: below 1 speaks faster, above 1 slower.", min=0.5, max=2.0)
 
     def __init__(
         self,

@@ -75,8 +75,9 @@ def run(seconds: float, interval: float, power: str, log_dir: Path) -> list[tupl
         rows.append(("workload, meters off", f"{off:8.1f} loops/s"))
         rows.append(("workload, meters on", f"{on:8.1f} loops/s"))
         rows.append(("on / off", f"{on / off:8.3f}"))
-        energy_text = (f"{measured.joules:.2f} J, mean {measured.mean_watts:.2f} W"
-                       if measured.available else measured.reason)
+        energy_text = (
+            f"{measured.joules:.2f} J, mean {measured.mean_watts:.2f} W" if measured.available else measured.reason
+        )
         rows.append(("energy of the 'on' run", energy_text))
     finally:
         reader.close()

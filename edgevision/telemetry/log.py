@@ -58,9 +58,13 @@ class InteractionLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = _open_append(self.path)
         except OSError as error:
-            reason = "it is a symbolic link, which the log never follows" if error.errno == errno.ELOOP else error.strerror
-            raise ConfigError(f"cannot write the interaction log {self.path}: {reason} — set "
-                              "telemetry.log_path to a writable file (systemd: LogsDirectory=edgevision)") from error
+            reason = (
+                "it is a symbolic link, which the log never follows" if error.errno == errno.ELOOP else error.strerror
+            )
+            raise ConfigError(
+                f"cannot write the interaction log {self.path}: {reason} — set "
+                "telemetry.log_path to a writable file (systemd: LogsDirectory=edgevision)"
+            ) from error
 
     def write(self, record: dict[str, Any]) -> bool:
         """Append `record` as one line and flush it to disk before returning.
@@ -85,7 +89,7 @@ class InteractionLog:
             view = memoryview(line)
             try:
                 while view:  # unbuffered: one write() call normally takes the whole line
-                    view = view[self._file.write(view):]
+                    view = view[self._file.write(view) :]
                 os.fsync(self._file.fileno())
             except OSError as error:
                 if len(view) < len(line) or error.errno != errno.ENOSPC:  # some of it may be on disk
@@ -156,8 +160,12 @@ def repair_tail(file: Any) -> int:
     else:
         keep = 0
     if keep < size:
-        logger.warning("%s: cut off a torn last record (%d bytes: %r...); the records before it are intact",
-                       getattr(file, "name", "interaction log"), size - keep, os.pread(fd, min(80, size - keep), keep))
+        logger.warning(
+            "%s: cut off a torn last record (%d bytes: %r...); the records before it are intact",
+            getattr(file, "name", "interaction log"),
+            size - keep,
+            os.pread(fd, min(80, size - keep), keep),
+        )
         os.ftruncate(fd, keep)
     return size - keep
 

@@ -153,11 +153,16 @@ class MemoryMeter:
         total = info.get("MemTotal", 0)
         available = info.get("MemAvailable", info.get("MemFree", 0))
         return MemoryReport(
-            rss_mb=rss / 1024, peak_rss_mb=peak / 1024, peak_rss_source=source,
-            system_total_mb=total / 1024, system_used_mb=(total - available) / 1024,
-            system_available_mb=available / 1024, peak_system_used_mb=self._peak_used / 1024,
+            rss_mb=rss / 1024,
+            peak_rss_mb=peak / 1024,
+            peak_rss_source=source,
+            system_total_mb=total / 1024,
+            system_used_mb=(total - available) / 1024,
+            system_available_mb=available / 1024,
+            peak_system_used_mb=self._peak_used / 1024,
             gpu_source=self._gpu_source,
-            children_rss_mb=self._children / 1024, peak_children_rss_mb=self._peak_children / 1024,
+            children_rss_mb=self._children / 1024,
+            peak_children_rss_mb=self._peak_children / 1024,
             gpu_process_mb=None if gpu_process is None else gpu_process / 1024,
             gpu_total_mb=None if gpu_total is None else gpu_total / 1024,
             peak_gpu_total_mb=None if self._peak_gpu is None else self._peak_gpu / 1024,
@@ -171,8 +176,9 @@ class MemoryMeter:
         status = process_status(self.root, self._proc)
         info = meminfo(self.root)
         self._peak_rss = max(self._peak_rss, status.get("VmRSS", 0))
-        self._children = sum(process_status(self.root, child).get("VmRSS", 0)
-                             for child in descendants(self.root, self._proc))
+        self._children = sum(
+            process_status(self.root, child).get("VmRSS", 0) for child in descendants(self.root, self._proc)
+        )
         self._peak_children = max(self._peak_children, self._children)
         if "MemTotal" in info:
             used = info["MemTotal"] - info.get("MemAvailable", info.get("MemFree", 0))

@@ -75,8 +75,10 @@ class Ina3221Reader:
     def __init__(self, root: str | os.PathLike[str] = "/") -> None:
         self.rails = self.find(Path(root))
         if not self.rails:
-            raise DeviceError(f"no INA3221 rails under {Path(root) / self.PATTERN} — not a Jetson, or the "
-                              "ina3221 driver is not loaded; set telemetry.power_reader to auto or none")
+            raise DeviceError(
+                f"no INA3221 rails under {Path(root) / self.PATTERN} — not a Jetson, or the "
+                "ina3221 driver is not loaded; set telemetry.power_reader to auto or none"
+            )
 
     @classmethod
     def find(cls, root: Path) -> list[_Rail]:
@@ -128,14 +130,19 @@ class TegrastatsReader:
     def __init__(self, command: str | os.PathLike[str] = "tegrastats", *, interval_ms: int = 100) -> None:
         found = shutil.which(str(command))
         if found is None:
-            raise DeviceError(f"tegrastats not found ({command}) — it comes with JetPack (nvidia-l4t-tools); "
-                              "set telemetry.power_reader to ina3221, auto or none")
+            raise DeviceError(
+                f"tegrastats not found ({command}) — it comes with JetPack (nvidia-l4t-tools); "
+                "set telemetry.power_reader to ina3221, auto or none"
+            )
         self._latest: PowerSample | None = None
         self._lock = threading.Lock()
         try:
             self._process = subprocess.Popen(
-                [found, "--interval", str(interval_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                text=True, bufsize=1,
+                [found, "--interval", str(interval_ms)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                bufsize=1,
             )
         except OSError as error:
             raise DeviceError(f"cannot run {found}: {error.strerror}") from error
@@ -204,8 +211,10 @@ class RaplReader:
             names[zone.name] = name
             self.zones.append(_Zone(name, energy, wrap, top=top))
         if not self.zones:
-            raise DeviceError(f"no readable RAPL counters under {base} — not an Intel CPU, or energy_uj is "
-                              "readable only by root; set telemetry.power_reader to none")
+            raise DeviceError(
+                f"no readable RAPL counters under {base} — not an Intel CPU, or energy_uj is "
+                "readable only by root; set telemetry.power_reader to none"
+            )
         self._last_t: float | None = None
 
     def read(self) -> PowerSample | None:
@@ -312,9 +321,13 @@ class Energy:
         if not self.available:
             return {"source": self.source, "available": False, "reason": self.reason}
         return {
-            "source": self.source, "available": True, "seconds": round(self.seconds, 4),
-            "joules": round(self.joules or 0.0, 4), "mean_watts": round(self.mean_watts or 0.0, 4),
-            "peak_watts": round(self.peak_watts or 0.0, 4), "samples": self.samples,
+            "source": self.source,
+            "available": True,
+            "seconds": round(self.seconds, 4),
+            "joules": round(self.joules or 0.0, 4),
+            "mean_watts": round(self.mean_watts or 0.0, 4),
+            "peak_watts": round(self.peak_watts or 0.0, 4),
+            "samples": self.samples,
             "rails_mean_watts": {k: round(v, 4) for k, v in self.rails.items()},
         }
 

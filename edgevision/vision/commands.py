@@ -37,7 +37,9 @@ def _tool(*argv: str) -> None:
         raise MissingDependencyError(
             f"tools/{argv[0]} is not here (an installed package has no tools/): pass --mmproj, --tower and --decoder"
         )
-    done = subprocess.run([sys.executable, str(TOOLS / argv[0]), *argv[1:]], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, str(TOOLS / argv[0]), *argv[1:]], capture_output=True, text=True, check=False
+    )
     if done.returncode != 0:
         raise EdgevisionError(f"tools/{argv[0]} failed: {done.stderr.strip().splitlines()[-1:]}")
 
@@ -49,7 +51,14 @@ def _synthetic(folder: Path) -> tuple[Path, list[tuple[str, Path, Path]]]:
     for kind, options in SYNTHETIC.items():
         mmproj, tower = folder / f"mmproj-{kind}.gguf", folder / f"tower-{kind}.onnx"
         _tool("make_mmproj.py", "--type", kind, "--out", str(mmproj), "--n-embd", "128", *options)
-        _tool("export_tower.py", "mmproj", str(mmproj), "--out", str(tower), *(["--llama-cpp-cls-last"] if kind == "mlp" else []))
+        _tool(
+            "export_tower.py",
+            "mmproj",
+            str(mmproj),
+            "--out",
+            str(tower),
+            *(["--llama-cpp-cls-last"] if kind == "mlp" else []),
+        )
         towers.append((kind, mmproj, tower))
     return decoder, towers
 
@@ -113,7 +122,10 @@ def bench_vision(decoder: Path, towers: list[tuple[str, Path, Path]], *, runs: i
                     label = f"{name} {spec.image_size}px"
                     rows.append((label, str(spec.n_tokens), backend, _ms(ours), _ms(theirs), f"{ours / theirs:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
     header = (
         f"vision encode: median of {runs} rounds (paths take turns) after {warmup} warm-up, one image, "
         "preprocessing included"

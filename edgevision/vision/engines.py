@@ -302,9 +302,10 @@ def qdq_fidelity(onnx_fp32: str | Path, onnx_qdq: str | Path, images: Sequence[P
     from edgevision.vision.onnxruntime import OrtEncoder
 
     worst = 1.0
-    with OrtEncoder(onnx_fp32, providers=["CPUExecutionProvider"]) as ref, OrtEncoder(
-        onnx_qdq, providers=["CPUExecutionProvider"]
-    ) as quant:
+    with (
+        OrtEncoder(onnx_fp32, providers=["CPUExecutionProvider"]) as ref,
+        OrtEncoder(onnx_qdq, providers=["CPUExecutionProvider"]) as quant,
+    ):
         for path in images:
             pixels = preprocess(load_image(path), ref.spec)
             worst = min(worst, float(row_cosines(ref.encode_pixels(pixels), quant.encode_pixels(pixels)).min()))

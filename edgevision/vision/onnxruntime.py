@@ -39,9 +39,7 @@ class OrtEncoder:
             raise ModelError(f"cannot load vision tower {self.path}: {exc}".splitlines()[0]) from exc
         meta = self._session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
-            raise ModelError(
-                f"{self.path} has no '{METADATA_KEY}' metadata: export it with the tools in tools/"
-            )
+            raise ModelError(f"{self.path} has no '{METADATA_KEY}' metadata: export it with the tools in tools/")
         self.spec = TowerSpec.from_json(meta[METADATA_KEY], source=str(self.path))
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         self._input = inputs[0].name

@@ -68,7 +68,9 @@ class TowerSpec:
         if self.resize not in RESIZE_MODES:
             raise ModelError(f"tower preprocessing: unknown resize mode {self.resize!r} (one of {RESIZE_MODES})")
         if self.pad_rounding not in PAD_ROUNDINGS:
-            raise ModelError(f"tower preprocessing: unknown pad rounding {self.pad_rounding!r} (one of {PAD_ROUNDINGS})")
+            raise ModelError(
+                f"tower preprocessing: unknown pad rounding {self.pad_rounding!r} (one of {PAD_ROUNDINGS})"
+            )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -56,7 +56,9 @@ def _require():
         import pycuda.driver as cuda
         import tensorrt as trt
     except ImportError as exc:  # installed, but its native library (libnvinfer, libcuda) is not loadable
-        raise MissingDependencyError(f"the tensorrt vision back-end cannot load its libraries ({exc}): {HOW_TO_GET}") from exc
+        raise MissingDependencyError(
+            f"the tensorrt vision back-end cannot load its libraries ({exc}): {HOW_TO_GET}"
+        ) from exc
     return trt, cuda
 
 
@@ -183,7 +185,9 @@ class TensorRTEncoder:
             mode = self._engine.get_tensor_mode(name)
             (inputs if mode == trt.TensorIOMode.INPUT else outputs).append(name)
         if len(inputs) != 1 or len(outputs) != 1:
-            raise ModelError(f"{self.plan}: a vision tower has one input and one output, this plan has {inputs} → {outputs}")
+            raise ModelError(
+                f"{self.plan}: a vision tower has one input and one output, this plan has {inputs} → {outputs}"
+            )
         self._input, self._output = inputs[0], outputs[0]
 
         # Fix the input shape (a dynamic batch is built with a profile of exactly 1) before reading the output's.
@@ -398,8 +402,10 @@ def build_plan(
         monitor = _make_progress_monitor(trt, say)
         if monitor is not None:
             config.progress_monitor = monitor
-        say(f"building {precision} plan for {platform.gpu_name} (sm {platform.compute_capability}), "
-            f"TensorRT {platform.tensorrt_version}; this takes minutes on a Jetson")
+        say(
+            f"building {precision} plan for {platform.gpu_name} (sm {platform.compute_capability}), "
+            f"TensorRT {platform.tensorrt_version}; this takes minutes on a Jetson"
+        )
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             detail = "; ".join(log.errors[-3:]) or "see the log"
@@ -409,7 +415,9 @@ def build_plan(
             out = []
             for i in range(count):
                 t = get(i)
-                shape = tuple(d if d != -1 else (1 if axis == 0 else image_size) for axis, d in enumerate(_dims(t.shape)))
+                shape = tuple(
+                    d if d != -1 else (1 if axis == 0 else image_size) for axis, d in enumerate(_dims(t.shape))
+                )
                 out.append(TensorInfo(t.name, shape, np.dtype(trt.nptype(t.dtype)).name))
             return tuple(out)
 
@@ -477,5 +485,7 @@ def build_engine(
         extra=extra,
     )
     engines.write_manifest(plan, manifest)
-    say(f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB, {built.seconds:.0f} s) and {engines.manifest_path(plan).name}")
+    say(
+        f"wrote {plan} ({plan.stat().st_size / 2**20:.1f} MiB, {built.seconds:.0f} s) and {engines.manifest_path(plan).name}"
+    )
     return plan

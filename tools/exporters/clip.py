@@ -119,7 +119,9 @@ def build(t: ClipTower) -> onnx.ModelProto:
     if t.post_ln is not None:
         x = g.layer_norm(x, *t.post_ln, t.eps)
     if t.class_embd is not None:  # keep rows 1..n_patch (llama.cpp's "patches" input does the same)
-        x = g.op("Slice", x, g.const([1], "i", np.int64), g.const([n_patch + 1], "i", np.int64), g.const([1], "i", np.int64))
+        x = g.op(
+            "Slice", x, g.const([1], "i", np.int64), g.const([n_patch + 1], "i", np.int64), g.const([1], "i", np.int64)
+        )
     x = g.act(g.linear(x, *t.mm0), t.proj_act)
     if t.mm2 is not None:
         x = g.linear(x, *t.mm2)

@@ -42,7 +42,9 @@ def _linear(mm: Mmproj, name: str) -> _Linear:
     values = [mm.tensor(f"{name}.{s}", False) for s in _CLAMPS]
     if all(v is None for v in values):
         return _Linear(w)
-    lo_hi = [float(v.reshape(-1)[0]) if v is not None else d for v, d in zip(values, (-np.inf, np.inf) * 2, strict=True)]
+    lo_hi = [
+        float(v.reshape(-1)[0]) if v is not None else d for v, d in zip(values, (-np.inf, np.inf) * 2, strict=True)
+    ]
     return _Linear(w, tuple(lo_hi))
 
 

@@ -19,7 +19,13 @@ from edgevision.errors import ModelError
 from exporters.clip import ClipLayer, ClipTower
 from exporters.mmproj import MmprojError
 
-_ACTS = {"quick_gelu": "gelu_quick", "gelu": "gelu_erf", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu", "silu": "silu"}
+_ACTS = {
+    "quick_gelu": "gelu_quick",
+    "gelu": "gelu_erf",
+    "gelu_pytorch_tanh": "gelu",
+    "gelu_new": "gelu",
+    "silu": "silu",
+}
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -35,7 +41,10 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def _projector(path: Path) -> tuple[tuple[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]:
     t = _read_safetensors(path)
-    for first, second in (("mm_projector.0", "mm_projector.2"), ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2")):
+    for first, second in (
+        ("mm_projector.0", "mm_projector.2"),
+        ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2"),
+    ):
         names = {k.split(first)[0] for k in t if k.endswith(f"{first}.weight")}
         for prefix in names:
             if f"{prefix}{second}.weight" in t:
@@ -141,7 +150,9 @@ def write_tiny_checkpoint(
         "vision_model.embeddings.patch_embedding.weight": (
             rng.standard_normal((width, 3, patch, patch)) / np.sqrt(3 * patch * patch)
         ).astype(np.float32),
-        "vision_model.embeddings.position_embedding.weight": (0.5 * rng.standard_normal((n_pos, width))).astype(np.float32),
+        "vision_model.embeddings.position_embedding.weight": (0.5 * rng.standard_normal((n_pos, width))).astype(
+            np.float32
+        ),
     }
     ln("vision_model.pre_layrnorm", t)
     ln("vision_model.post_layernorm", t)
