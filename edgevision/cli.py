@@ -95,28 +95,14 @@ def _camera_frame(config):
 
 
 def _timings_table(load: dict[str, float], timings: dict[str, float], n_tokens: int) -> str:
-    order = [
-        "recognition",
-        "vision_encode",
-        "image_prefill",
-        "ocr",
-        "ocr_wait",
-        "text_prefill",
-        "first_token",
-        "first_audio",
-        "total",
-    ]
+    from edgevision.stages import STAGES
+
     lines = ["stage              seconds"]
     for stage, seconds in load.items():
         lines.append(f"load {stage:<13} {seconds:8.3f}")
-    for stage in order:
-        if stage in timings:
-            label = {
-                "first_token": "to first token",
-                "first_audio": "to first audio",
-                "ocr_wait": "ocr after vision",
-            }.get(stage, stage)
-            lines.append(f"{label:<18} {timings[stage]:8.3f}")
+    for stage in STAGES:
+        if stage.name in timings:
+            lines.append(f"{stage.label:<18} {timings[stage.name]:8.3f}")
     if "decode_tokens_per_s" in timings:
         lines.append(f"decode             {timings['decode_tokens_per_s']:8.1f} tokens/s ({n_tokens} tokens)")
     return "\n".join(lines)

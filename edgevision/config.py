@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from edgevision.daemon.state import Mode
 from edgevision.decoder.prompt import FORMATS as CHAT_FORMATS
 from edgevision.devices.backends import BUTTONS, CAMERAS, MICROPHONES, SPEAKERS
 from edgevision.errors import ConfigError
@@ -193,10 +194,11 @@ class LoggingSettings:
 class DaemonSettings:
     """The appliance daemon (`edgevision run`): how a press, a release and the answer play together."""
 
-    mode: Literal["overlapped", "sequential"] = setting(
+    mode: str = setting(
         "overlapped",
         "overlapped: encode the image while the button is held, so only the question is left after release; "
         "sequential: everything after release (for comparison).",
+        choices=tuple(Mode),
     )
     max_recording_s: float = setting(15.0, "Longest question: recording stops after this many seconds.", min=1, max=120)
     follow_up_s: float = setting(

@@ -208,7 +208,7 @@ def run_e2e(
     config's, so both run the same one), then `cold` new-process rounds of each."""
     from edgevision.assistant import Assistant
     from edgevision.daemon.daemon import Daemon
-    from edgevision.daemon.state import State
+    from edgevision.daemon.state import Mode, State
     from edgevision.daemon.versus import (
         PeerProcess,
         ProcessSampler,
@@ -312,7 +312,7 @@ def run_e2e(
                     scene.save(camera_file.with_suffix(".new.png"))
                     os.replace(camera_file.with_suffix(".new.png"), camera_file)  # whole, never half-written
                     time.sleep(0.3)  # the camera re-reads a changed file within 0.1 s
-                    daemon.mode = mode
+                    daemon.mode = Mode(mode)
                     _wait(lambda: daemon.state is State.IDLE and not speaker.playing, "the daemon to be idle")
                     microphone.push(clip)
                     pressed = time.monotonic()

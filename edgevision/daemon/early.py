@@ -13,6 +13,7 @@ import time
 from edgevision.assistant import Assistant
 from edgevision.daemon.endpoint import only_quiet_after
 from edgevision.daemon.record import EarlyTranscript, Interaction
+from edgevision.daemon.state import Mode
 from edgevision.errors import EdgevisionError, InputError
 from edgevision.speech.audio import Audio
 
@@ -40,7 +41,7 @@ def transcribe_early(assistant: Assistant, ix: Interaction, audio: Audio) -> Non
 def early_question(ix: Interaction, audio: Audio) -> str | None:
     """The early transcript as the question, if everything recorded after it is quiet (then the recording
     is what it heard plus silence: the same words); None if there is none or speech went on after it."""
-    if ix.mode != "overlapped":
+    if ix.mode is not Mode.OVERLAPPED:
         return None
     early, ix.early_used = ix.early, False
     if early is None:

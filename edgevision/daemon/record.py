@@ -18,24 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from edgevision.assistant import Answer, Scene
-from edgevision.daemon.state import PressKind
+from edgevision.daemon.state import Mode, PressKind
 from edgevision.devices.camera import Frame
 from edgevision.errors import InputError
 from edgevision.speech.audio import Audio, write_wav
+from edgevision.stages import MODEL_STAGES
 
 logger = logging.getLogger(__name__)
-
-# stage durations taken from the assistant's own clocks, in pipeline order
-_MODEL_STAGES = (
-    "vision_encode",
-    "image_prefill",
-    "prefix_prefill",
-    "ocr",  # reading the text, in its own thread beside the two above
-    "ocr_wait",  # how much longer the text took than the image
-    "text_prefill",
-    "first_token",
-    "first_audio",
-)
 
 
 @dataclass(frozen=True)
@@ -54,7 +43,7 @@ class Interaction:
 
     id: int
     kind: PressKind
-    mode: str
+    mode: Mode
     pressed_at: float  # time.monotonic()
     wall_at: float  # time.time() at the press
     barge_in: bool = False
@@ -111,12 +100,12 @@ def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, A
         "recognition_after_release": max(0.0, _since(ix.released_at, ix.transcribed_at))
         if ix.released_at is not None and ix.transcribed_at is not None
         else None,
-        **{stage: stages.get(stage) for stage in _MODEL_STAGES},
+        **{stage: stages.get(stage) for stage in MODEL_STAGES},
         "decode_tokens_per_s": stages.get("decode_tokens_per_s"),
         "answer_total": stages.get("total"),
         # overlapped mode: how long encoding the image ran on after release (0 when wholly hidden)
         "look_after_release": max(0.0, _since(ix.released_at, ix.looked_at))
-        if ix.mode == "overlapped" and ix.looked_at is not None and ix.released_at is not None
+        if ix.mode is Mode.OVERLAPPED and ix.looked_at is not None and ix.released_at is not None
         else None,
         "release_to_first_token": _since(ix.released_at, first_token_at),
         "release_to_first_audio": _since(ix.released_at, ix.first_audio_at),

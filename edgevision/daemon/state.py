@@ -48,6 +48,16 @@ class StateMachine:
         self.state = to
 
 
+class Mode(str, enum.Enum):
+    """How the daemon schedules the models around a press (`daemon.mode`)."""
+
+    OVERLAPPED = "overlapped"  # look and listen while the button is held; only the question is left at release
+    SEQUENTIAL = "sequential"  # everything after release (for comparison)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class PressKind(enum.Enum):
     NEW = "new"  # a new question about a new frame
     FOLLOW_UP = "follow_up"  # soon after an answer: a question about the same scene

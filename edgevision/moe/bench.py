@@ -286,18 +286,9 @@ def _run_child(spec: RunSpec, cgroup: Any = None, storage: Any = None, timeout: 
 
 def _calibrate(model: Path, calibration: Path, tokens: int, n_threads: int, out: Path) -> None:
     """The prior: the calibration questions (text only) through the model, in a child, uncapped."""
-    code = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from edgevision.moe.calibrate import load_calibration, run_calibration\n"
-        "from edgevision.moe.router import RouterObserver\n"
-        "model, folder, tokens, threads, out = sys.argv[1:]\n"
-        "observer = RouterObserver.for_model(model)\n"
-        "run_calibration(model, load_calibration(folder), observer, max_tokens=int(tokens), n_threads=int(threads))\n"
-        "observer.profile(Path(model).name).save(out)\n"
-    )
-    args = [str(model), str(calibration), str(tokens), str(n_threads), str(out)]
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=900, check=False)
+    cmd = [sys.executable, "-m", "edgevision", "calibrate", "--decoder", str(model), "--calibration", str(calibration)]
+    cmd += ["--no-images", "--max-tokens", str(tokens), "--threads", str(n_threads), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)
     if proc.returncode != 0:
         raise EdgevisionError(f"calibrating {model.name} failed: {proc.stderr.strip().splitlines()[-1:]}")
 
