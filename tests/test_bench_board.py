@@ -133,6 +133,7 @@ def board_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"  synthesizer: {{kind: piper, voice: {models / 'piper/en_US-joe-medium.onnx'}}}\n"
         f"vision:\n  tower: {models / 'synthetic/tower-gemma3-270m.onnx'}\n"
         f"decoder:\n  model: {models / 'gemma-3-270m-q4_k_m.gguf'}\n  n_ctx: 1024\n  max_answer_tokens: 6\n"
+        f"ocr:\n  models: {models / 'ppocrv5'}\n"
         "telemetry:\n  power_reader: none\n",
         encoding="utf-8",
     )
