@@ -299,7 +299,7 @@ def test_locking_under_a_small_rlimit_memlock_fails_in_one_line_and_leaves_nothi
 
 
 @pytest.fixture(scope="module")
-def moe_config(tmp_path_factory, moe_q8: Path, whisper_dir, piper_voice, make_tower) -> tuple[Path, Path]:
+def moe_config(tmp_path_factory, moe_q8: Path, whisper_dir, piper_voice, make_tower, ocr_models) -> tuple[Path, Path]:
     """Two configs for the synthetic MoE decoder and a tower of its width: without a placement, and with one
     that pins a third of the experts and re-plans every 16 tokens."""
     from edgevision.moe.layout import read_layout
@@ -313,6 +313,7 @@ def moe_config(tmp_path_factory, moe_q8: Path, whisper_dir, piper_voice, make_to
         f"speech:\n  recognizer: {{kind: whisper, model: {whisper_dir}}}\n"
         f"  synthesizer: {{kind: piper, voice: {piper_voice}}}\n"
         f"vision:\n  tower: {tower}\n"
+        f"ocr:\n  models: {ocr_models}\n"
         f"decoder:\n  model: {moe_q8}\n  n_ctx: 1024\n  max_answer_tokens: 12\n  n_threads: 1\n"
     )
     plain, placed = base / "plain.yaml", base / "placed.yaml"
