@@ -93,6 +93,7 @@ def config_text(tmp: Path, **overrides: dict) -> str:
             "synthesizer": {"kind": "piper", "voice": str(MODELS / "piper" / "en_US-joe-medium.onnx")},
         },
         "vision": {"tower": str(MODELS / "synthetic" / "tower-gemma3-270m.onnx"), "threads": 1},
+        "ocr": {"models": str(MODELS / "ppocrv5")},
         "decoder": {"model": str(MODELS / "gemma-3-270m-q4_k_m.gguf"), "n_threads": 1, "max_answer_tokens": 8},
         "logging": {"level": "warning"},
         "telemetry": {"log_path": str(tmp / "log" / "interactions.jsonl")},
