@@ -278,9 +278,9 @@ class Daemon:
         self._cap_timer = self._loop.call_later(
             self.settings.max_recording_s, self._events.put_nowait, RecordingCapped(ix.id)
         )
-        if ix.kind is PressKind.NEW and ix.mode is Mode.OVERLAPPED:
+        if ix.kind is PressKind.NEW and ix.mode == Mode.OVERLAPPED:
             ix.look = self._submit(self._look, ix)
-        elif ix.mode is Mode.OVERLAPPED:
+        elif ix.mode == Mode.OVERLAPPED:
             self._listen(ix)  # a follow-up: no image to look at first
 
     def _on_release(self, t: float) -> None:
@@ -309,7 +309,7 @@ class Daemon:
     def _listen(self, ix: Interaction) -> None:
         """Overlapped mode, while the button is held: at each pause in the recording, and when the worker is
         free, hand what has been said so far to the worker to transcribe (`early.transcribe_early`)."""
-        if not self._is_current(ix.id) or self.state is not State.LISTENING or ix.mode is not Mode.OVERLAPPED:
+        if not self._is_current(ix.id) or self.state is not State.LISTENING or ix.mode != Mode.OVERLAPPED:
             return
         if ix.early_job is None or ix.early_job.done():
             try:

@@ -41,7 +41,7 @@ def transcribe_early(assistant: Assistant, ix: Interaction, audio: Audio) -> Non
 def early_question(ix: Interaction, audio: Audio) -> str | None:
     """The early transcript as the question, if everything recorded after it is quiet (then the recording
     is what it heard plus silence: the same words); None if there is none or speech went on after it."""
-    if ix.mode is not Mode.OVERLAPPED:
+    if ix.mode != Mode.OVERLAPPED:
         return None
     early, ix.early_used = ix.early, False
     if early is None:

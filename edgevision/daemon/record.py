@@ -105,7 +105,7 @@ def interaction_record(ix: Interaction, readings: dict[str, Any]) -> dict[str, A
         "answer_total": stages.get("total"),
         # overlapped mode: how long encoding the image ran on after release (0 when wholly hidden)
         "look_after_release": max(0.0, _since(ix.released_at, ix.looked_at))
-        if ix.mode is Mode.OVERLAPPED and ix.looked_at is not None and ix.released_at is not None
+        if ix.mode == Mode.OVERLAPPED and ix.looked_at is not None and ix.released_at is not None
         else None,
         "release_to_first_token": _since(ix.released_at, first_token_at),
         "release_to_first_audio": _since(ix.released_at, ix.first_audio_at),
