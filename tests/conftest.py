@@ -95,21 +95,30 @@ def smollm2_tower(make_tower, smollm2_gguf: Path, tmp_path_factory: pytest.TempP
     return out
 
 
+def _bundled_config(folder: Path, *, speech: tuple[Path, Path], tower: Path, decoder: Path, ocr: Path, tokens: int):
+    """A config file naming the provisioned models: Whisper and Piper, a tower, a decoder and the OCR set."""
+    whisper, voice = speech
+    path = folder / "edgevision.yaml"
+    path.write_text(
+        f"speech:\n  recognizer: {{kind: whisper, model: {whisper}}}\n"
+        f"  synthesizer: {{kind: piper, voice: {voice}}}\n"
+        f"vision:\n  tower: {tower}\n"
+        f"decoder:\n  model: {decoder}\n  n_ctx: 1024\n  max_answer_tokens: {tokens}\n"
+        f"ocr:\n  models: {ocr}\n",
+        encoding="utf-8",
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def demo_config(
     tmp_path_factory: pytest.TempPathFactory, whisper_dir, piper_voice, gemma3_gguf, gemma3_tower, ocr_models
 ) -> Path:
     """A config file naming the bundled models, as `make models` provisions them (Gemma 3 270M as decoder)."""
-    path = tmp_path_factory.mktemp("config") / "edgevision.yaml"
-    path.write_text(
-        f"speech:\n  recognizer: {{kind: whisper, model: {whisper_dir}}}\n"
-        f"  synthesizer: {{kind: piper, voice: {piper_voice}}}\n"
-        f"vision:\n  tower: {gemma3_tower}\n"
-        f"decoder:\n  model: {gemma3_gguf}\n  n_ctx: 1024\n  max_answer_tokens: 24\n"
-        f"ocr:\n  models: {ocr_models}\n",
-        encoding="utf-8",
+    folder = tmp_path_factory.mktemp("config")
+    return _bundled_config(
+        folder, speech=(whisper_dir, piper_voice), tower=gemma3_tower, decoder=gemma3_gguf, ocr=ocr_models, tokens=24
     )
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -117,13 +126,7 @@ def reading_config(
     tmp_path_factory: pytest.TempPathFactory, whisper_dir, piper_voice, smollm2_gguf, smollm2_tower, ocr_models
 ) -> Path:
     """The demo's configuration: SmolLM2-135M-Instruct as decoder, its synthetic tower, PP-OCRv5."""
-    path = tmp_path_factory.mktemp("config") / "edgevision.yaml"
-    path.write_text(
-        f"speech:\n  recognizer: {{kind: whisper, model: {whisper_dir}}}\n"
-        f"  synthesizer: {{kind: piper, voice: {piper_voice}}}\n"
-        f"vision:\n  tower: {smollm2_tower}\n"
-        f"decoder:\n  model: {smollm2_gguf}\n  n_ctx: 1024\n  max_answer_tokens: 32\n"
-        f"ocr:\n  models: {ocr_models}\n",
-        encoding="utf-8",
+    folder = tmp_path_factory.mktemp("config")
+    return _bundled_config(
+        folder, speech=(whisper_dir, piper_voice), tower=smollm2_tower, decoder=smollm2_gguf, ocr=ocr_models, tokens=32
     )
-    return path
