@@ -11,6 +11,7 @@ _SUITES_HELP = "suites to run, comma-separated: {names} or all (default: all)"
 
 def _suite_arguments(parser: argparse.ArgumentParser) -> None:
     from edgevision.bench.suites import SUITES
+    from edgevision.telemetry.power import POWER_READERS
 
     parser.add_argument("--suites", default="all", help=_SUITES_HELP.format(names=", ".join(SUITES)))
     parser.add_argument("--quick", action="store_true", help="few rounds and short runs (tests, a first look)")
@@ -20,7 +21,9 @@ def _suite_arguments(parser: argparse.ArgumentParser) -> None:
         default="config/edgevision.yaml",
         help="config whose models the suites use, on the machine that runs them (default: %(default)s)",
     )
-    parser.add_argument("--power", default="auto", help="power reader: auto, ina3221, tegrastats, rapl, none")
+    parser.add_argument(
+        "--power", default="auto", choices=("auto", *POWER_READERS), help="power reader (default: %(default)s)"
+    )
     parser.add_argument(
         "--power-root",
         help="read the INA3221/RAPL sysfs files under this folder instead of / "
