@@ -52,6 +52,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -c 'from edgevision.decoder.nodefilter import build; build()'  # the eval callback's C filter
 	touch $@
 
 models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-smollm2-135m.onnx \

@@ -171,12 +171,12 @@ def test_hints_read_ahead_only_what_the_cache_admits_and_shrinking_evicts_the_co
         cache.access(0, [0, 1], t)
         cache.access(1, [0, 1], t)
     assert cache.resident() == {(0, 0), (0, 1), (1, 0), (1, 1)} and cache.resident_bytes == 40
-    ahead, evicted = cache.hint(1, [5], 20)  # a guess does not push out experts selected 20 times
-    assert ahead == [] and evicted == []
+    ahead, evicted, transient = cache.hint(1, [5], 20)  # a guess does not push out experts selected 20 times
+    assert ahead == [] and evicted == [] and transient == [5]  # read for this use only
     for t in range(21, 240):  # expert 1's 20 selections fade (half-life 32 tokens)
         cache.access(0, [0], t)
         cache.access(1, [0], t)
-    ahead, evicted = cache.hint(1, [5], 240)  # expert 1 has gone cold in both layers: one of them makes room
+    ahead, evicted, _ = cache.hint(1, [5], 240)  # expert 1 has gone cold in both layers: one of them makes room
     assert ahead == [5] and len(evicted) == 1 and evicted[0][1] == 1
     gone = cache.shrink(20, 241)
     assert cache.resident_bytes == 20 and (0, 0) not in gone and (1, 0) not in gone

@@ -187,6 +187,47 @@ def test_observer_matches_a_numpy_router_token_by_token(skewed: Path):
     assert profile.top_share(0.25).min() > 0.4
 
 
+def test_the_c_node_filter_spares_python_the_other_nodes_and_sees_the_same_routing(skewed: Path):
+    """llama.cpp asks about every graph node; with the C filter only the router's nodes reach Python, and the
+    observer counts exactly what it counts when Python answers for every node (the fallback)."""
+    from edgevision.decoder.llama import LlamaDecoder
+    from edgevision.moe.predict import PredictingObserver
+
+    prompt = "<|turn>user\nWhat is on the table in front of me?"
+    filtered = PredictingObserver.for_model(skewed)
+    everything = PredictingObserver.for_model(skewed)
+    calls = {"python": 0}
+
+    def every_node(tensor: int, ask: bool) -> bool:  # no node_prefix: the decoder passes every node to Python
+        calls["python"] += 1
+        return everything(tensor, ask)
+
+    texts = []
+    with LlamaDecoder(skewed, n_ctx=256, n_threads=1, cb_eval=filtered) as decoder:
+        assert decoder._node_filter is not None, "the C node filter was not built (is there a C compiler?)"
+        decoder.prefill_tokens(decoder.tokenize(prompt))
+        texts.append("".join(decoder.generate(8, stop_on_eog=False)))
+        asked, passed = decoder._node_filter.counts
+        assert filtered.placement  # the first graph's expert matmuls were still probed
+    with LlamaDecoder(skewed, n_ctx=256, n_threads=1, cb_eval=every_node) as decoder:
+        assert decoder._node_filter is None
+        decoder.prefill_tokens(decoder.tokenize(prompt))
+        texts.append("".join(decoder.generate(8, stop_on_eog=False)))
+    assert texts[0] == texts[1]
+    assert np.array_equal(filtered.counts, everything.counts) and filtered.counts.sum() > 0
+    assert filtered.placement == everything.placement
+    assert asked > 10 * passed and calls["python"] > 10 * passed  # most nodes never reached Python
+
+
+def test_without_a_c_compiler_the_node_filter_is_not_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from edgevision.decoder import nodefilter
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        nodefilter.build(tmp_path)
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".nodefilter-*"))  # nothing half-built
+
+
 def test_phases_count_image_rows_prompt_text_and_generated_tokens(skewed: Path):
     from edgevision.decoder.llama import LlamaDecoder, embedding_scale
     from edgevision.decoder.prompt import GEMMA4, build_turn

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgevision.decoder.gguf import check_gguf
-from edgevision.decoder.native import llama_cpp_library, native_log_capture, weight_buffers
+from edgevision.decoder.native import llama_cpp_library, name_offset, native_log_capture, weight_buffers
+from edgevision.decoder.nodefilter import NodeFilter
 from edgevision.errors import EdgevisionError, InputError, ModelError
 
 if TYPE_CHECKING:
@@ -81,7 +82,9 @@ class LlamaDecoder:
             node is then passed again with ``ask=False`` once computed (`tensor_name` and `tensor_array`
             read it; the pointer is valid only during the call). With ``ask=False`` the return value is
             ignored: the decoder always lets the graph continue, since False would leave the rest of the
-            graph silently uncomputed. An exception raised by the callback is re-raised from the prefill or
+            graph silently uncomputed. A callback with a ``node_prefix`` attribute (bytes, read before each
+            decode) is asked only about nodes whose names start with it; the others are answered "no" in C
+            (`edgevision.decoder.nodefilter`), which spares a crossing into Python per graph node. An exception raised by the callback is re-raised from the prefill or
             generate call that triggered it.
         use_mmap, use_mlock: how the weights are loaded.
         swa_full: keep sliding-window layers' KV for every position (llama.cpp's default), so `truncate` can
@@ -127,6 +130,7 @@ class LlamaDecoder:
         self._ll = ll
         self._seed = seed
         self._cb_eval = cb_eval
+        self._node_filter: NodeFilter | None = None
         self._cb_error: BaseException | None = None
         self._n_past = 0
         self._has_logits = False
@@ -216,6 +220,13 @@ class LlamaDecoder:
             self._c_cb_eval = ll.ggml_backend_sched_eval_callback(self._eval_trampoline)
             params.cb_eval = self._c_cb_eval
             params.cb_eval_user_data = None
+            if getattr(self._cb_eval, "node_prefix", None) is not None:
+                # the nodes it does not want are answered in C (see nodefilter.py), not in Python
+                self._node_filter = NodeFilter.create(name_offset(), self._c_cb_eval)
+                if self._node_filter is not None:
+                    self._set_node_prefix()
+                    params.cb_eval = ll.ggml_backend_sched_eval_callback(self._node_filter.function)
+                    params.cb_eval_user_data = ctypes.c_void_p(self._node_filter.user_data)
         with native_log_capture() as problems:
             ctx = ll.llama_init_from_model(self._model, params)
         if not ctx:
@@ -248,6 +259,10 @@ class LlamaDecoder:
         else:
             views["token"] = np.ctypeslib.as_array(batch.token, shape=(n,))
         return batch, views
+
+    def _set_node_prefix(self) -> None:
+        callback: Any = self._cb_eval
+        self._node_filter.set_prefix(callback.node_prefix, bool(getattr(callback, "wants_every_prefixed_node", False)))  # type: ignore[union-attr]
 
     def _eval_trampoline(self, tensor: int, ask: bool, _user_data: object) -> bool:
         try:
@@ -390,6 +405,8 @@ class LlamaDecoder:
         views["logits"][n - 1] = 1
         batch.n_tokens = n
         self._cb_error = None
+        if self._node_filter is not None:  # the observer may want other nodes now (e.g. after its first graph)
+            self._set_node_prefix()
         rc = self._ll.llama_decode(self._ctx, batch)
         if self._cb_error is not None:
             error, self._cb_error = self._cb_error, None

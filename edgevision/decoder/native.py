@@ -106,6 +106,16 @@ def llama_cpp_library() -> Any:
     return llama_cpp
 
 
+@functools.cache
+def name_offset() -> int:
+    """Where a node's name lies in ``struct ggml_tensor``: ``ggml_get_name`` returns ``tensor->name``, so its
+    offset is read once, on a scratch buffer, and names are then read without a ctypes call."""
+    lib = llama_cpp_library().llama_cpp._lib
+    get_name = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("ggml_get_name", lib))
+    probe = (ctypes.c_byte * 512)()
+    return int(get_name(ctypes.addressof(probe))) - ctypes.addressof(probe)
+
+
 class _TensorHead(ctypes.Structure):
     """The leading fields of ``struct ggml_tensor`` (ggml.h), which have kept this layout since 2023."""
 

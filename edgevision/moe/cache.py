@@ -213,23 +213,26 @@ class ScoredCache(_Sized):
             self._admit(layer, e)
         return missed, evicted
 
-    def hint(self, layer: int, experts: Iterable[int], now: int) -> tuple[list[int], list[Expert]]:
-        """Predicted selections for `layer`: returns (experts to read ahead, experts to evict for them).
-        Only an expert that would be admitted is read ahead."""
+    def hint(self, layer: int, experts: Iterable[int], now: int) -> tuple[list[int], list[Expert], list[int]]:
+        """Predicted selections for `layer`: returns (experts admitted, to read ahead; experts to evict for
+        them; experts not resident and not admitted). The last ones are worth reading ahead too, for this use
+        only (a prediction is nearly always right): the caller takes them out again after use."""
         chosen = [int(e) for e in experts]
         self._add(layer, chosen, self.hint_weight, now)
         ahead: list[int] = []
         evicted: list[Expert] = []
+        transient: list[int] = []
         for e in chosen:
             if self._mask[layer, e]:
                 continue
             victims = self._make_room(layer, e, now, chosen, strict=True)
             if victims is None:
+                transient.append(e)
                 continue
             evicted += victims
             self._admit(layer, e)
             ahead.append(e)
-        return ahead, evicted
+        return ahead, evicted, transient
 
     def shrink(self, capacity: int, now: int) -> list[Expert]:
         """A new capacity (memory pressure): returns the experts to evict to fit it."""
@@ -346,15 +349,17 @@ def simulate(
     for t, token in enumerate(trace):
         for i, ids in enumerate(token):
             layer = layers[i]
+            transient: list[int] = []
             if predictions is not None and isinstance(cache, ScoredCache) and predictions[t][i]:
-                ahead, _ = cache.hint(layer, predictions[t][i], t)
+                ahead, _, transient = cache.hint(layer, predictions[t][i], t)
                 if counted is None or counted[t]:
-                    result.bytes_read += len(ahead) * expert_bytes[layer]
+                    result.bytes_read += (len(ahead) + len(transient)) * expert_bytes[layer]
             unique = list(dict.fromkeys(int(e) for e in ids))
             if isinstance(cache, ScoredCache) and counted is not None and not counted[t]:
                 missed, _ = cache.access(layer, unique, t, prefill_weight)
             else:
                 missed, _ = cache.access(layer, unique, t)
+            missed = [e for e in missed if e not in transient]  # read ahead for this use: a hit, bytes counted
             if counted is None or counted[t]:
                 result.misses += len(missed)
                 result.hits += len(unique) - len(missed)

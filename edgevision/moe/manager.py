@@ -140,6 +140,7 @@ class ExpertManager:
         self._observer: PredictingObserver | None = None
         self.n_used = layout.n_expert_used
         self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
+        self._read_ahead = 0  # experts read on the decoding thread's prediction for a layer ahead
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -173,8 +174,17 @@ class ExpertManager:
             if cold:
                 self.prefetcher.submit(cold, NOW)
                 self._waited += len(cold)
-                if not self.prefetcher.wait_for(cold, timeout=2.0):
-                    logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
+            if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
+                # the next layers' predicted experts, read while this layer and the ones before them compute.
+                # Here rather than on the policy's thread, which may be a layer behind: there the read would
+                # start too late. The policy's thread decides later whether they stay (`hidden`).
+                for target in self.predictor.ahead(layer, self.depth):
+                    guess = self.predictor.predict(layer, router_input, target)[0]
+                    ahead = self.mapping.cold([(target, int(e)) for e in guess])
+                    if ahead:
+                        self._read_ahead += self.prefetcher.submit(ahead, AHEAD)
+            if cold and not self.prefetcher.wait_for(cold, timeout=2.0):
+                logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
         self._inbox.put((layer, logits, router_input))
 
     def _follow(self) -> None:
@@ -231,9 +241,14 @@ class ExpertManager:
         for target in self.predictor.ahead(layer, self.depth):
             guess = np.unique(self.predictor.predict(layer, router_input, target)).tolist()
             with self._lock:
-                ahead, evicted = self.cache.hint(target, guess, self._step)
-            if ahead and self.prefetcher is not None:
-                self._hinted += self.prefetcher.submit([(target, e) for e in ahead], AHEAD)
+                ahead, evicted, transient = self.cache.hint(target, guess, self._step)
+            if self.prefetcher is not None:
+                # the decoding thread has read the predicted experts ahead already (`_enqueue`); the admitted
+                # ones stay, the others were read for this use only and are taken out after it
+                if transient:
+                    self._after_use += [(target, e) for e in transient]
+                if ahead and self._policy_thread is None:
+                    self._hinted += self.prefetcher.submit([(target, e) for e in ahead], AHEAD)
             if evicted:
                 self._dropped.put((self._calls, evicted))
 
@@ -333,7 +348,7 @@ class ExpertManager:
             self._step,
             self._selected,
             self._misses,
-            self._hinted,
+            self._hinted + self._read_ahead,
             self._read_now + self._waited,
             self._evicted,
             self.cache.capacity,

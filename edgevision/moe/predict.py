@@ -153,6 +153,7 @@ class PredictingObserver(RouterObserver):
         self._logit_names = {f"{LOGITS}{il}".encode(): il for il in chosen}
         self._wanted = dict(self._logit_names)
         self._first_name = f"{LOGITS}{min(chosen)}".encode()
+        self._logits_prefix = LOGITS.encode()
         self.sample_every = sample_every
         self.hidden_listeners: list[HiddenListener] = []
         self.deferred: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None
@@ -163,6 +164,17 @@ class PredictingObserver(RouterObserver):
     def for_model(cls, gguf_path: str | os.PathLike[str], **options: object) -> PredictingObserver:  # type: ignore[override]
         _, n_layer, n_expert, n_used = read_moe_shape(gguf_path)
         return cls(n_layer, n_expert, n_used, **options)  # type: ignore[arg-type]
+
+    @property
+    def node_prefix(self) -> bytes:
+        """Every MoE node while the first graph is probed for placement, then only the router logits."""
+        return super().node_prefix if self._probing else self._logits_prefix
+
+    @property
+    def wants_every_prefixed_node(self) -> bool:
+        """Whether every node with `node_prefix` is wanted (no sampling, every layer): llama.cpp's question
+        about each is then answered without Python."""
+        return not self._probing and self.sample_every == 1 and len(self._wanted) == self.n_layer
 
     def __call__(self, tensor: int, ask: bool, _u64: Any = _U64, _prefix: int = _PREFIX) -> bool:
         address = tensor + self._name_offset

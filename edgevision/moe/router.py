@@ -53,13 +53,10 @@ class _Ggml:
     """The few ggml entry points the observer needs, bound once per process."""
 
     def __init__(self) -> None:
-        from edgevision.decoder.native import llama_cpp_library
+        from edgevision.decoder.native import llama_cpp_library, name_offset
 
         lib = llama_cpp_library().llama_cpp._lib
-        get_name = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("ggml_get_name", lib))
-        probe = (ctypes.c_byte * 512)()
-        # ggml_get_name returns tensor->name: its offset in struct ggml_tensor, read without a ctypes call
-        self.name_offset = get_name(ctypes.addressof(probe)) - ctypes.addressof(probe)
+        self.name_offset = name_offset()
         self.nbytes = lib.ggml_nbytes
         self.get = lib.ggml_backend_tensor_get
         self.buffer_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(("ggml_backend_buffer_name", lib))
@@ -80,7 +77,8 @@ def _lib() -> _Ggml:
 _DTYPES = {_GGML_F32: np.dtype(np.float32), 1: np.dtype(np.float16), _GGML_I32: np.dtype(np.int32)}
 # A node's name is read straight from struct ggml_tensor: first its leading 8 bytes as one integer (most nodes
 # are not MoE nodes and stop there), then the whole name. Both cost a fraction of ctypes.string_at.
-_PREFIX = int.from_bytes(b"ffn_moe_", "little")
+_PREFIX_BYTES = b"ffn_moe_"
+_PREFIX = int.from_bytes(_PREFIX_BYTES, "little")
 _U64 = ctypes.c_uint64.from_address
 _HEAD = (ctypes.c_int64 * 10).from_address  # struct ggml_tensor's leading fields: type, buffer, ne[4], nb[4]
 _NAME = (ctypes.c_char * 64).from_address
@@ -254,6 +252,12 @@ class RouterObserver:
         else:
             self._other_node(name, tensor)
         return True
+
+    @property
+    def node_prefix(self) -> bytes:
+        """What `LlamaDecoder` passes on to this callback: only nodes whose names start with it (every MoE node:
+        the probe of the first graph, the gates, the topk fallback and a subclass's nodes all are)."""
+        return _PREFIX_BYTES
 
     def probe_placement(self) -> None:
         """Record `placement` again from the next graph."""
