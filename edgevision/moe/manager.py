@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIB = 2**20
+SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,12 @@ class ExpertManager:
         self._dropped: queue.SimpleQueue[tuple[int, list[Expert]] | threading.Event | None] = queue.SimpleQueue()
         # (layer call count when dropped, experts); an expert selected again since is not taken out
         self._calls = 0  # MoE layers observed
+        self._marks = 0  # MoE layers the decoding thread has reached (`_enqueue`): counts as `_calls` does
         self._selected_at = np.full((layout.n_layer, layout.n_expert), -1, dtype=np.int64)
         self._after_use: list[Expert] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._batch: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # this token's layers, not yet queued
+        self._last = layout.moe_layers[-1]
         self._policy_thread: threading.Thread | None = None
         self._observer: PredictingObserver | None = None
         self.n_used = layout.n_expert_used
@@ -169,23 +173,35 @@ class ExpertManager:
                 chosen = topk_gates(logits, self.n_used)[0][0]
             else:  # a prefill: every expert any row chose
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
+            predicted: dict[int, np.ndarray] = {}
+            if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
+                for target in self.predictor.ahead(layer, self.depth):
+                    predicted[target] = self.predictor.predict(layer, router_input, target)[0]
+            with self._lock:  # in use from now: an eviction decided earlier leaves them (see `_take_out`)
+                self._marks += 1
+                self._selected_at[layer, chosen] = self._marks
+                for target, guess in predicted.items():
+                    self._selected_at[target, guess] = self._marks
             # what the page cache holds now (mincore), not the policy thread's view, which may lag a layer
             cold = self.mapping.cold([(layer, int(e)) for e in chosen])
             if cold:
                 self.prefetcher.submit(cold, NOW)
                 self._waited += len(cold)
-            if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
-                # the next layers' predicted experts, read while this layer and the ones before them compute.
-                # Here rather than on the policy's thread, which may be a layer behind: there the read would
-                # start too late. The policy's thread decides later whether they stay (`hidden`).
-                for target in self.predictor.ahead(layer, self.depth):
-                    guess = self.predictor.predict(layer, router_input, target)[0]
-                    ahead = self.mapping.cold([(target, int(e)) for e in guess])
-                    if ahead:
-                        self._read_ahead += self.prefetcher.submit(ahead, AHEAD)
+            # the next layers' predicted experts, read while this layer and the ones before them compute. Here
+            # rather than on the policy's thread, which may be a token behind: there the read would start too
+            # late. The policy's thread decides later whether they stay (`hidden`).
+            for target, guess in predicted.items():
+                ahead = self.mapping.cold([(target, int(e)) for e in guess])
+                if ahead:
+                    self._read_ahead += self.prefetcher.submit(ahead, AHEAD)
             if cold and not self.prefetcher.wait_for(cold, timeout=2.0):
                 logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
-        self._inbox.put((layer, logits, router_input))
+        # the policy's thread wakes once per decoded token, not once per layer: each wake-up takes the GIL
+        # and a CPU from the decoding thread; its decisions only need to keep up token by token
+        self._batch.append((layer, logits, router_input))
+        if logits.shape[0] > 1 or layer == self._last:
+            self._inbox.put(self._batch)
+            self._batch = []
 
     def _follow(self) -> None:
         from edgevision.moe.predict import topk_gates
@@ -194,16 +210,16 @@ class ExpertManager:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            layer, logits, router_input = item
-            try:
-                ids, weights = topk_gates(logits, self.n_used)
-                self.observe(layer, ids, weights)
-                if router_input is not None:
-                    self.hidden(layer, router_input)
-            except Exception as exc:  # reported by stats; decoding goes on with the kernel deciding
-                logger.exception("the expert policy failed on layer %d; the kernel's page cache decides now", layer)
-                self._error = exc
-                return
+            for layer, logits, router_input in item:
+                try:
+                    ids, weights = topk_gates(logits, self.n_used)
+                    self.observe(layer, ids, weights)
+                    if router_input is not None:
+                        self.hidden(layer, router_input)
+                except Exception as exc:  # reported by stats; decoding goes on with the kernel deciding
+                    logger.exception("the expert policy failed on layer %d; the kernel's page cache decides", layer)
+                    self._error = exc
+                    return
 
     # -- decisions (the policy thread, or the decoding thread when used as listeners) ----------------
 
@@ -220,7 +236,8 @@ class ExpertManager:
                 self._after_use = []
         self._calls += 1
         chosen = np.unique(expert_ids).tolist()
-        self._selected_at[layer, chosen] = self._calls
+        with self._lock:  # the decoding thread may have marked them for a later use already (`_enqueue`)
+            self._selected_at[layer, chosen] = np.maximum(self._selected_at[layer, chosen], self._calls)
         with self._lock:
             missed, evicted = self.cache.access(layer, chosen, self._step)
         self._selected += len(chosen)
@@ -247,8 +264,10 @@ class ExpertManager:
                 # ones stay, the others were read for this use only and are taken out after it
                 if transient:
                     self._after_use += [(target, e) for e in transient]
-                if ahead and self._policy_thread is None:
-                    self._hinted += self.prefetcher.submit([(target, e) for e in ahead], AHEAD)
+                if ahead:  # read ahead unless the decoding thread found them in RAM (one may have left since)
+                    cold = self.mapping.cold([(target, e) for e in ahead])
+                    if cold:
+                        self._hinted += self.prefetcher.submit(cold, AHEAD)
             if evicted:
                 self._dropped.put((self._calls, evicted))
 
@@ -311,20 +330,25 @@ class ExpertManager:
     def _take_out(self, when: int, experts: list[Expert]) -> None:
         # an expert re-admitted since it was dropped stays, and so does one selected again since: it is in use
         # now, and will be dropped again after use if the cache does not keep it
+        # now. Under the lock until they are out: the decoding thread marks what it is about to use under it
+        # (`_enqueue`), so either it marked first and the expert stays, or it finds the expert gone and reads it.
         with self._lock:
             gone = [x for x in set(experts) if x not in self.cache and self._selected_at[x] <= when]
-        if self.prefetcher is not None:  # a read landing after the eviction would bring it back
-            self.prefetcher.cancel(gone)
-            for _ in range(200):
-                if not self.prefetcher.reading() & set(gone):
-                    break
-                time.sleep(0.0005)
-        self.mapping.evict([r for layer, e in gone for r in self.layout.expert_ranges(layer, e)])
+            if self.prefetcher is not None:  # a read landing after the eviction would bring it back
+                self.prefetcher.cancel(gone)
+                for _ in range(200):
+                    if not self.prefetcher.reading() & set(gone):
+                        break
+                    time.sleep(0.0005)
+            self.mapping.evict([r for layer, e in gone for r in self.layout.expert_ranges(layer, e)])
         self._evicted += len(gone)
 
     def drain(self, timeout: float = 30.0) -> None:
         """Wait until queued decisions, reads and evictions are done (tests, measurements)."""
         if self._policy_thread is not None:
+            if self._batch:  # a decode that ended before the last MoE layer was observed
+                self._inbox.put(self._batch)
+                self._batch = []
             done = threading.Event()
             self._inbox.put(done)
             deadline = time.monotonic() + timeout
@@ -396,6 +420,7 @@ class RouterAwarePolicy:
         prior: bool = True,
         follow: bool = True,
         random: bool = True,
+        depth: int = 1,
         headroom: int = 32 * MIB,
     ) -> None:
         self.options = {
@@ -407,10 +432,17 @@ class RouterAwarePolicy:
             "random": random,
         }
         self.headroom = headroom
+        self.depth = int(depth)  # MoE layers ahead whose experts are predicted and read
         self.manager: ExpertManager | None = None
 
     def start(self, context: object) -> None:
+        import sys
+
         from edgevision.moe.predict import RoutePredictor
+
+        # the decoding thread's callback takes the GIL once per MoE layer; behind the policy's and the pool's
+        # Python threads it would wait up to the interpreter's switch interval (5 ms) for it
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
         ctx: Any = context
         if ctx.mapping_base is None:
@@ -434,6 +466,7 @@ class RouterAwarePolicy:
             prior,
             budget=budget,
             predictor=predictor,
+            depth=self.depth,
             prefetch=self.options["prefetch"],
             evict=self.options["evict"],
             prior_tokens=8.0 if self.options["prior"] else 0.0,

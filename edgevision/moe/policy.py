@@ -241,16 +241,17 @@ POLICIES: dict[str, str] = {
 
 def load_policy(name: str) -> ExpertPolicy:
     """A new instance of the policy registered as `name`; ``name:key=0,key=1`` passes boolean options
-    (``router-aware:predict=0`` is the router-aware policy without predicted routing)."""
+    (``router-aware:predict=0`` is the router-aware policy without predicted routing), ``key=N`` (N > 1) a
+    number (``router-aware:depth=2``)."""
     name, _, options = name.partition(":")
     try:
         target = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown residency policy {name!r}; known: {', '.join(POLICIES)}") from None
-    kwargs = {}
+    kwargs: dict[str, bool | int] = {}
     for option in filter(None, options.split(",")):
         key, _, value = option.partition("=")
-        kwargs[key] = value not in ("0", "false", "off", "no")
+        kwargs[key] = int(value) if value.isdigit() and int(value) > 1 else value not in ("0", "false", "off", "no")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)(**kwargs)
 
