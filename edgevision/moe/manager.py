@@ -145,6 +145,9 @@ class ExpertManager:
         self.n_used = layout.n_expert_used
         self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
         self._read_ahead = 0  # experts read on the decoding thread's prediction for a layer ahead
+        # seconds the decoding thread spent in the policy (`_enqueue`), of which waiting for the lock against
+        # eviction and waiting for the reads of the experts it chose
+        self.decoder_time = self.lock_time = self.read_wait = 0.0
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -166,6 +169,13 @@ class ExpertManager:
         them in a read-ahead window at a time); the rest of the work is queued for the policy's thread."""
         if self._error is not None:  # the policy has stopped (reported by `stats`); the kernel decides
             return
+        start = time.perf_counter()
+        try:
+            self._enqueue_layer(layer, logits, router_input)
+        finally:
+            self.decoder_time += time.perf_counter() - start
+
+    def _enqueue_layer(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
         if self.prefetcher is not None:
             from edgevision.moe.predict import topk_gates
 
@@ -177,11 +187,13 @@ class ExpertManager:
             if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
                 for target in self.predictor.ahead(layer, self.depth):
                     predicted[target] = self.predictor.predict(layer, router_input, target)[0]
+            locking = time.perf_counter()
             with self._lock:  # in use from now: an eviction decided earlier leaves them (see `_take_out`)
                 self._marks += 1
                 self._selected_at[layer, chosen] = self._marks
                 for target, guess in predicted.items():
                     self._selected_at[target, guess] = self._marks
+            self.lock_time += time.perf_counter() - locking
             # what the page cache holds now (mincore), not the policy thread's view, which may lag a layer
             cold = self.mapping.cold([(layer, int(e)) for e in chosen])
             if cold:
@@ -194,8 +206,11 @@ class ExpertManager:
                 ahead = self.mapping.cold([(target, int(e)) for e in guess])
                 if ahead:
                     self._read_ahead += self.prefetcher.submit(ahead, AHEAD)
-            if cold and not self.prefetcher.wait_for(cold, timeout=2.0):
-                logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
+            if cold:
+                waiting = time.perf_counter()
+                if not self.prefetcher.wait_for(cold, timeout=2.0):
+                    logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
+                self.read_wait += time.perf_counter() - waiting
         # the policy's thread wakes once per decoded token, not once per layer: each wake-up takes the GIL
         # and a CPU from the decoding thread; its decisions only need to keep up token by token
         self._batch.append((layer, logits, router_input))
@@ -484,9 +499,11 @@ class RouterAwarePolicy:
         self.manager.drain()
         s = self.manager.stats
         off = [name for name, on in self.options.items() if not on]
+        m = self.manager
         return (
             f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} read ahead "
-            f"on a prediction, {s.evicted} evicted, room {s.capacity / MIB:.0f} MiB"
+            f"on a prediction, {s.evicted} evicted, room {s.capacity / MIB:.0f} MiB; decoding thread in the policy "
+            f"{m.decoder_time:.2f} s (lock {m.lock_time:.2f} s, waiting for reads {m.read_wait:.2f} s)"
             + (f"; off: {', '.join(off)}" if off else "")
         )
 

@@ -90,7 +90,8 @@ class ExpertPrefetcher:
         self._heap: list[tuple[int, int, Expert]] = []  # (priority, sequence, expert)
         self._queued: set[Expert] = set()
         self._priority: dict[Expert, int] = {}  # queued expert -> the priority it was last queued with
-        self._chunks: list[tuple[int, int, Expert]] = []  # (offset, length, expert) being split, taken by workers
+        # (offset, length, expert, priority) being split, taken by workers from the end
+        self._chunks: list[tuple[int, int, Expert, int]] = []
         self._pending_chunks = 0  # chunks taken from the queue and not yet read
         self._sequence = 0
         self._in_flight = 0
@@ -130,7 +131,7 @@ class ExpertPrefetcher:
         with self._cond:
             for start, end in ranges:
                 for offset in range(start, end, self.chunk):
-                    self._chunks.append((offset, min(self.chunk, end - offset), (-1, -1)))
+                    self._chunks.append((offset, min(self.chunk, end - offset), (-1, -1), NOW))
                     self._pending_chunks += 1
             self._cond.notify_all()
 
@@ -187,12 +188,13 @@ class ExpertPrefetcher:
 
     # -- workers ----------------------------------------------------------------------------------
 
-    def _next_chunk(self) -> tuple[int, int, Expert] | None:
-        """Under the lock: the next (offset, length) to read, None when closed."""
+    def _next_chunk(self) -> tuple[int, int, Expert, int] | None:
+        """Under the lock: the next (offset, length, expert, priority) to read, None when closed."""
         while True:
             if self._closed:
                 return None
-            if self._chunks:
+            # an expert chosen now goes before the rest of one read ahead for a layer to come
+            if self._chunks and not (self._heap and self._heap[0][0] < self._chunks[-1][3]):
                 return self._chunks.pop()
             if self._heap:
                 priority, sequence, expert = heapq.heappop(self._heap)
@@ -203,17 +205,18 @@ class ExpertPrefetcher:
                 if self._sequence - sequence > self.max_age:
                     self._dropped += 1
                     continue
-                self._chunks = self._split(expert)
-                self._pending_chunks += len(self._chunks)
+                split = self._split(expert, priority)
+                self._chunks += split  # taken first
+                self._pending_chunks += len(split)
                 self._experts += 1
                 continue
             self._cond.wait()
 
-    def _split(self, expert: Expert) -> list[tuple[int, int, Expert]]:
+    def _split(self, expert: Expert, priority: int) -> list[tuple[int, int, Expert, int]]:
         chunks = []
         for start, end in self.layout.expert_ranges(*expert):
             for offset in range(start, end, self.chunk):
-                chunks.append((offset, min(self.chunk, end - offset), expert))
+                chunks.append((offset, min(self.chunk, end - offset), expert, priority))
         chunks.reverse()  # popped from the end: the expert is read front to back
         return chunks
 
@@ -228,7 +231,7 @@ class ExpertPrefetcher:
                     return
                 self._in_flight += 1
                 self._max_in_flight = max(self._max_in_flight, self._in_flight)
-                offset, length, expert = item
+                offset, length, expert, _ = item
                 self._at_disk[expert] += 1
             start = time.perf_counter()
             try:
