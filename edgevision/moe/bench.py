@@ -1,11 +1,13 @@
 """``edgevision bench moe``: decoding a MoE model that does not fit, side by side.
 
-The model file is first put on storage like the board's (`edgevision.moe.storage`: a loop device with direct
-I/O, ext4, ``read_ahead_kb`` 128, reads throttled to an NVMe's bandwidth), so the VM's disk and its 8 MiB
-readahead never decide a result. Each configuration then runs in a fresh child process moved into a
-memory-capped cgroup (about 60% of the model file) and the storage's blkio cgroup before it starts, after the
-model file has been dropped from the page cache, so every page it reads is charged to the cap, read through
-the throttle and counted:
+The model file is first put on storage like the board's, so the VM's disk and its 8 MiB readahead never
+decide a result: by default an emulated NVMe (`edgevision.moe.nvme`: a FUSE server that answers each read
+request after an NVMe's latency and at its bandwidth, ``read_ahead_kb`` 128), or (``--storage loop``) a loop
+device with direct I/O, ext4, ``read_ahead_kb`` 128 and reads throttled to an NVMe's bandwidth but no added
+latency (`edgevision.moe.storage`). Each configuration then runs in a fresh child process moved into a
+memory-capped cgroup (about 60% of the model file) (and, on the loop device, the storage's blkio cgroup)
+before it starts, after the model file has been dropped from the page cache, so every page it reads is charged
+to the cap, read from the emulated drive and counted:
 
 - unconstrained: llama.cpp's default mmap, no cap;
 - plain mmap under the cap: the kernel's page cache decides what stays;
@@ -20,7 +22,8 @@ model's top-1 at every step and the routing trace. Every run then decodes the sa
 along that continuation, so every configuration does the same work and routes the same way, and top-1
 agreement is measured position by position. Over the single-token decode steps only, each child measures:
 tokens/s (without the time it waited for a CPU: schedstat), major faults (``getrusage``), bytes read from
-storage (``/proc/self/io`` read_bytes: every thread's block reads, faults and read-ahead included) and the
+storage (the emulated NVMe's count of bytes served, or on a loop device ``/proc/self/io`` read_bytes: every
+thread's reads, faults and read-ahead included) and the
 hit rate: the share of the experts each router chose whose pages were all in RAM at that moment (``mincore``
 on the experts' byte ranges), and the share of their pages in RAM. The probe costs decode time, so the hit
 rates come from one extra probed run of each capped configuration and everything else from runs without it
@@ -73,6 +76,7 @@ class RunSpec:
     trace: str | None = None  # the recorded routing (for Belady)
     record_trace: str | None = None  # record this run's routing here
     seed: int = 0  # sampling seed of the reference continuations
+    read_counter: str | None = None  # the emulated NVMe's served-bytes counter; None: /proc/self/io read_bytes
     n_threads: int = 0
     n_ctx: int = 512
 
@@ -123,6 +127,19 @@ def _read_bytes() -> int:
     return 0
 
 
+def _bytes_reader(counter: str | None) -> Any:
+    """What counts the bytes read from storage: /proc/self/io's read_bytes (block devices; FUSE reads never
+    show there), or the emulated NVMe's counter of bytes served (8 bytes in a file it keeps updated)."""
+    if counter is None:
+        return _read_bytes
+    import mmap
+    import struct
+
+    with open(counter, "rb") as f:
+        view = mmap.mmap(f.fileno(), 8, prot=mmap.PROT_READ)
+    return lambda: struct.unpack_from("<Q", view)[0]
+
+
 def run_config(spec: RunSpec) -> RunResult:
     """Decode `spec.prompts` in this process (the child) and measure."""
     from contextlib import ExitStack
@@ -166,6 +183,7 @@ def run_config(spec: RunSpec) -> RunResult:
             _start_policy(policy, spec, stack, observer, layout, decoder.mapping_base)
         elapsed = waited = 0.0
         faults = read = 0
+        read_bytes = _bytes_reader(spec.read_counter)
         for i, question in enumerate(spec.prompts):
             decoder.reset()
             run_prompt(decoder, build_turn(question, system=SYSTEM_PROMPT, fmt=GEMMA4).segments)
@@ -187,13 +205,13 @@ def run_config(spec: RunSpec) -> RunResult:
                 fed.append(token)
                 if probe is not None:
                     probe.active = True
-                f0, r0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, _read_bytes()
+                f0, r0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, read_bytes()
                 w0, t0 = _cpu_wait(), time.perf_counter()
                 decoder.prefill_tokens([token])
                 elapsed += time.perf_counter() - t0
                 waited += _cpu_wait() - w0
                 faults += resource.getrusage(resource.RUSAGE_SELF).ru_majflt - f0
-                read += _read_bytes() - r0
+                read += read_bytes() - r0
                 if probe is not None:
                     probe.active = False
                 result.decoded += 1
@@ -351,9 +369,10 @@ def bench_moe(
     n_threads: int = 0,
     headroom_mib: int = 48,
     repeats: int = 2,
-    storage: str = "board",
+    storage: str = "nvme",
     read_ahead_kb: int | None = None,
     read_mbps: int | None = None,
+    latency_us: float | None = None,
     backing: str = "ram",
     pruned: bool = False,
     policies: Sequence[str] | None = None,
@@ -363,6 +382,7 @@ def bench_moe(
     from edgevision.moe.calibrate import read_questions
     from edgevision.moe.cgroup import CgroupUnavailable, MemoryCgroup
     from edgevision.moe.layout import read_layout
+    from edgevision.moe.nvme import NVME_LATENCY_US, EmulatedNvme
     from edgevision.moe.profile import RouterProfile
     from edgevision.moe.storage import NVME_READ_MBPS, READ_AHEAD_KB, BoardStorage
 
@@ -382,8 +402,20 @@ def bench_moe(
     ]
     with tempfile.TemporaryDirectory(prefix="edgevision-bench-moe-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
-        disk = None
-        if storage == "board":
+        disk: Any = None
+        counter = None
+        if storage == "nvme":
+            disk = stack.enter_context(
+                EmulatedNvme(
+                    model,
+                    latency_us=NVME_LATENCY_US if latency_us is None else latency_us,
+                    read_mbps=NVME_READ_MBPS if read_mbps is None else read_mbps,
+                    read_ahead_kb=read_ahead_kb or READ_AHEAD_KB,
+                )
+            )
+            model, counter = disk.path, str(disk.counter)
+            lines.append(f"{disk.settings.describe()}; {disk.self_check()}; threads {n_threads or 'all cores'}")
+        elif storage == "loop":
             disk = stack.enter_context(
                 BoardStorage(
                     model,
@@ -415,6 +447,7 @@ def bench_moe(
             f"of each layer's gate mass (mean {top25.mean():.2f})"
         )
         base = {"model": str(model), "prompts": prompts, "tokens": tokens, "n_threads": n_threads}
+        base |= {"read_counter": counter}
         trace = work / "routing.trace.npz"
         ref = _run_child(RunSpec("reference", **base, record_trace=str(trace)), storage=disk)
         if ref.error:
@@ -474,7 +507,8 @@ def bench_moe(
             best.notes = "; ".join(part for part in parts if part)
             rows.append((best, "no cap" if label.startswith("unconstrained") else f"cap {cap / MIB:.0f} MiB"))
     bandwidth = disk.settings.read_mbps * 1e6 if disk is not None and disk.settings.read_mbps else None
-    lines += _table(rows, reference, bandwidth)
+    source = "bytes the emulated NVMe served" if counter else "/proc/self/io read_bytes"
+    lines += _table(rows, reference, bandwidth, source)
     return "\n".join(lines)
 
 
@@ -503,7 +537,10 @@ def _modelled(result: RunResult, free: RunResult, bandwidth: float | None) -> fl
 
 
 def _table(
-    results: list[tuple[RunResult, str]], reference: list[list[int]], bandwidth: float | None = None
+    results: list[tuple[RunResult, str]],
+    reference: list[list[int]],
+    bandwidth: float | None = None,
+    read_source: str = "/proc/self/io read_bytes",
 ) -> list[str]:
     free = results[0][0].tokens_per_s
     header = (
@@ -540,13 +577,13 @@ def _table(
         "run-queue delay: the cores are shared); page-fault I/O counts. Ratios use this column. Hit rate: share "
         "of chosen experts fully in RAM when chosen, pages in: share of their pages in RAM (both from one extra "
         "probed run of each configuration; the other columns from runs without the probe). MB read/tok: "
-        "/proc/self/io read_bytes over the decode steps. Top-1 agreement against the reference run's top-1."
+        f"{read_source} over the decode steps. Top-1 agreement against the reference run's top-1."
     )
     if bandwidth:
         out.append(
             f"+ a model, not a measurement: 1 / (1 / unconstrained tokens/s* + MB read per token / "
             f"{bandwidth / 1e6:.0f} MB/s), reads not overlapped with compute; it does not depend on this machine's "
-            "load, the measured columns do (on shared cores a loop device's reads also wait for CPU)."
+            "load, the measured columns do (on shared cores the storage's reads also wait for CPU)."
         )
     out.append("")
     plain, lru, aware, belady = (

@@ -160,6 +160,7 @@ def _cmd_bench_moe(args: argparse.Namespace) -> int:
             storage=args.storage,
             read_ahead_kb=args.read_ahead_kb,
             read_mbps=args.read_mbps,
+            latency_us=args.latency_us,
             backing=args.backing,
             pruned=args.pruned,
             policies=args.policies.split() if args.policies else None,
@@ -220,20 +221,26 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
     )
     moe.add_argument(
         "--storage",
-        choices=["board", "host"],
-        default="board",
-        help="board: the model on a loop device with direct I/O, read_ahead_kb and a read throttle like an NVMe's "
-        "(needs root); host: the VM's disk as it is, for comparison only (default: %(default)s)",
+        choices=["nvme", "loop", "host"],
+        default="nvme",
+        help="nvme: the model on an emulated NVMe (a FUSE server adding an NVMe's latency and bandwidth per read "
+        "request); loop: on a loop device with direct I/O and a blkio bandwidth throttle, no added latency; both "
+        "need root; host: the VM's disk as it is, for comparison only (default: %(default)s)",
     )
-    moe.add_argument("--read-ahead-kb", type=int, help="the loop device's read_ahead_kb (default: 128)")
+    moe.add_argument("--read-ahead-kb", type=int, help="the storage's read_ahead_kb (default: 128)")
     moe.add_argument(
-        "--read-mbps", type=int, help="read throttle in MB/s, 0 for none (default: 2000, an Orin-class NVMe)"
+        "--read-mbps", type=int, help="read bandwidth in MB/s, 0 for none (default: 2000, an Orin-class NVMe)"
+    )
+    moe.add_argument(
+        "--latency-us",
+        type=float,
+        help="nvme: a read's latency at queue depth 1 before its transfer (default: 80, an Orin-class NVMe)",
     )
     moe.add_argument(
         "--backing",
         choices=["ram", "disk"],
         default="ram",
-        help="where the loop device's backing file lives (default: %(default)s: no noise from the VM's disk)",
+        help="loop: where the loop device's backing file lives (default: %(default)s: no noise from the VM's disk)",
     )
     moe.add_argument("--pruned", action="store_true", help="also run the model pruned to fit the cap")
     moe.add_argument(
