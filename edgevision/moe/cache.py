@@ -30,6 +30,10 @@ from typing import Protocol
 import numpy as np
 
 Expert = tuple[int, int]  # (layer, expert)
+PRIOR_TOKENS = 16.0  # what the calibrated prior is worth, in tokens' selections (swept: `bench policy`)
+# what a prompt prefill's selection adds to a score, against a generated token's 1: a prefill selects nearly
+# every expert once, which says little about what the answer will select
+PREFILL_WEIGHT = 0.1
 Trace = Sequence[Sequence[Sequence[int]]]  # [token][position in the layer order] -> selected expert ids
 
 
@@ -122,7 +126,7 @@ class ScoredCache(_Sized):
         prior: np.ndarray,
         *,
         half_life: float = 2.0,
-        prior_tokens: float = 8.0,
+        prior_tokens: float = PRIOR_TOKENS,
         hint_weight: float = 0.5,
     ) -> None:
         super().__init__(capacity, expert_bytes)

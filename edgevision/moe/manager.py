@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgevision.moe.cache import Expert, ScoredCache
+from edgevision.moe.cache import PREFILL_WEIGHT, PRIOR_TOKENS, Expert, ScoredCache
 from edgevision.moe.layout import ExpertLayout
 from edgevision.moe.mapping import ModelMapping
 from edgevision.moe.prefetch import AHEAD, NOW, ExpertPrefetcher
@@ -111,7 +111,7 @@ class ExpertManager:
         random_access: bool = True,
         workers: int = 4,
         half_life: float = 2.0,
-        prior_tokens: float = 8.0,
+        prior_tokens: float = PRIOR_TOKENS,
         poll: float = 0.25,
     ) -> None:
         self.layout, self.mapping, self.predictor, self.depth = layout, mapping, predictor, depth
@@ -253,8 +253,9 @@ class ExpertManager:
         chosen = np.unique(expert_ids).tolist()
         with self._lock:  # the decoding thread may have marked them for a later use already (`_enqueue`)
             self._selected_at[layer, chosen] = np.maximum(self._selected_at[layer, chosen], self._calls)
+        weight = PREFILL_WEIGHT if expert_ids.shape[0] > 1 else 1.0
         with self._lock:
-            missed, evicted = self.cache.access(layer, chosen, self._step)
+            missed, evicted = self.cache.access(layer, chosen, self._step, weight)
         self._selected += len(chosen)
         self._misses += len(missed)
         if missed and self.prefetcher is not None and self._policy_thread is None:
@@ -484,7 +485,7 @@ class RouterAwarePolicy:
             depth=self.depth,
             prefetch=self.options["prefetch"],
             evict=self.options["evict"],
-            prior_tokens=8.0 if self.options["prior"] else 0.0,
+            prior_tokens=PRIOR_TOKENS if self.options["prior"] else 0.0,
             random_access=self.options["random"],
         )
         self.manager.attach(ctx.observer)
