@@ -181,6 +181,31 @@ def test_the_fitted_window_hears_the_recorded_question_as_the_full_window_does(
         )
 
 
+def test_the_fitted_window_hears_the_benchmark_questions_as_the_full_window_does(
+    piper_voice: Path, whisper_dir: Path, recognizer: WhisperRecognizer
+) -> None:
+    from edgevision.daemon.bench import QUESTIONS
+
+    # Piper without its noise says each question the same way every time, so the audio is fixed.
+    with PiperSynthesizer(piper_voice, noise_scale=0.0, noise_w_scale=0.0) as piper:
+        spoken = [piper.synthesize(question) for question in QUESTIONS]
+    with WhisperRecognizer(whisper_dir, window="full") as full:
+        heard = [recognizer.transcribe(audio) for audio in spoken]
+        for question, audio, transcript in zip(QUESTIONS, spoken, heard, strict=True):
+            assert words(transcript.text) == words(full.transcribe(audio).text), question
+    # "colour is" against "colors" is a close call in the 10-s window: that question is heard in the full one
+    assert [transcript.window_s for transcript in heard] == [10.0, 30.0, 10.0]
+
+
+def test_a_fitted_decode_that_repeats_the_question_is_done_again_over_the_full_window() -> None:
+    from edgevision.speech.recognition import _repeats
+
+    assert _repeats("Can you read the sign for me? Can you read the sign")  # measured at 10 s
+    assert _repeats("Where is the door? Where is the door?")
+    assert not _repeats("What is it? What is that?")
+    assert not _repeats("Where is the door?")
+
+
 def test_a_fitted_decode_that_runs_into_its_token_limit_is_done_again_over_the_full_window(
     recognizer: WhisperRecognizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,12 +4,18 @@ Whisper's encoder is trained on 30-s windows and faster-whisper always pads a re
 question costs as much as 30 s of speech (tiny.en: about 0.55 CPU-seconds). With `window="fit"` the encoder
 sees a shorter window (CTranslate2 takes any length up to 30 s): the recording plus FIT_MARGIN_S of quiet,
 at least MIN_WINDOW_S, in whole seconds; the transcript is decoded greedily (or with the beam) from it, so
-a short question costs about a third (0.17 CPU-seconds). Much shorter windows make Whisper repeat the
-question until its token limit (measured: 6 s windows on 8 of 12 spoken questions; 10 s gave the full
-window's words on all 12, see docs/latency.md), so a fitted decode that runs into its token limit
-(TOKENS_PER_S of audio), repeats a sentence, or that faster-whisper would find doubtful (average log
-probability under -1) is done again over the full window. `window="full"` runs faster-whisper's own
-`transcribe`, its 30-s window and temperature fallback.
+a short question costs about a third (0.16 CPU-seconds). Much shorter windows make Whisper repeat the
+question until its token limit (6 s windows on 8 of 12 spoken questions), so a fitted decode that runs into
+its token limit (TOKENS_PER_S of audio), says a sentence or its beginning again, or that faster-whisper would find doubtful
+(average log probability under -1) is done again over the full window.
+
+A 10-s window still hears a few questions differently from the 30-s one ("Where's" for "Where is", "colors"
+for "colour is"), and it is sure of itself when it does: neither the average log probability nor the least
+likely token tells those decodes apart. What does is a close call between two words: so a fitted decode in
+which, at some step, the chosen token led another word's token by under WORD_MARGIN (in log probability) is
+done again over the full window too (measured in docs/latency.md: on 56 spoken questions this sent 17 to the
+full window and left the words of all 56 as the full window hears them). `window="full"` runs
+faster-whisper's own `transcribe`, its 30-s window and temperature fallback.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ MIN_WINDOW_S = 10.0  # shortest fitted window
 FIT_MARGIN_S = 2.0  # quiet after the recording in a fitted window
 TOKENS_PER_S = 10  # a fitted decode's token limit, per second of audio (speech is 3-6 tokens a second), plus 10
 LOGPROB_THRESHOLD = -1.0  # faster-whisper's log_prob_threshold
+WORD_MARGIN = 1.25  # a fitted decode whose choice between two words was closer than this is done again in full
 _FRAMES_PER_S = 100  # log-mel frames per second of 16 kHz audio
 _FULL_FRAMES = 3000
 
@@ -52,6 +59,7 @@ class Transcript:
     duration_s: float
     no_speech_probability: float
     no_speech: bool
+    window_s: float = 30.0  # the encoder window it was heard in; 30 s is Whisper's full one
 
 
 class Recognizer(Protocol):
@@ -65,9 +73,38 @@ class Recognizer(Protocol):
 
 
 def _repeats(text: str) -> bool:
-    """Whether a sentence of the transcript comes twice: Whisper looping in a short window."""
-    sentences = [" ".join(s.lower().split()) for s in re.split(r"[.!?]+", text) if s.strip()]
-    return len(set(sentences)) < len(sentences)
+    """Whether the transcript says a sentence again, whole or its beginning ("Can you read the sign for me?
+    Can you read the sign"): Whisper looping in a short window."""
+    sentences = [re.sub(r"[^a-z0-9 ]", "", s.lower()).split() for s in re.split(r"[.!?]+", text)]
+    sentences = [s for s in sentences if s]
+    return any(
+        later[: len(earlier)] == earlier or earlier[: len(later)] == later
+        for i, earlier in enumerate(sentences)
+        for later in sentences[i + 1 :]
+    )
+
+
+def _word(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
+def _closest_call(tokens: list[int], logits: list, tokenizer, suppressed: list[int]) -> float:
+    """The smallest lead, in log probability, of a chosen token over the runner-up at the same step where the
+    two spell different words. Only text tokens compete: the end of the text against one more word is
+    Whisper deciding whether to say the question again, which the repeat check covers; tokens that differ
+    only in case, spacing or punctuation, or a runner-up without letters or digits, spell the same words."""
+    import numpy as np
+
+    closest = float("inf")
+    for token, step in zip(tokens, logits, strict=False):
+        scores = np.asarray(step)[: tokenizer.eot].astype(np.float64)
+        scores[[t for t in suppressed if 0 <= t < tokenizer.eot]] = -np.inf
+        scores[token] = -np.inf
+        other = int(np.argmax(scores))
+        word = _word(tokenizer.decode([other]))
+        if word and word != _word(tokenizer.decode([token])):
+            closest = min(closest, float(np.asarray(step)[token]) - float(scores[other]))
+    return closest
 
 
 class WhisperRecognizer:
@@ -84,7 +121,8 @@ class WhisperRecognizer:
         window: str = setting(
             "fit",
             "fit: the encoder sees the recording plus quiet, at least 10 s (a short question costs a third of a "
-            "30-s window, same words); full: Whisper's own 30-s window, as faster-whisper runs it.",
+            "30-s window), and a decode with a close call between two words is done again over 30 s, so the "
+            "words are the full window's; full: Whisper's own 30-s window, as faster-whisper runs it.",
             choices=("fit", "full"),
         )
 
@@ -153,7 +191,7 @@ class WhisperRecognizer:
             transcript = self._transcribe_fitted(samples)
             if transcript is not None:
                 return transcript
-            logger.debug("the fitted window's decode did not end by itself; transcribing over the full window")
+            logger.debug("the fitted window's decode was not trusted; transcribing over the full window")
         segments, info = self._model.transcribe(
             samples,
             language=self._language,
@@ -174,7 +212,8 @@ class WhisperRecognizer:
 
     def _transcribe_fitted(self, samples) -> Transcript | None:
         """One greedy (or beam) decode over an encoder window fitted to the recording; None if it ran into
-        its token limit (Whisper repeating itself) instead of ending."""
+        its token limit (Whisper repeating itself) instead of ending, repeated itself, was doubtful, or made a
+        close call between two words."""
         import numpy as np
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import get_suppressed_tokens
@@ -195,6 +234,7 @@ class WhisperRecognizer:
         n_frames = max(features.shape[-1] + round(FIT_MARGIN_S * _FRAMES_PER_S), round(MIN_WINDOW_S * _FRAMES_PER_S))
         n_frames = min(_FULL_FRAMES, -(-n_frames // _FRAMES_PER_S) * _FRAMES_PER_S)  # whole seconds
         features = np.pad(features, ((0, 0), (0, n_frames - features.shape[-1])))
+        suppressed = get_suppressed_tokens(tokenizer, [-1])
         prompt = model.get_prompt(tokenizer, [], without_timestamps=True)
         limit = min(model.max_length, len(prompt) + 10 + round(TOKENS_PER_S * duration))
         try:
@@ -205,9 +245,10 @@ class WhisperRecognizer:
                 beam_size=self._beam_size,
                 max_length=limit,
                 return_scores=True,
+                return_logits_vocab=True,
                 return_no_speech_prob=True,
                 suppress_blank=True,
-                suppress_tokens=get_suppressed_tokens(tokenizer, [-1]),
+                suppress_tokens=suppressed,
             )[0]
         except (RuntimeError, ValueError) as error:
             raise EdgevisionError(f"Whisper could not transcribe the recording: {error}") from error
@@ -219,6 +260,12 @@ class WhisperRecognizer:
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
         if avg_logprob < LOGPROB_THRESHOLD or _repeats(text):
             return None
+        closest = _closest_call(tokens, result.logits[0], tokenizer, suppressed)
+        if closest < WORD_MARGIN:
+            logger.debug(
+                "the fitted window chose between two words by %.2f; transcribing over the full window", closest
+            )
+            return None
         no_speech_probability = result.no_speech_prob
         return Transcript(
             text=text,
@@ -226,6 +273,7 @@ class WhisperRecognizer:
             duration_s=duration,
             no_speech_probability=no_speech_probability,
             no_speech=not text or no_speech_probability > self._no_speech_threshold,
+            window_s=n_frames / _FRAMES_PER_S,
         )
 
     def close(self) -> None:
