@@ -139,8 +139,8 @@ $(PEER_MMPROJ:.gguf=.onnx): $(PEER_MMPROJ) tools/export_tower.py
 	$(BIN)/python tools/export_tower.py mmproj $< --out $@ --llama-cpp-cls-last
 
 bench-e2e-peer: models
-	$(EDGEVISION) bench e2e --config $(CONFIG) --peer -n 8 --cold 2
-	$(EDGEVISION) bench e2e --config $(CONFIG) --peer -n 8 --audio assets/question.wav
+	$(EDGEVISION) bench e2e --config $(CONFIG) --decoder $(GEMMA3) --peer -n 8 --cold 2
+	$(EDGEVISION) bench e2e --config $(CONFIG) --decoder $(GEMMA3) --peer -n 8 --audio assets/question.wav
 
 # --- the service (see systemd/edgevision.service) ---
 # On the board: sudo make install INSTALL_EXTRAS=jetson CMAKE_ARGS=-DGGML_CUDA=on

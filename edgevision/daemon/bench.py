@@ -393,6 +393,8 @@ def _cold_rounds(
                     str(peer.tower),
                     "--config",
                     str(config_path),
+                    "--decoder",
+                    str(config.decoder.model),
                     "--audio",
                     str(audio),
                     "--image",

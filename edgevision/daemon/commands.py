@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -66,6 +67,12 @@ def add_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAct
         type=Path,
         help="--peer: the vision tower as an mmproj GGUF; the daemon runs its ONNX export beside it "
         "(same name, .onnx) (default: mmproj-gemma3-270m.gguf beside the config's tower)",
+    )
+    e2e.add_argument(
+        "--decoder",
+        type=Path,
+        help="the decoder GGUF both sides answer with instead of the config's (--peer: one as wide as the "
+        "mmproj's rows, e.g. models/gemma-3-270m-q4_k_m.gguf)",
     )
     e2e.add_argument(
         "--cold",
@@ -223,6 +230,12 @@ def _cmd_bench_e2e(args: argparse.Namespace) -> int:
     path = find_config(args.config)
     config = load_config(path)
     configure_logging("warning", args.debug)
+    if args.decoder is not None:
+        if not args.decoder.is_file():
+            raise EdgevisionError(f"bench e2e: decoder {args.decoder} not found")
+        config = dataclasses.replace(
+            config, decoder=dataclasses.replace(config.decoder, model=args.decoder.resolve(), chat_format="auto")
+        )
     if args.pause < 0:
         raise EdgevisionError("bench e2e: --pause must be 0 or more seconds")
     if args.cold < 0 or (args.cold and not args.peer):

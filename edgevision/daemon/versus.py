@@ -323,7 +323,7 @@ def cold_main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     parser = argparse.ArgumentParser(prog="python -m edgevision.daemon.versus")
-    for name in ("--config", "--tower", "--audio", "--image", "--out"):
+    for name in ("--config", "--decoder", "--tower", "--audio", "--image", "--out"):
         parser.add_argument(name, required=True)
     args = parser.parse_args(argv)
     import numpy as np
@@ -334,7 +334,11 @@ def cold_main(argv: list[str] | None = None) -> int:
     from edgevision.vision.preprocess import load_image
 
     config = load_config(Path(args.config))
-    config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, tower=Path(args.tower)))
+    config = dataclasses.replace(
+        config,
+        vision=dataclasses.replace(config.vision, tower=Path(args.tower)),
+        decoder=dataclasses.replace(config.decoder, model=Path(args.decoder)),  # `bench e2e --decoder`
+    )
     moments: dict[str, float] = {}
     with Assistant.from_config(config) as assistant:
         attend_as_mtmd(assistant)

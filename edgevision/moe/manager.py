@@ -145,9 +145,10 @@ class ExpertManager:
         self.n_used = layout.n_expert_used
         self._waited = 0  # experts read on the decoding thread's behalf before its matmuls
         self._read_ahead = 0  # experts read on the decoding thread's prediction for a layer ahead
-        # seconds the decoding thread spent in the policy (`_enqueue`), of which waiting for the lock against
-        # eviction and waiting for the reads of the experts it chose
+        # on single-token decode steps: seconds the decoding thread spent in the policy (`_enqueue`), of which
+        # waiting for the lock against eviction and waiting for the reads of the experts it chose; MoE layers
         self.decoder_time = self.lock_time = self.read_wait = 0.0
+        self.decode_layers = 0
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -173,7 +174,9 @@ class ExpertManager:
         try:
             self._enqueue_layer(layer, logits, router_input)
         finally:
-            self.decoder_time += time.perf_counter() - start
+            if logits.shape[0] == 1:
+                self.decoder_time += time.perf_counter() - start
+                self.decode_layers += 1
 
     def _enqueue_layer(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
         if self.prefetcher is not None:
@@ -193,7 +196,8 @@ class ExpertManager:
                 self._selected_at[layer, chosen] = self._marks
                 for target, guess in predicted.items():
                     self._selected_at[target, guess] = self._marks
-            self.lock_time += time.perf_counter() - locking
+            if logits.shape[0] == 1:
+                self.lock_time += time.perf_counter() - locking
             # what the page cache holds now (mincore), not the policy thread's view, which may lag a layer
             cold = self.mapping.cold([(layer, int(e)) for e in chosen])
             if cold:
@@ -210,7 +214,8 @@ class ExpertManager:
                 waiting = time.perf_counter()
                 if not self.prefetcher.wait_for(cold, timeout=2.0):
                     logger.debug("reading experts %s took more than 2 s; llama.cpp faults in the rest", cold)
-                self.read_wait += time.perf_counter() - waiting
+                if logits.shape[0] == 1:
+                    self.read_wait += time.perf_counter() - waiting
         # the policy's thread wakes once per decoded token, not once per layer: each wake-up takes the GIL
         # and a CPU from the decoding thread; its decisions only need to keep up token by token
         self._batch.append((layer, logits, router_input))
@@ -501,10 +506,12 @@ class RouterAwarePolicy:
         s = self.manager.stats
         off = [name for name, on in self.options.items() if not on]
         m = self.manager
+        per = 1e3 * len(m.layout.moe_layers) / max(1, m.decode_layers)  # ms per decoded token
         return (
             f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} read ahead "
             f"on a prediction, {s.evicted} evicted, room {s.capacity / MIB:.0f} MiB; decoding thread in the policy "
-            f"{m.decoder_time:.2f} s (lock {m.lock_time:.2f} s, waiting for reads {m.read_wait:.2f} s)"
+            f"per decoded token {per * m.decoder_time:.2f} ms (lock {per * m.lock_time:.2f}, waiting for reads "
+            f"{per * m.read_wait:.2f})"
             + (f"; off: {', '.join(off)}" if off else "")
         )
 
