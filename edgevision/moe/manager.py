@@ -511,8 +511,7 @@ class RouterAwarePolicy:
             f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} read ahead "
             f"on a prediction, {s.evicted} evicted, room {s.capacity / MIB:.0f} MiB; decoding thread in the policy "
             f"per decoded token {per * m.decoder_time:.2f} ms (lock {per * m.lock_time:.2f}, waiting for reads "
-            f"{per * m.read_wait:.2f})"
-            + (f"; off: {', '.join(off)}" if off else "")
+            f"{per * m.read_wait:.2f})" + (f"; off: {', '.join(off)}" if off else "")
         )
 
     def close(self) -> None:
