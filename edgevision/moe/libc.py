@@ -21,3 +21,15 @@ def libc() -> ctypes.CDLL:
     lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     lib.mincore.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def mincore_holding_gil() -> ctypes._CFuncPtr:
+    """``mincore`` called without releasing the GIL (a ``PyDLL`` function). It takes microseconds; a CDLL call
+    releases the GIL and must take it back afterwards, and on the decoding thread, with the policy's threads
+    running Python, taking it back can cost up to the interpreter's switch interval each time."""
+    lib = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = lib.mincore
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn

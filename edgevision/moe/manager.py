@@ -122,7 +122,9 @@ class ExpertManager:
         ]
         self.cache = ScoredCache(capacity, expert_bytes, prior, half_life=half_life, prior_tokens=prior_tokens)
         self._lock = threading.Lock()  # the cache, between the decoding thread and the background one
-        self.prefetcher = ExpertPrefetcher(layout, workers=workers) if prefetch else None
+        self._evicting: set[Expert] = set()  # being taken out of RAM now (`_take_out`)
+        self._out = threading.Condition(self._lock)  # notified when they are out
+        self.prefetcher = ExpertPrefetcher(layout, workers=workers, needed=mapping.cold) if prefetch else None
         self._evict = evict
         self._random = random_access
         self._warm = warm
@@ -149,6 +151,7 @@ class ExpertManager:
         # waiting for the lock against eviction and waiting for the reads of the experts it chose; MoE layers
         self.decoder_time = self.lock_time = self.read_wait = 0.0
         self.decode_layers = 0
+        self.evict_time = 0.0
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -191,11 +194,14 @@ class ExpertManager:
                 for target in self.predictor.ahead(layer, self.depth):
                     predicted[target] = self.predictor.predict(layer, router_input, target)[0]
             locking = time.perf_counter()
-            with self._lock:  # in use from now: an eviction decided earlier leaves them (see `_take_out`)
+            with self._out:  # in use from now: an eviction decided earlier leaves them (see `_take_out`)
                 self._marks += 1
                 self._selected_at[layer, chosen] = self._marks
                 for target, guess in predicted.items():
                     self._selected_at[target, guess] = self._marks
+                # one being taken out right now: wait until it is out, then read it back (rare)
+                while self._evicting.intersection((layer, int(e)) for e in chosen):
+                    self._out.wait(0.1)
             if logits.shape[0] == 1:
                 self.lock_time += time.perf_counter() - locking
             # what the page cache holds now (mincore), not the policy thread's view, which may lag a layer
@@ -206,10 +212,8 @@ class ExpertManager:
             # the next layers' predicted experts, read while this layer and the ones before them compute. Here
             # rather than on the policy's thread, which may be a token behind: there the read would start too
             # late. The policy's thread decides later whether they stay (`hidden`).
-            for target, guess in predicted.items():
-                ahead = self.mapping.cold([(target, int(e)) for e in guess])
-                if ahead:
-                    self._read_ahead += self.prefetcher.submit(ahead, AHEAD)
+            for target, guess in predicted.items():  # the pool's worker skips those in RAM
+                self._read_ahead += self.prefetcher.submit([(target, int(e)) for e in guess], AHEAD)
             if cold:
                 waiting = time.perf_counter()
                 if not self.prefetcher.wait_for(cold, timeout=2.0):
@@ -285,10 +289,8 @@ class ExpertManager:
                 # ones stay, the others were read for this use only and are taken out after it
                 if transient:
                     self._after_use += [(target, e) for e in transient]
-                if ahead:  # read ahead unless the decoding thread found them in RAM (one may have left since)
-                    cold = self.mapping.cold([(target, e) for e in ahead])
-                    if cold:
-                        self._hinted += self.prefetcher.submit(cold, AHEAD)
+                if ahead:  # the pool's worker skips those in RAM
+                    self._hinted += self.prefetcher.submit([(target, e) for e in ahead], AHEAD)
             if evicted:
                 self._dropped.put((self._calls, evicted))
 
@@ -349,19 +351,31 @@ class ExpertManager:
                 return
 
     def _take_out(self, when: int, experts: list[Expert]) -> None:
-        # an expert re-admitted since it was dropped stays, and so does one selected again since: it is in use
-        # now, and will be dropped again after use if the cache does not keep it
-        # now. Under the lock until they are out: the decoding thread marks what it is about to use under it
-        # (`_enqueue`), so either it marked first and the expert stays, or it finds the expert gone and reads it.
+        # An expert re-admitted since it was dropped stays, and so does one selected again since: it is in use
+        # now, and will be dropped again after use if the cache does not keep it. The decoding thread marks what
+        # it is about to use under the lock (`_enqueue`), and waits for an expert it finds in `_evicting`: so
+        # either it marked first and the expert stays, or it waits until the expert is out and reads it back.
+        # Reads of them in flight are cancelled and waited for first: a read landing after the eviction would
+        # bring the expert back, and nothing submits one again without marking it first.
         with self._lock:
             gone = [x for x in set(experts) if x not in self.cache and self._selected_at[x] <= when]
-            if self.prefetcher is not None:  # a read landing after the eviction would bring it back
-                self.prefetcher.cancel(gone)
-                for _ in range(200):
-                    if not self.prefetcher.reading() & set(gone):
-                        break
-                    time.sleep(0.0005)
+        if self.prefetcher is not None and gone:
+            self.prefetcher.cancel(gone)
+            for _ in range(200):
+                if not self.prefetcher.reading() & set(gone):
+                    break
+                time.sleep(0.0005)
+        with self._lock:
+            gone = [x for x in gone if x not in self.cache and self._selected_at[x] <= when]
+            self._evicting.update(gone)
+        try:  # without the lock: the system calls take a while, and the decoding thread waits only for these
+            t0 = time.perf_counter()
             self.mapping.evict([r for layer, e in gone for r in self.layout.expert_ranges(layer, e)])
+            self.evict_time += time.perf_counter() - t0
+        finally:
+            with self._out:
+                self._evicting.difference_update(gone)
+                self._out.notify_all()
         self._evicted += len(gone)
 
     def drain(self, timeout: float = 30.0) -> None:
@@ -507,11 +521,13 @@ class RouterAwarePolicy:
         off = [name for name, on in self.options.items() if not on]
         m = self.manager
         per = 1e3 * len(m.layout.moe_layers) / max(1, m.decode_layers)  # ms per decoded token
+        skipped = m.prefetcher.skipped if m.prefetcher is not None else 0
         return (
-            f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} read ahead "
-            f"on a prediction, {s.evicted} evicted, room {s.capacity / MIB:.0f} MiB; decoding thread in the policy "
+            f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} queued to "
+            f"read ahead on a prediction ({skipped} of them in RAM already), {s.evicted} evicted, room "
+            f"{s.capacity / MIB:.0f} MiB; decoding thread in the policy "
             f"per decoded token {per * m.decoder_time:.2f} ms (lock {per * m.lock_time:.2f}, waiting for reads "
-            f"{per * m.read_wait:.2f})" + (f"; off: {', '.join(off)}" if off else "")
+            f"{per * m.read_wait:.2f}); evict {m.evict_time:.2f} s" + (f"; off: {', '.join(off)}" if off else "")
         )
 
     def close(self) -> None:

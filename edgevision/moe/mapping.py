@@ -25,6 +25,7 @@ import errno
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 from edgevision.errors import EdgevisionError
 from edgevision.moe.layout import ExpertLayout
 from edgevision.moe.libc import libc as _libc
+from edgevision.moe.libc import mincore_holding_gil
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +96,18 @@ class ModelMapping:
             raise EdgevisionError(f"{layout.path.name} is not mapped at {base:#x} in this process")
         self._vmas = vmas
         self._spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        self._vec = np.zeros(1, dtype=np.uint8)  # mincore's answer for `cold` (one thread: the decoding one)
+        self._local = threading.local()  # each thread's buffer for mincore's answer (`cold`)
         self._fd = os.open(layout.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
     def cold(self, experts: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-        """The experts of `experts` with a page not in the page cache (``mincore``, a few microseconds each)."""
+        """The experts of `experts` with a page not in the page cache (``mincore``, a few microseconds each).
+
+        An expert out of RAM is nearly always out from its first page on (experts are read and evicted whole),
+        so that page is asked about first; the whole expert only when it is in (mostly mapped pages, whose
+        answer is quick; an unmapped page costs a page-cache lookup). Any thread may call this."""
         out = []
-        mincore = _libc().mincore
+        mincore = mincore_holding_gil()  # called on the decoding thread: see its docstring
+        vec, address_of_vec = self._buffer()
         for expert in experts:
             spans = self._spans.get(expert)
             if spans is None:
@@ -108,14 +115,24 @@ class ModelMapping:
                     (self.base + start // PAGE * PAGE, (end - 1) // PAGE - start // PAGE + 1)
                     for start, end in self.layout.expert_ranges(*expert)
                 ]
+            if mincore(spans[0][0], PAGE, address_of_vec) != 0 or not vec[0] & 1:
+                out.append(expert)
+                continue
             for address, pages in spans:
-                if pages > len(self._vec):
-                    self._vec = np.zeros(pages, dtype=np.uint8)
-                vec = self._vec[:pages]
-                if mincore(address, pages * PAGE, vec.ctypes.data) != 0 or not vec.all():
+                if pages > len(vec):
+                    vec, address_of_vec = self._buffer(pages)
+                if mincore(address, pages * PAGE, address_of_vec) != 0 or not vec[:pages].all():
                     out.append(expert)
                     break
         return out
+
+    def _buffer(self, pages: int = 0) -> tuple[np.ndarray, int]:
+        """This thread's buffer for mincore's answer (at least `pages` long) and its address."""
+        held = getattr(self._local, "vec", None)
+        if held is None or len(held[0]) < pages:
+            vec = np.zeros(max(pages, 1024), dtype=np.uint8)
+            held = self._local.vec = (vec, vec.ctypes.data)
+        return held
 
     def covers(self, address: int) -> bool:
         """Whether `address` lies in this mapping (a weight llama.cpp reads from the file)."""

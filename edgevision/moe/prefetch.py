@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from edgevision.moe.layout import ExpertLayout
@@ -68,6 +68,8 @@ class ExpertPrefetcher:
         chunk: bytes per read; an expert of several MiB is split so that the workers share it.
         max_age: a queued request is dropped if this many newer ones were queued after it.
         trace: record every read (`reads`), for tests and measurements.
+        needed: of the experts given, those not in RAM (e.g. `ModelMapping.cold`); a worker asks it before
+            reading an expert queued to be read ahead, and skips one in RAM already.
     """
 
     def __init__(
@@ -78,10 +80,13 @@ class ExpertPrefetcher:
         chunk: int = 512 * KIB,
         max_age: int = 256,
         trace: bool = False,
+        needed: Callable[[list[Expert]], list[Expert]] | None = None,
     ) -> None:
         if workers < 1 or chunk < 4096:
             raise ValueError("workers must be at least 1 and chunk at least 4096 bytes")
         self.layout, self.workers, self.chunk, self.max_age = layout, workers, chunk, max_age
+        self._needed = needed
+        self._skipped = 0  # reads ahead skipped: the expert was in RAM when its turn came
         self._fd = os.open(layout.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         # no read-ahead on this descriptor: read what was asked, not the next (cold) experts as well. The
         # state is per open file, so llama.cpp's own accesses keep theirs.
@@ -182,6 +187,12 @@ class ExpertPrefetcher:
                 self._cond.wait(left)
 
     @property
+    def skipped(self) -> int:
+        """Experts queued to be read ahead that were in RAM when their turn came (`needed`)."""
+        with self._cond:
+            return self._skipped
+
+    @property
     def stats(self) -> PrefetchStats:
         with self._cond:
             return PrefetchStats(self._experts, self._reads, self._bytes, self._dropped, self._max_in_flight)
@@ -204,6 +215,9 @@ class ExpertPrefetcher:
                 del self._priority[expert]
                 if self._sequence - sequence > self.max_age:
                     self._dropped += 1
+                    continue
+                if priority != NOW and self._needed is not None and not self._needed([expert]):
+                    self._skipped += 1  # a read ahead of an expert in RAM already: checked here, not by the caller
                     continue
                 split = self._split(expert, priority)
                 self._chunks += split  # taken first
