@@ -151,6 +151,7 @@ class ExpertManager:
         # waiting for the lock against eviction and waiting for the reads of the experts it chose; MoE layers
         self.decoder_time = self.lock_time = self.read_wait = 0.0
         self.decode_layers = 0
+        self.decode_misses = 0  # chosen experts not in RAM on single-token decode steps
         self.evict_time = 0.0
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -183,10 +184,9 @@ class ExpertManager:
 
     def _enqueue_layer(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
         if self.prefetcher is not None:
-            from edgevision.moe.predict import topk_gates
 
-            if logits.shape[0] == 1:
-                chosen = topk_gates(logits, self.n_used)[0][0]
+            if logits.shape[0] == 1:  # the ids only (no gates): what the matmuls will read
+                chosen = np.argpartition(logits[0], -self.n_used)[-self.n_used :]
             else:  # a prefill: every expert any row chose
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
             predicted: dict[int, np.ndarray] = {}
@@ -209,6 +209,8 @@ class ExpertManager:
             if cold:
                 self.prefetcher.submit(cold, NOW)
                 self._waited += len(cold)
+                if logits.shape[0] == 1:
+                    self.decode_misses += len(cold)
             # the next layers' predicted experts, read while this layer and the ones before them compute. Here
             # rather than on the policy's thread, which may be a token behind: there the read would start too
             # late. The policy's thread decides later whether they stay (`hidden`).
@@ -525,7 +527,8 @@ class RouterAwarePolicy:
         return (
             f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} queued to "
             f"read ahead on a prediction ({skipped} of them in RAM already), {s.evicted} evicted, room "
-            f"{s.capacity / MIB:.0f} MiB; decoding thread in the policy "
+            f"{s.capacity / MIB:.0f} MiB; chosen experts not in RAM per decoded token "
+            f"{len(m.layout.moe_layers) * m.decode_misses / max(1, m.decode_layers):.2f}; decoding thread in the policy "
             f"per decoded token {per * m.decoder_time:.2f} ms (lock {per * m.lock_time:.2f}, waiting for reads "
             f"{per * m.read_wait:.2f}); evict {m.evict_time:.2f} s" + (f"; off: {', '.join(off)}" if off else "")
         )
