@@ -184,7 +184,6 @@ class ExpertManager:
 
     def _enqueue_layer(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
         if self.prefetcher is not None:
-
             if logits.shape[0] == 1:  # the ids only (no gates): what the matmuls will read
                 chosen = np.argpartition(logits[0], -self.n_used)[-self.n_used :]
             else:  # a prefill: every expert any row chose
