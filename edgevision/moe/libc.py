@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+from typing import Any
 
 PAGE = mmap.PAGESIZE
 
@@ -24,7 +25,7 @@ def libc() -> ctypes.CDLL:
 
 
 @functools.cache
-def mincore_holding_gil() -> ctypes._CFuncPtr:
+def mincore_holding_gil() -> Any:
     """``mincore`` called without releasing the GIL (a ``PyDLL`` function). It takes microseconds; a CDLL call
     releases the GIL and must take it back afterwards, and on the decoding thread, with the policy's threads
     running Python, taking it back can cost up to the interpreter's switch interval each time."""
