@@ -53,6 +53,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -c 'from edgevision.decoder.nodefilter import build; build()'  # the eval callback's C filter
+	$(BIN)/python -c 'from edgevision.moe.nvme_server import build; build()'  # the emulated NVMe's C server
 	touch $@
 
 models: $(STAMP) $(MODELS)/.bundled $(MOE) $(SYN)/tower-gemma3-270m.onnx $(SYN)/tower-smollm2-135m.onnx \

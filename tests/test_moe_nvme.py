@@ -42,9 +42,11 @@ def model(tmp_path):
 
 
 @pytest.mark.skipif(_mountable() is not None, reason=_mountable() or "")
-def test_reads_through_the_mount_return_the_file(model):
+@pytest.mark.parametrize("server", ["C", "Python"])
+def test_reads_through_the_mount_return_the_file(model, server):
     expected = model.read_bytes()
-    with EmulatedNvme(model, latency_us=80, read_mbps=2000, read_ahead_kb=128) as nvme:
+    with EmulatedNvme(model, latency_us=80, read_mbps=2000, read_ahead_kb=128, native=server == "C") as nvme:
+        assert nvme.settings.server == server, "the C server was not built (is there a C compiler?)"
         assert nvme.settings.read_ahead_kb == 128
         assert Path(f"/sys/class/bdi/{nvme.bdi}/read_ahead_kb").read_text().strip() == "128"
         served = nvme.served
@@ -56,8 +58,8 @@ def test_reads_through_the_mount_return_the_file(model):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        # through a mapping, in another process: a page fault in this one would hold the GIL that the server's
-        # threads need to answer it (the benchmark's children are other processes too)
+        # through a mapping, in another process: a page fault in this one would hold the GIL that the Python
+        # server's threads need to answer it (the benchmark's children are other processes too)
         script = (
             "import hashlib, mmap, sys\n"
             "with open(sys.argv[1], 'rb') as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:\n"
@@ -94,3 +96,12 @@ def test_close_unmounts_and_removes_everything(model):
     assert str(mount) not in Path("/proc/mounts").read_text()
     assert not work.exists()
     assert not any(t.is_alive() for t in nvme._threads)
+
+
+def test_without_a_c_compiler_the_server_is_not_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from edgevision.moe import nvme_server
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        nvme_server.build(tmp_path)
+    assert not list(tmp_path.glob("*.so")) and not list(tmp_path.glob(".nvme_server-*"))  # nothing half-built

@@ -6,10 +6,8 @@ benchmark model, each a crossing into the interpreter that takes the GIL. An obs
 `NodeFilter` answers for every other node in C. A callback whose ``wants_every_prefixed_node`` is true is not
 asked at all: the filter says yes for it, and passes on only the computed nodes.
 
-The shared library is built from ``nodefilter.c`` by the system's C compiler (``$CC``, else ``cc``) the first
-time it is needed — ``make venv`` does it ahead of time — next to this file, or in
-``$XDG_CACHE_HOME/edgevision`` (else ``~/.cache/edgevision``) where the package is read-only. The library's
-name carries a digest of the source, so an edited source is rebuilt. Without a compiler the decoder falls back
+The shared library is built from ``nodefilter.c`` where it is first used (`edgevision.native_build`: the
+system's C compiler, ``make venv`` does it ahead of time). Without a compiler the decoder falls back
 to the Python callback for every node (logged once): slower, the same results.
 """
 
@@ -17,14 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from edgevision import native_build
 
 logger = logging.getLogger(__name__)
 
@@ -45,67 +41,25 @@ class _Filter(ctypes.Structure):
     ]
 
 
-def _library_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    return f"_nodefilter-{digest}.so"
-
-
-def _places() -> list[Path]:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgevision"
-    return [SOURCE.parent, cache]
-
-
 def build(folder: Path | None = None) -> Path:
     """Compile ``nodefilter.c`` into `folder` (default: next to it, else the user's cache); the library's path.
 
     Raises OSError or subprocess.CalledProcessError when there is no compiler or the folder is not writable.
     """
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise FileNotFoundError("no C compiler (cc, gcc or $CC)")
-    folders = [folder] if folder else _places()
-    last: OSError | None = None
-    for place in folders:
-        try:
-            place.mkdir(parents=True, exist_ok=True)
-            target = place / _library_name()
-            # built beside the target and renamed: a concurrent build or load never sees half a library
-            with tempfile.NamedTemporaryFile(dir=place, prefix=".nodefilter-", suffix=".so", delete=False) as tmp:
-                partial = Path(tmp.name)
-            try:
-                subprocess.run(
-                    [compiler, "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=120,
-                )
-                partial.replace(target)
-            finally:
-                partial.unlink(missing_ok=True)
-            return target
-        except OSError as exc:
-            last = exc
-    raise last or OSError("nowhere to build the node filter")
+    return native_build.build(SOURCE, folder)
 
 
 @functools.cache
 def library() -> Any | None:
     """The loaded filter library (built on first use if needed), or None where it cannot be built."""
-    name = _library_name()
-    for place in _places():
-        if (place / name).is_file():
-            path = place / name
-            break
-    else:
-        try:
-            path = build()
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", "") or exc
-            logger.warning(
-                "the C node filter could not be built (%s); every graph node crosses into Python: slower", detail
-            )
-            return None
+    try:
+        path = native_build.find_or_build(SOURCE)
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning(
+            "the C node filter could not be built (%s); every graph node crosses into Python: slower", detail
+        )
+        return None
     lib = ctypes.CDLL(str(path))
     lib.edgevision_node_filter.restype = ctypes.c_bool
     lib.edgevision_node_filter.argtypes = [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]

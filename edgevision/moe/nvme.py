@@ -14,9 +14,12 @@ The device model: a READ of `size` bytes that arrives at `t` is answered at
 latency of requests in flight overlaps; their transfers share the bandwidth one after another. At queue depth
 1 every request costs latency + transfer; deep queues get the bandwidth. Sixteen server threads each take a
 request from /dev/fuse, compute its due time, sleep until then (with a 1 ns timer slack, so the sleeps are
-accurate) and write the reply straight from a populated mapping of the model's copy in /dev/shm.
-The latency is what an application sees end to end at queue depth 1: the server's own round trip (measured
-with the model off when it starts) is taken off it.
+accurate) and write the reply straight from a populated mapping of the model's copy in /dev/shm. The threads
+are C (`edgevision.moe.nvme_server`: no GIL, a few microseconds of CPU per READ); where no C compiler is at
+hand, Python threads in this module answer instead, slower and costlier (logged). This module mounts the file
+system and answers the kernel's INIT in either case.
+The latency is what an application sees end to end at queue depth 1: what a 128 KiB read takes beyond the
+model when the server starts (its own round trip, its timer's wake-up) is taken off each reply's due time.
 
 The bytes served are counted in an 8-byte file in /dev/shm (`counter`) that the benchmark's children read
 before and after each decode step (``/proc/self/io`` counts block-layer reads only, none of FUSE's).
@@ -32,6 +35,7 @@ import logging
 import mmap
 import os
 import random
+import select
 import shutil
 import stat
 import struct
@@ -45,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgevision.moe.libc import libc
+from edgevision.moe.nvme_server import NativeServer
 from edgevision.moe.storage import StorageUnavailable
 
 if TYPE_CHECKING:
@@ -129,14 +134,16 @@ class NvmeSettings:
     max_request_kb: int
     kernel_protocol: str
     bdi: str
-    overhead_us: float  # the server's own round trip, taken off the latency
+    lead_us: float  # how early each reply is written: the server's own round trip, as measured
+    server: str  # "C" or "Python"
 
     def describe(self) -> str:
         bandwidth = f"{self.read_mbps} MB/s" if self.read_mbps else "unthrottled"
         return (
-            f"storage: emulated NVMe (FUSE server over /dev/fuse, protocol {self.kernel_protocol}, backing file in "
-            f"RAM (/dev/shm)): latency {self.latency_us:.0f} us at queue depth 1 (the server's own "
-            f"{self.overhead_us:.0f} us round trip included), transfers {bandwidth}, READ requests of at most "
+            f"storage: emulated NVMe ({self.server} FUSE server over /dev/fuse, protocol {self.kernel_protocol}, "
+            f"backing file in RAM (/dev/shm)): latency {self.latency_us:.0f} us at queue depth 1 (replies written "
+            f"{self.lead_us:.0f} us before their due time: the server's own round trip), transfers {bandwidth}, "
+            f"READ requests of at most "
             f"{self.max_request_kb} KiB, read_ahead_kb {self.read_ahead_kb} (bdi {self.bdi})"
         )
 
@@ -157,14 +164,21 @@ class _Channel:
 class EmulatedNvme:
     """The model on an emulated NVMe; `path` is the file on the mount. Close to unmount and stop the server.
 
-    The server's threads run in this process and need its GIL to answer: read the file from other processes
-    (as the benchmark's children do). A read here that holds the GIL while it waits for the server (a page
-    fault on a mapping of `path`, e.g. slicing an ``mmap``) would never be answered; ``os.pread`` and
-    ``os.preadv`` release the GIL and are fine.
+    The server's threads run in this process. The C server's need nothing of it; the Python server's (`native`
+    false, or no C compiler) need its GIL to answer: then read the file from other processes only (as the
+    benchmark's children do), since a read here that holds the GIL while it waits for the server (a page fault
+    on a mapping of `path`, e.g. slicing an ``mmap``) would never be answered.
     """
 
     def __init__(
-        self, model: Path, *, latency_us: float, read_mbps: int | None, read_ahead_kb: int, name: str | None = None
+        self,
+        model: Path,
+        *,
+        latency_us: float,
+        read_mbps: int | None,
+        read_ahead_kb: int,
+        name: str | None = None,
+        native: bool = True,
     ) -> None:
         if os.geteuid() != 0:
             raise StorageUnavailable("the emulated NVMe needs root (mount(2) of a FUSE file system)")
@@ -174,13 +188,13 @@ class EmulatedNvme:
         self._fd = -1
         self._mounted = False
         self._threads: list[threading.Thread] = []
+        self._native: NativeServer | None = None
         self._lock = threading.Lock()
-        self._initialised = threading.Event()
         self._kernel = "?"
         self._read_ahead = read_ahead_kb * KIB
         self.bdi = ""
-        self.served = 0  # bytes answered to READ requests
-        self.requests = 0
+        self._served = 0  # the Python server's bytes answered to READ requests, and READs
+        self._requests = 0
         try:
             self._backing = os.open(shutil.copyfile(model, self._work / "backing"), os.O_RDONLY)
             self._size = os.fstat(self._backing).st_size
@@ -192,13 +206,24 @@ class EmulatedNvme:
             self.counter.write_bytes(bytes(8))
             self._counter_fd = os.open(self.counter, os.O_RDWR)
             self._counter = mmap.mmap(self._counter_fd, 8)
-            self._channel = _Channel(0.0, None)
+            self._channel = _Channel(latency_us * 1e-6, read_mbps * 1e6 if read_mbps else None)
+            self._lead = 0.0
             self._mount()
+            self._start(native)
+            self.bdi = f"0:{os.minor(os.stat(self._mount_point).st_dev)}"  # a GETATTR: the server answers it
             self.path = self._mount_point / self._name.decode()
             ra = Path("/sys/class/bdi") / self.bdi / "read_ahead_kb"
             ra.write_text(str(read_ahead_kb))
-            overhead = min(self.measure(count=32, bandwidth=False)[0] for _ in range(3))  # the model off
-            self._channel = _Channel(max(0.0, latency_us * 1e-6 - overhead), read_mbps * 1e6 if read_mbps else None)
+            # what a queue-depth-1 read takes beyond the model (the server's round trip and its timer's wake-up)
+            # is taken off each reply's due time
+            target = self._channel.due(0.0, 128 * KIB)
+            self._channel.free = 0.0
+            if self._native:
+                self._native.set_model(self._channel.latency, self._channel.bandwidth, 0.0)
+            measured = min(self.measure(count=32, bandwidth=False)[0] for _ in range(3))
+            self._lead = min(max(0.0, measured - target), target)
+            if self._native:
+                self._native.set_model(self._channel.latency, self._channel.bandwidth, self._lead)
             self.settings = NvmeSettings(
                 latency_us=latency_us,
                 read_mbps=read_mbps,
@@ -206,7 +231,8 @@ class EmulatedNvme:
                 max_request_kb=self._max_request // KIB,
                 kernel_protocol=self._kernel,
                 bdi=self.bdi,
-                overhead_us=overhead * 1e6,
+                lead_us=self._lead * 1e6,
+                server="C" if self._native else "Python",
             )
         except BaseException:
             self.close()
@@ -226,12 +252,34 @@ class EmulatedNvme:
             err = ctypes.get_errno()
             raise StorageUnavailable(f"mount -t fuse on {self._mount_point}: {os.strerror(err)}")
         self._mounted = True
+        self._init()
+
+    def _init(self) -> None:
+        """Answer the kernel's first request, INIT: the protocol version and the connection's settings."""
+        poll = select.poll()
+        poll.register(self._fd, select.POLLIN)
+        if not poll.poll(10_000):
+            raise StorageUnavailable("the kernel sent no FUSE INIT within 10 s of the mount")
+        request = os.read(self._fd, 4 * KIB + 128 * KIB)
+        _, opcode, unique, *_ = IN_HEADER.unpack_from(request)
+        if opcode != Op.INIT:
+            raise StorageUnavailable(f"the kernel's first FUSE request was opcode {opcode}, not INIT")
+        major, minor, _, flags = INIT_IN.unpack_from(request, IN_HEADER.size)
+        self._kernel = f"{major}.{minor}"
+        self._max_request = 32 * mmap.PAGESIZE  # FUSE_DEFAULT_MAX_PAGES_PER_REQ, without MAX_PAGES
+        # max_background (the most readahead READs the kernel sends at once) is the number of server threads
+        settings = (self._read_ahead, flags & ASYNC_READ, READERS, READERS * 3 // 4, 4 * KIB, 1, 0, 0, 0, 0, 0)
+        self._write(unique, 0, [INIT_OUT.pack(FUSE_MAJOR, min(minor, FUSE_MINOR), *settings)])
+
+    def _start(self, native: bool) -> None:
+        """`READERS` server threads: C where the library builds, else Python."""
+        if native:
+            self._native = NativeServer.create(self._fd, self._map, self._name, self._counter, READERS)
+            if self._native:
+                return
         self._threads = [threading.Thread(target=self._serve, name=f"nvme-{i}", daemon=True) for i in range(READERS)]
         for thread in self._threads:
             thread.start()
-        if not self._initialised.wait(10):
-            raise StorageUnavailable("the kernel sent no FUSE INIT within 10 s of the mount")
-        self.bdi = f"0:{os.minor(os.stat(self._mount_point).st_dev)}"  # after INIT: the stat waits for it
 
     def _serve(self) -> None:
         """One of `READERS` threads: take a request from /dev/fuse, answer it (a READ at its due time), until the
@@ -263,42 +311,21 @@ class EmulatedNvme:
             with self._view[offset : offset + size] if node == FILE else memoryview(b"") as data:
                 with self._lock:
                     due = self._channel.due(arrival, len(data))
-                wait = due - time.perf_counter()
+                wait = due - self._lead - time.perf_counter()
                 if wait > 0:
                     time.sleep(wait)
                 self._write(unique, 0, [data])
                 with self._lock:
-                    self.requests += 1
-                    self.served += len(data)
-                    struct.pack_into("<Q", self._counter, 0, self.served)
+                    self._requests += 1
+                    self._served += len(data)
+                    struct.pack_into("<Q", self._counter, 0, self._served)
         elif opcode not in NO_REPLY:
             error, payload = self._answer(opcode, node, body)
             self._write(unique, error, payload)
 
     def _answer(self, opcode: int, node: int, body: memoryview) -> tuple[int, list[bytes]]:
-        """(negative errno or 0, reply payload) for everything but READ."""
+        """(negative errno or 0, reply payload) for everything but READ and INIT."""
         match opcode:
-            case Op.INIT:
-                major, minor, _, flags = INIT_IN.unpack_from(body)
-                self._kernel = f"{major}.{minor}"
-                self._max_request = 32 * mmap.PAGESIZE  # FUSE_DEFAULT_MAX_PAGES_PER_REQ, without MAX_PAGES
-                out = INIT_OUT.pack(
-                    FUSE_MAJOR,
-                    min(minor, FUSE_MINOR),
-                    self._read_ahead,
-                    flags & ASYNC_READ,
-                    READERS,
-                    READERS * 3 // 4,
-                    4 * KIB,
-                    1,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                )
-                self._initialised.set()
-                return 0, [out]
             case Op.LOOKUP:
                 if node == ROOT and bytes(body).rstrip(b"\0") == self._name:
                     return 0, [ENTRY_OUT.pack(FILE, 0, VALID, VALID, 0, 0), self._attr(FILE)]
@@ -375,6 +402,17 @@ class EmulatedNvme:
     def enter(self) -> None:
         """Nothing to join: the server counts what it serves (a ``preexec_fn``)."""
 
+    @property
+    def served(self) -> int:
+        """Bytes answered to READ requests so far."""
+        counter = self.__dict__.get("_counter")
+        return struct.unpack_from("<Q", counter)[0] if counter is not None else self._served
+
+    @property
+    def requests(self) -> int:
+        """READ requests answered so far."""
+        return self._native.requests if self._native else self._requests
+
     def read_bytes(self) -> int:
         return self.served
 
@@ -384,6 +422,9 @@ class EmulatedNvme:
                 logger.warning("umount %s: %s", self._mount_point, os.strerror(ctypes.get_errno()))
             self._mounted = False
             self._abort()
+        if self._native and not self._native.stop():
+            # its threads may still use the descriptor and the mappings (which it holds open): the process ends them
+            self._fd = -1
         for thread in self._threads:
             thread.join(timeout=5)
             if thread.is_alive():
@@ -392,6 +433,7 @@ class EmulatedNvme:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._served = self.served
         for name in ("_view", "_map", "_counter", "_counter_fd", "_backing"):
             value = self.__dict__.pop(name, None)
             try:
@@ -407,6 +449,8 @@ class EmulatedNvme:
 
     def _abort(self) -> None:
         """End the FUSE connection even if a process still holds the (detached) file open: its reads fail."""
+        if not self.bdi:  # the mount never got as far as INIT
+            return
         abort = Path("/sys/fs/fuse/connections") / self.bdi.split(":")[1] / "abort"
         try:
             abort.write_text("1")
