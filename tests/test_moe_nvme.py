@@ -81,10 +81,11 @@ def test_latency_at_queue_depth_one_and_bandwidth_with_eight_readers(model):
     # a latency far above this machine's noise: 128 KiB then take 500 + 66 us at queue depth 1
     with EmulatedNvme(model, latency_us=500, read_mbps=2000, read_ahead_kb=128) as nvme:
         assert measure_latency(nvme.path, count=16) >= 0.9 * 500e-6
-        one = measure_bandwidth(nvme.path, depth=1, total=4 * MIB)
-        eight = measure_bandwidth(nvme.path, depth=8, total=4 * MIB)
-        # the latency overlaps across requests in flight: loosely, as the machine's cores are shared
-        assert eight > 2 * one, (one, eight)
+        one = measure_bandwidth(nvme.path, depth=1, total=8 * MIB)
+        eight = measure_bandwidth(nvme.path, depth=8, total=8 * MIB)
+        # the latency overlaps across requests in flight (8x in theory): loosely, as the machine's two cores are
+        # shared with the readers and whatever else runs
+        assert eight > 1.5 * one, (one, eight)
 
 
 @pytest.mark.skipif(_mountable() is not None, reason=_mountable() or "")
