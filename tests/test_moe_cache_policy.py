@@ -395,3 +395,45 @@ def test_bench_policy_command_replays_recorded_routing(moe_q8: Path, tmp_path: P
     }
     assert rows["Belady (optimal)"] >= max(rows["expert LRU"], rows["router-aware (prior + recency)"])
     assert "predicted routing (next MoE layer's router on this layer's input): recall" in proc.stdout
+
+
+def test_predicted_experts_are_read_ahead_only_while_the_predictions_come_true(make_synthetic, tmp_path: Path):
+    """A wrong prediction costs a whole expert's read: after a run of them the decoding thread stops reading
+    ahead, and keeps reading ahead while they come true."""
+    from edgevision.moe.manager import READ_AHEAD_PRECISION, ExpertManager
+
+    model = make_synthetic.write_moe_decoder(tmp_path / "m.gguf", ftype="q8_0")
+    layout = read_layout(model)
+    k = layout.n_expert_used
+
+    class InRam:  # every expert in RAM: nothing is read, only asked for
+        def cold(self, experts):
+            return []
+
+    class Predictor:
+        def __init__(self, guess):
+            self.guess = np.array([guess])
+
+        def ahead(self, layer, depth):
+            return [other for other in layout.moe_layers if other > layer][:depth]
+
+        def predict(self, source, router_input, target):
+            return self.guess
+
+    def decode(guess, tokens):
+        prior = np.full((layout.n_layer, layout.n_expert), 1 / layout.n_expert)
+        manager = ExpertManager(layout, InRam(), prior, budget=layout.expert_total, predictor=Predictor(guess))
+        logits = np.zeros((1, layout.n_expert), np.float32)
+        logits[0, :k] = 1.0  # the router chooses experts 0..k-1 every time
+        asked = []
+        with manager:
+            for _ in range(tokens):
+                for layer in layout.moe_layers:
+                    manager._enqueue(layer, logits, np.zeros((1, 8), np.float32))
+                asked.append(manager._read_ahead)
+        return manager.precision, asked
+
+    right, asked = decode(list(range(k)), 40)
+    assert right == 1.0 and asked[-1] > asked[len(asked) // 2]  # still asking for reads ahead at the end
+    wrong, asked = decode(list(range(k, 2 * k)), 40)
+    assert wrong < READ_AHEAD_PRECISION and asked[-1] == asked[len(asked) // 2] > 0  # asked at first, then stopped

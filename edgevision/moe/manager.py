@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 MIB = 2**20
 SWITCH_INTERVAL_S = 0.0002
+READ_AHEAD_PRECISION = 0.8  # predicted experts are read ahead while at least this share of them is then chosen
+PRECISION_DECAY = 0.02  # weight of each MoE layer's outcome in that share (about the last 50 layers)
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ class ExpertManager:
         self.decoder_time = self.lock_time = self.read_wait = 0.0
         self.decode_layers = 0
         self.decode_misses = 0  # chosen experts not in RAM on single-token decode steps
+        self.precision = 1.0  # share of predicted experts then chosen (decayed); reads ahead stop below the bar
+        self._guessed: dict[int, set[int]] = {}  # layer -> the experts predicted for it
         self.evict_time = 0.0
         self._worker: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -190,8 +194,13 @@ class ExpertManager:
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
             predicted: dict[int, np.ndarray] = {}
             if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
+                guessed = self._guessed.pop(layer, None)
+                if guessed is not None:  # how often a predicted expert is then chosen (decayed)
+                    right = len(guessed.intersection(int(e) for e in chosen)) / len(guessed)
+                    self.precision += PRECISION_DECAY * (right - self.precision)
                 for target in self.predictor.ahead(layer, self.depth):
                     predicted[target] = self.predictor.predict(layer, router_input, target)[0]
+                    self._guessed[target] = {int(e) for e in predicted[target]}
             locking = time.perf_counter()
             with self._out:  # in use from now: an eviction decided earlier leaves them (see `_take_out`)
                 self._marks += 1
@@ -213,8 +222,11 @@ class ExpertManager:
             # the next layers' predicted experts, read while this layer and the ones before them compute. Here
             # rather than on the policy's thread, which may be a token behind: there the read would start too
             # late. The policy's thread decides later whether they stay (`hidden`).
-            for target, guess in predicted.items():  # the pool's worker skips those in RAM
-                self._read_ahead += self.prefetcher.submit([(target, int(e)) for e in guess], AHEAD)
+            # Only while predictions are mostly right: a wrong one costs a whole expert's read, and the bandwidth
+            # it takes delays the reads the decoder waits for (static-skew model: 64% right, 0.7 MB a token more).
+            if self.precision >= READ_AHEAD_PRECISION:
+                for target, guess in predicted.items():  # the pool's worker skips those in RAM
+                    self._read_ahead += self.prefetcher.submit([(target, int(e)) for e in guess], AHEAD)
             if cold:
                 waiting = time.perf_counter()
                 if not self.prefetcher.wait_for(cold, timeout=2.0):
@@ -527,7 +539,8 @@ class RouterAwarePolicy:
             f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} queued to "
             f"read ahead on a prediction ({skipped} of them in RAM already), {s.evicted} evicted, room "
             f"{s.capacity / MIB:.0f} MiB; chosen experts not in RAM per decoded token "
-            f"{len(m.layout.moe_layers) * m.decode_misses / max(1, m.decode_layers):.2f}; decoding thread in the policy "
+            f"{len(m.layout.moe_layers) * m.decode_misses / max(1, m.decode_layers):.2f}, predictions right "
+            f"{100 * m.precision:.0f}% at the end; decoding thread in the policy "
             f"per decoded token {per * m.decoder_time:.2f} ms (lock {per * m.lock_time:.2f}, waiting for reads "
             f"{per * m.read_wait:.2f}); evict {m.evict_time:.2f} s" + (f"; off: {', '.join(off)}" if off else "")
         )
