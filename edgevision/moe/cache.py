@@ -337,7 +337,7 @@ def simulate(
     predictions: Sequence[Sequence[Sequence[int]]] | None = None,
     warm: bool = False,
     counted: Sequence[bool] | None = None,
-    prefill_weight: float = 1.0,
+    prefill_weight: float = PREFILL_WEIGHT,
 ) -> SimResult:
     """Replay `trace` (``trace[t][i]``: ids selected at token t by MoE layer ``layers[i]``) through `cache`.
 

@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MIB = 2**20
-SWITCH_INTERVAL_S = 0.0002
 READ_AHEAD_PRECISION = 0.8  # predicted experts are read ahead while at least this share of them is then chosen
 PRECISION_DECAY = 0.02  # weight of each MoE layer's outcome in that share (about the last 50 layers)
 
@@ -142,7 +141,8 @@ class ExpertManager:
         self._selected_at = np.full((layout.n_layer, layout.n_expert), -1, dtype=np.int64)
         self._after_use: list[Expert] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._batch: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # this token's layers, not yet queued
+        # this token's layers (layer, logits, router input, predictions), not yet queued
+        self._batch: list[tuple[int, np.ndarray, np.ndarray | None, dict[int, np.ndarray]]] = []
         self._last = layout.moe_layers[-1]
         self._policy_thread: threading.Thread | None = None
         self._observer: PredictingObserver | None = None
@@ -187,12 +187,12 @@ class ExpertManager:
                 self.decode_layers += 1
 
     def _enqueue_layer(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
+        predicted: dict[int, np.ndarray] = {}  # target layer -> predicted experts, handed on to `hidden`
         if self.prefetcher is not None:
             if logits.shape[0] == 1:  # the ids only (no gates): what the matmuls will read
                 chosen = np.argpartition(logits[0], -self.n_used)[-self.n_used :]
             else:  # a prefill: every expert any row chose
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
-            predicted: dict[int, np.ndarray] = {}
             if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
                 guessed = self._guessed.pop(layer, None)
                 if guessed is not None:  # how often a predicted expert is then chosen (decayed)
@@ -235,7 +235,7 @@ class ExpertManager:
                     self.read_wait += time.perf_counter() - waiting
         # the policy's thread wakes once per decoded token, not once per layer: each wake-up takes the GIL
         # and a CPU from the decoding thread; its decisions only need to keep up token by token
-        self._batch.append((layer, logits, router_input))
+        self._batch.append((layer, logits, router_input, predicted))
         if logits.shape[0] > 1 or layer == self._last:
             self._inbox.put(self._batch)
             self._batch = []
@@ -247,12 +247,12 @@ class ExpertManager:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            for layer, logits, router_input in item:
+            for layer, logits, router_input, predicted in item:
                 try:
                     ids, weights = topk_gates(logits, self.n_used)
                     self.observe(layer, ids, weights)
                     if router_input is not None:
-                        self.hidden(layer, router_input)
+                        self.hidden(layer, router_input, predicted)
                 except Exception as exc:  # reported by stats; decoding goes on with the kernel deciding
                     logger.exception("the expert policy failed on layer %d; the kernel's page cache decides", layer)
                     self._error = exc
@@ -273,10 +273,9 @@ class ExpertManager:
                 self._after_use = []
         self._calls += 1
         chosen = np.unique(expert_ids).tolist()
+        weight = PREFILL_WEIGHT if expert_ids.shape[0] > 1 else 1.0
         with self._lock:  # the decoding thread may have marked them for a later use already (`_enqueue`)
             self._selected_at[layer, chosen] = np.maximum(self._selected_at[layer, chosen], self._calls)
-        weight = PREFILL_WEIGHT if expert_ids.shape[0] > 1 else 1.0
-        with self._lock:
             missed, evicted = self.cache.access(layer, chosen, self._step, weight)
         self._selected += len(chosen)
         self._misses += len(missed)
@@ -289,12 +288,16 @@ class ExpertManager:
             if len(mine) < len(evicted):
                 self._dropped.put((self._calls, [x for x in evicted if x[0] != layer]))
 
-    def hidden(self, layer: int, router_input: np.ndarray) -> None:
-        """`PredictingObserver` hidden listener: predict the layers ahead and read their experts early."""
+    def hidden(self, layer: int, router_input: np.ndarray, predicted: dict[int, np.ndarray] | None = None) -> None:
+        """`PredictingObserver` hidden listener: predict the layers ahead and read their experts early.
+        `predicted`: the predictions the decoding thread made already (`_enqueue`), not made again."""
         if self.predictor is None or router_input.shape[0] != 1:
             return  # a prefill reads nearly every expert anyway: its predictions would only flood the cache
         for target in self.predictor.ahead(layer, self.depth):
-            guess = np.unique(self.predictor.predict(layer, router_input, target)).tolist()
+            made = predicted.get(target) if predicted else None
+            if made is None:
+                made = self.predictor.predict(layer, router_input, target)
+            guess = np.unique(made).tolist()
             with self._lock:
                 ahead, evicted, transient = self.cache.hint(target, guess, self._step)
             if self.prefetcher is not None:
@@ -484,13 +487,7 @@ class RouterAwarePolicy:
         self.manager: ExpertManager | None = None
 
     def start(self, context: object) -> None:
-        import sys
-
         from edgevision.moe.predict import RoutePredictor
-
-        # the decoding thread's callback takes the GIL once per MoE layer; behind the policy's and the pool's
-        # Python threads it would wait up to the interpreter's switch interval (5 ms) for it
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
         ctx: Any = context
         if ctx.mapping_base is None:

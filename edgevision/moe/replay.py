@@ -96,8 +96,6 @@ def compare_policies(
 ) -> list[SimResult]:
     """Replay `trace` through each policy at `capacity` bytes of experts; hits are counted on the single-token
     decode steps (a prefill's union covers most experts whatever the policy)."""
-    from edgevision.moe.cache import PREFILL_WEIGHT
-
     layers = trace.layers
     counted = [rows == 1 for rows in trace.rows]
     results = [
@@ -111,7 +109,6 @@ def compare_policies(
             layers,
             expert_bytes,
             counted=counted,
-            prefill_weight=PREFILL_WEIGHT,
         )
     )
     results.append(
@@ -122,7 +119,6 @@ def compare_policies(
             layers,
             expert_bytes,
             counted=counted,
-            prefill_weight=PREFILL_WEIGHT,
         )
     )
     results.append(
@@ -134,7 +130,6 @@ def compare_policies(
             expert_bytes,
             predictions=trace.predicted,
             counted=counted,
-            prefill_weight=PREFILL_WEIGHT,
         )
     )
     belady = BeladyCache(capacity, expert_bytes, trace.steps, layers)
