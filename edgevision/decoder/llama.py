@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgevision.decoder.gguf import check_gguf
-from edgevision.decoder.native import llama_cpp_library, name_offset, native_log_capture, weight_buffers
+from edgevision.decoder.native import (
+    extra_buffer_types_work,
+    llama_cpp_library,
+    name_offset,
+    native_log_capture,
+    weight_buffers,
+)
 from edgevision.decoder.nodefilter import NodeFilter
 from edgevision.errors import EdgevisionError, InputError, ModelError
 
@@ -98,8 +104,10 @@ class LlamaDecoder:
         extra_buffer_types: let llama.cpp's CPU back-end copy weights into its extra buffer types (``AMX`` on
             x86 with AMX, ``CPU_REPACK`` for Q4_0 on AVX2 and Arm dot-product CPUs, ...). Off by default: the AMX
             buffer type crashes on some hosts, and repacked weights leave the file mapping, so expert
-            residency (pinning, prefetch, the page cache) no longer manages them. `weight_buffers` says where
-            the weights went.
+            residency (pinning, prefetch, the page cache) no longer manages them. Asked for on a host that
+            advertises AMX, a child process first checks that they decode without crashing
+            (`extra_buffer_types_work`); if they do not, the model loads without them, with a warning.
+            `extra_buffer_types` says what was used, `weight_buffers` where the weights went.
 
     Raises:
         ModelError: the file is missing, not GGUF, corrupt or of an unsupported architecture.
@@ -182,6 +190,15 @@ class LlamaDecoder:
             (True, False): ll.LLAMA_LOAD_MODE_MMAP,
             (False, False): ll.LLAMA_LOAD_MODE_NONE,
         }[(use_mmap, use_mlock)]
+        if extra_buffer_types and not extra_buffer_types_work(str(self.path)):
+            logger.warning(
+                "llama.cpp's extra buffer types crash on this host (its AMX buffer type: a probe decoding %s with "
+                "them died); loading without them",
+                self.path.name,
+            )
+            extra_buffer_types = False
+        #: whether llama.cpp's CPU extra buffer types were on for this model (asked for, and safe on this host)
+        self.extra_buffer_types = extra_buffer_types
         params.use_extra_bufts = extra_buffer_types
         if n_gpu_layers is not None:
             params.n_gpu_layers = n_gpu_layers

@@ -20,6 +20,8 @@ import numpy as np
 
 from edgevision.errors import MissingDependencyError
 
+logger = logging.getLogger(__name__)
+
 # enum ggml_log_level (ggml.h): NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous
 # message at its level). llama-cpp-python's own _logger.py maps an older order (INFO 1, WARN 2, ERROR 3) and so
 # reports warnings as errors. llama.cpp's INFO is load-time detail (hundreds of lines per model): DEBUG here.
@@ -197,3 +199,48 @@ def high_level_without_extra_buffer_types() -> Iterator[None]:
         yield
     finally:
         module.llama_model_default_params = original
+
+
+_PROBE_CHILD = "EDGEVISION_EXTRA_BUFFER_TYPES_PROBE"
+
+
+def _advertises_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
+@functools.cache
+def extra_buffer_types_work(model: str) -> bool:
+    """Whether llama.cpp decodes `model` with its CPU extra buffer types on without crashing on this host.
+
+    On x86 hosts that advertise AMX, llama.cpp's AMX buffer type dies of an illegal instruction on some
+    machines (virtual ones among them) although the AMX tile instructions themselves run, so no CPU flag
+    says it. Where AMX is advertised, a child process loads `model` with them on and decodes a token: a crash
+    there costs that child only. Elsewhere (Arm boards, x86 without AMX) nothing is run and the answer is yes.
+    """
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get(_PROBE_CHILD) or not _advertises_amx():
+        return True
+    code = (
+        "import sys\n"
+        "from edgevision.decoder.llama import LlamaDecoder\n"
+        "with LlamaDecoder(sys.argv[1], n_ctx=64, n_batch=16, n_threads=1, extra_buffer_types=True) as d:\n"
+        "    d.prefill_tokens(d.tokenize('Hello there.'))\n"
+        "    d.logits()\n"
+    )
+    env = dict(os.environ, **{_PROBE_CHILD: "1"})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, model], env=env, capture_output=True, timeout=300, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    if proc.returncode != 0:
+        logger.debug("extra buffer types probe: exit %d: %s", proc.returncode, proc.stderr[-500:])
+    return proc.returncode == 0
