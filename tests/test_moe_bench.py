@@ -199,3 +199,30 @@ def test_table_compares_the_policies_and_never_hides_a_failed_row():
     assert "5.0 points below Belady's" in text  # pages in RAM: 95% against 90%
     # the storage model: 1 / (1/160 + 13.4e6 / 2e9) = 77.2 tokens/s for plain mmap
     assert "77.2" in text.splitlines()[3]
+
+
+def test_table_puts_top1_agreement_and_kl_beside_the_speed_of_rerouting():
+    """Cache-aware routing changes the model: its row's speed-up is printed with the top-1 agreement and the KL
+    of its next-token distributions against the reference run's; unchanged rows show KL 0."""
+    import math
+
+    from edgevision.moe.bench import RunResult, _table
+
+    ref = [[1, 2, 3, 4]]
+    same = [[[math.log(0.5), math.log(0.25)]] * 4]  # the reference's two likeliest tokens, the rest holds 0.25
+    moved = [[[math.log(0.5), math.log(0.25)]] * 3 + [[math.log(0.25), math.log(0.5)]]]
+    free = RunResult("unconstrained (mmap)", tokens_per_s=160, top1=ref, logprobs=same)
+    plain = RunResult("plain mmap", tokens_per_s=40, top1=ref, logprobs=same)
+    exact = RunResult("router-aware", tokens_per_s=50, top1=ref, logprobs=same)
+    rerouted = RunResult("router-aware (reroute=1.0)", tokens_per_s=80, top1=[[1, 2, 3, 9]], logprobs=moved)
+    rows = [(free, "no cap"), (plain, "cap"), (exact, "cap"), (rerouted, "cap")]
+    text = "\n".join(_table(rows, ref, reference_logprobs=same))
+    assert "router-aware / plain mmap under the cap: 1.25x" in text  # the exact policy's ratio, as before
+    # one position of four moved: KL there 0.5 ln 2 + 0.25 ln 0.5 = 0.1733 nats, mean 0.0433
+    assert (
+        "router-aware (reroute=1.0) / plain mmap under the cap: 2.00x; it changes the model's output: top-1 "
+        "agreement 75.0%, KL 0.0433 nats"
+    ) in text
+    exact_row = next(line for line in text.splitlines() if line.startswith("router-aware   "))
+    rerouted_row = next(line for line in text.splitlines() if line.startswith("router-aware (reroute=1.0) cap"))
+    assert " 0.0000 " in exact_row and " 0.0433 " in rerouted_row

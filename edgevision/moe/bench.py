@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-up0.1-t16s3p4i0.3c0.3-q8_0.gguf"
 STATIC_MODEL = "models/bench/gemma4-moe-synthetic-l8-e32k2-skew0.8-up0.1-q8_0.gguf"
 MIB = 2**20
+KL_TOKENS = 32  # KL is taken over the reference's likeliest tokens, the rest of the vocabulary as one outcome
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class RunSpec:
     prompts: list[str]
     tokens: int
     reference: list[list[int]] | None = None  # per prompt, the tokens to feed; None: generate greedily
+    # per prompt and step, the reference run's likeliest tokens (their log-probabilities are recorded, for KL);
+    # None: record this run's own likeliest KL_TOKENS
+    kl_ids: list[list[list[int]]] | None = None
     cap: int | None = None  # the cgroup's limit (for the residency budget)
     profile: str | None = None  # router profile: enables router-aware residency
     headroom: int = 48 * MIB  # left to the page cache and allocations beside the pins
@@ -90,6 +94,8 @@ class RunResult:
     decoded: int = 0
     top1: list[list[int]] = field(default_factory=list)
     fed: list[list[int]] = field(default_factory=list)  # the tokens decoded after each top-1 (reference run)
+    kl_ids: list[list[list[int]]] = field(default_factory=list)  # the likeliest tokens at each step (reference run)
+    logprobs: list[list[list[float]]] = field(default_factory=list)  # their log-probabilities at each step
     hits: int = 0
     accesses: int = 0
     pages_in: int = 0
@@ -191,9 +197,19 @@ def run_config(spec: RunSpec) -> RunResult:
             rng = np.random.default_rng([spec.seed, i])
             top1: list[int] = []
             fed: list[int] = []
+            kl_ids: list[list[int]] = []
+            logprobs: list[list[float]] = []
             for step in range(spec.tokens):
                 logits = decoder.logits()
                 top1.append(int(np.argmax(logits)))
+                z = logits.astype(np.float64) - logits.max()
+                z -= np.log(np.exp(z).sum())
+                if spec.kl_ids:
+                    ids = np.asarray(spec.kl_ids[i][step], dtype=np.int64)
+                else:
+                    ids = np.argpartition(-z, KL_TOKENS)[:KL_TOKENS]
+                    kl_ids.append(ids.tolist())
+                logprobs.append(z[ids].tolist())
                 if step == spec.tokens - 1:
                     break
                 if feed:
@@ -217,6 +233,8 @@ def run_config(spec: RunSpec) -> RunResult:
                 result.decoded += 1
             result.top1.append(top1)
             result.fed.append(fed)
+            result.kl_ids.append(kl_ids)
+            result.logprobs.append(logprobs)
         if policy is not None:
             result.notes = policy.notes()
         if recorder is not None:
@@ -349,6 +367,22 @@ def _kept_mass(pruned: Path, prior: Any) -> str:
     )
 
 
+def _kl(reference: list[list[list[float]]], other: list[list[list[float]]]) -> float | None:
+    """Mean KL(reference || other) per position, in nats, over the reference's `KL_TOKENS` likeliest tokens and
+    the rest of the vocabulary as one outcome: a lower bound of the whole distributions' KL (merging outcomes
+    never raises it)."""
+    import numpy as np
+
+    values = []
+    for ref_prompt, got_prompt in zip(reference, other, strict=False):
+        for p_log, q_log in zip(ref_prompt, got_prompt, strict=False):
+            p_lp, q_lp = np.asarray(p_log), np.asarray(q_log)
+            p_rest = max(1e-12, 1 - np.exp(p_lp).sum())
+            q_rest = max(1e-12, 1 - np.exp(q_lp).sum())
+            values.append(float(np.sum(np.exp(p_lp) * (p_lp - q_lp)) + p_rest * np.log(p_rest / q_rest)))
+    return sum(values) / len(values) if values else None
+
+
 def _agreement(reference: list[list[int]], other: list[list[int]]) -> float | None:
     pairs = [(a, b) for ref, got in zip(reference, other, strict=False) for a, b in zip(ref, got, strict=False)]
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
@@ -453,6 +487,7 @@ def bench_moe(
         if ref.error:
             raise EdgevisionError(f"the reference run failed: {ref.error}")
         reference, fed = ref.top1, ref.fed
+        base |= {"kl_ids": ref.kl_ids}
         specs: list[tuple[RunSpec, bool]] = []  # (spec, capped)
         try:
             cgroup = MemoryCgroup.create(f"edgevision-bench-{os.getpid()}", cap)
@@ -508,14 +543,20 @@ def bench_moe(
             rows.append((best, "no cap" if label.startswith("unconstrained") else f"cap {cap / MIB:.0f} MiB"))
     bandwidth = disk.settings.read_mbps * 1e6 if disk is not None and disk.settings.read_mbps else None
     source = "bytes the emulated NVMe served" if counter else "/proc/self/io read_bytes"
-    lines += _table(rows, reference, bandwidth, source)
+    lines += _table(rows, reference, bandwidth, source, ref.logprobs)
     return "\n".join(lines)
 
 
 def _policy_label(name: str) -> str:
     labels = {n: label for label, n in POLICY_ROWS}
     base, _, options = name.partition(":")
-    return labels.get(base, base) + (f" ({options.replace('=0', ' off').replace(',', ', ')})" if options else "")
+    shown = [
+        key + " off" if value in ("0", "false", "off", "no") else option
+        for option in options.split(",")
+        if option
+        for key, _, value in [option.partition("=")]
+    ]
+    return labels.get(base, base) + (f" ({', '.join(shown)})" if shown else "")
 
 
 def _read_ahead_of(path: Path) -> str:
@@ -541,11 +582,13 @@ def _table(
     reference: list[list[int]],
     bandwidth: float | None = None,
     read_source: str = "/proc/self/io read_bytes",
+    reference_logprobs: list[list[list[float]]] | None = None,
 ) -> list[str]:
     free = results[0][0].tokens_per_s
     header = (
         f"{'configuration':<22} {'memory':<12} {'hit rate':>8} {'pages in':>8} {'MB read/tok':>11} {'faults/tok':>10} "
-        f"{'tokens/s*':>9} {'x unconstr.':>11} {'wall tok/s':>10} {'model tok/s+':>12} {'top-1 agree':>11}  notes"
+        f"{'tokens/s*':>9} {'x unconstr.':>11} {'wall tok/s':>10} {'model tok/s+':>12} {'top-1 agree':>11} "
+        f"{'KL nats':>8}  notes"
     )
     out = ["", header]
     by_label = {}
@@ -553,11 +596,14 @@ def _table(
         by_label[result.label] = result
         if result.error:
             out.append(
-                f"{result.label:<22} {where:<12} {'-':>8} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} {'-':>12} {'-':>11}  {result.error}"
+                f"{result.label:<22} {where:<12} {'-':>8} {'-':>8} {'-':>11} {'-':>10} {'-':>9} {'-':>11} {'-':>10} "
+                f"{'-':>12} {'-':>11} {'-':>8}  {result.error}"
             )
             continue
         agree = _agreement(reference, result.top1)
         agree_text = f"{100 * agree:.1f}%" if agree is not None else "-"
+        kl = _kl(reference_logprobs, result.logprobs) if reference_logprobs and result.logprobs else None
+        kl_text = f"{kl:.4f}" if kl is not None else "-"
         hit = f"{100 * result.hits / result.accesses:.1f}%" if result.accesses else "-"
         pages_in = f"{100 * result.pages_in / result.pages:.1f}%" if result.pages else "-"
         modelled = _modelled(result, results[0][0], bandwidth)
@@ -570,14 +616,16 @@ def _table(
         out.append(
             f"{result.label:<22} {where:<12} {hit:>8} {pages_in:>8} {result.read_bytes_per_token / 1e6:>11.2f} "
             f"{result.faults_per_token:>10.1f} {result.tokens_per_s:>9.2f} {result.tokens_per_s / free:>11.2f} "
-            f"{result.wall_tokens_per_s:>10.2f} {modelled_text:>12} {agree_text:>11}  {notes}"
+            f"{result.wall_tokens_per_s:>10.2f} {modelled_text:>12} {agree_text:>11} {kl_text:>8}  {notes}"
         )
     out.append(
         "* decode steps per second, not counting the time the decoding thread waited for a CPU (schedstat "
         "run-queue delay: the cores are shared); page-fault I/O counts. Ratios use this column. Hit rate: share "
         "of chosen experts fully in RAM when chosen, pages in: share of their pages in RAM (both from one extra "
         "probed run of each configuration; the other columns from runs without the probe). MB read/tok: "
-        f"{read_source} over the decode steps. Top-1 agreement against the reference run's top-1."
+        f"{read_source} over the decode steps. Top-1 agreement against the reference run's top-1; KL nats: mean "
+        f"KL(reference || run) per position over the reference's {KL_TOKENS} likeliest tokens and the rest as one "
+        "(a lower bound; 0 where the model's output is unchanged)."
     )
     if bandwidth:
         out.append(
@@ -601,6 +649,17 @@ def _table(
     if aware in ok and plain in ok and bandwidth:
         ratio = _modelled(aware, results[0][0], bandwidth) / _modelled(plain, results[0][0], bandwidth)
         out.append(f"modelled (+): router-aware / plain mmap {ratio:.2f}x")
+    for label, rerouting in by_label.items():  # cache-aware routing: faster, at a cost in fidelity shown beside
+        if not label.startswith("router-aware (reroute") or rerouting.error or plain not in ok:
+            continue
+        agree = _agreement(reference, rerouting.top1)
+        kl = _kl(reference_logprobs, rerouting.logprobs) if reference_logprobs and rerouting.logprobs else None
+        out.append(
+            f"{label} / plain mmap under the cap: {rerouting.tokens_per_s / plain.tokens_per_s:.2f}x"
+            + (f", / expert LRU {rerouting.tokens_per_s / lru.tokens_per_s:.2f}x" if lru in ok else "")
+            + (f"; it changes the model's output: top-1 agreement {100 * agree:.1f}%" if agree is not None else "")
+            + (f", KL {kl:.4f} nats" if kl is not None else "")
+        )
     if aware in ok and belady is not None and not belady.error and aware.pages and belady.pages:
         gap = 100 * (belady.pages_in / belady.pages - aware.pages_in / aware.pages)
         gap_all = 100 * (belady.hits / belady.accesses - aware.hits / aware.accesses)

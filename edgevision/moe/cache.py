@@ -273,6 +273,10 @@ class ScoredCache(_Sized):
     def __contains__(self, expert: Expert) -> bool:
         return bool(self._mask[expert])
 
+    def held(self, layer: int, experts: np.ndarray) -> np.ndarray:
+        """Which of `experts` (ids of `layer`) the cache holds, as a boolean array."""
+        return self._mask[layer, experts]
+
 
 class BeladyCache(_Sized):
     """Belady's optimal replacement with bypass, from the whole trace (the ceiling)."""

@@ -26,6 +26,7 @@ and without the manager (tested).
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -95,6 +96,14 @@ class ExpertManager:
         evict: take evicted experts out of RAM (False: leave them to the kernel's reclaim).
         warm: read the prior's likeliest experts into the budget at start.
         random_access: no kernel read-around on llama.cpp's expert pages (`ModelMapping.random_access`).
+        reroute: cache-aware routing: on a decoded token, a chosen expert not in RAM is replaced by the
+            likeliest expert in RAM whose router logit is within this margin of its own (so its gate is at
+            least ``exp(-reroute)`` of the replaced one's), as `reroute` describes. 0: never; the model's
+            routing, and so its tokens, are then exactly as without the manager. It changes the model's output:
+            ``edgevision bench moe`` reports top-1 agreement and KL beside the speed.
+        repair: after a prefill (which reads nearly every expert, fills the cap, and lets the kernel's reclaim
+            take pages of experts the cache holds), hand every held expert to the pool, which reads back
+            the pages that are missing in the background.
     """
 
     def __init__(
@@ -114,8 +123,18 @@ class ExpertManager:
         half_life: float = 2.0,
         prior_tokens: float = PRIOR_TOKENS,
         poll: float = 0.25,
+        reroute: float = 0.0,
+        repair: bool = True,
     ) -> None:
+        if reroute < 0:
+            raise ValueError(f"the rerouting margin must be 0 or more, not {reroute}")
         self.layout, self.mapping, self.predictor, self.depth = layout, mapping, predictor, depth
+        self.margin = float(reroute)
+        self.rerouted = 0  # chosen experts replaced by one in RAM (`reroute`)
+        self._repair = repair
+        self._prefilled = False  # the last step was a prefill
+        self._repaired = 0  # held experts handed to the pool after a prefill, to read back what reclaim took
+        self._router_choice: dict[int, set[int]] = {}  # layer -> the router's own choice, before `reroute`
         self._budget = budget if callable(budget) else None
         capacity = budget if isinstance(budget, int) else budget(0)
         expert_bytes = [
@@ -125,7 +144,11 @@ class ExpertManager:
         self._lock = threading.Lock()  # the cache, between the decoding thread and the background one
         self._evicting: set[Expert] = set()  # being taken out of RAM now (`_take_out`)
         self._out = threading.Condition(self._lock)  # notified when they are out
-        self.prefetcher = ExpertPrefetcher(layout, workers=workers, needed=mapping.cold) if prefetch else None
+        # the pool's workers ask what is in RAM without holding the GIL, which the decoding thread needs
+        real = isinstance(mapping, ModelMapping)
+        needed = functools.partial(mapping.cold, hold_gil=False) if real else mapping.cold
+        in_ram = mapping.in_ram if real else None
+        self.prefetcher = ExpertPrefetcher(layout, workers=workers, needed=needed, in_ram=in_ram) if prefetch else None
         self._evict = evict
         self._random = random_access
         self._warm = warm
@@ -154,6 +177,7 @@ class ExpertManager:
         self.decoder_time = self.lock_time = self.read_wait = 0.0
         self.decode_layers = 0
         self.decode_misses = 0  # chosen experts not in RAM on single-token decode steps
+        self.decode_holes = 0  # of those, experts the cache holds: pages the kernel's reclaim took
         self.precision = 1.0  # share of predicted experts then chosen (decayed); reads ahead stop below the bar
         self._guessed: dict[int, set[int]] = {}  # layer -> the experts predicted for it
         self.evict_time = 0.0
@@ -168,9 +192,54 @@ class ExpertManager:
         self.n_used = observer.n_expert_used
         self._observer = observer
         observer.deferred = self._enqueue
+        if self.margin > 0:
+            observer.reroute = self.reroute
         self._inbox = queue.SimpleQueue()
         self._policy_thread = threading.Thread(target=self._follow, name="moe-policy", daemon=True)
         self._policy_thread.start()
+
+    def reroute(self, layer: int, logits: np.ndarray) -> bool:
+        """Cache-aware routing, on the decoding thread before llama.cpp's top-k reads the router's `logits`
+        (``(1, n_expert)``, changed in place): each chosen expert not wholly in RAM (``mincore``) is replaced by
+        the likeliest unchosen expert that is, if its logit is at least the chosen one's minus the margin; every
+        other expert scoring above the new choice's lowest is pushed below all of them, so that top-k picks
+        exactly the new choice. Gemma 4 renormalises the gates over the chosen experts, so each keeps its own
+        gate (its softmax over the chosen logits), the substitute included. Returns whether anything changed.
+        A chosen expert with no substitute in reach stays chosen, and is read as usual."""
+        start = time.perf_counter()
+        row = logits[0]
+        k = self.n_used
+        order = np.argsort(row)[::-1]
+        cold = self.mapping.cold([(layer, int(e)) for e in order[:k]])
+        self._router_choice[layer] = {int(e) for e in order[:k]}
+        if not cold:
+            self.decoder_time += time.perf_counter() - start
+            return False
+        chosen = [int(e) for e in order[:k]]
+        missing = {e for _, e in cold}
+        if self.prefetcher is not None and missing:  # read ahead on a prediction: on its way, kept
+            missing -= {e for x, e in self.prefetcher.pending() if x == layer}
+        candidates = iter(int(e) for e in order[k:])
+        candidate = next(candidates, None)
+        swapped = 0
+        for position, expert in enumerate(chosen):
+            if expert not in missing:
+                continue
+            floor = row[expert] - self.margin
+            while candidate is not None and row[candidate] >= floor:
+                warm = not self.mapping.cold([(layer, candidate)])
+                taken, candidate = candidate, next(candidates, None)
+                if warm:
+                    chosen[position] = taken
+                    swapped += 1
+                    break
+        if swapped:
+            lowest = min(row[e] for e in chosen)
+            pushed = [e for e in order if row[e] >= lowest and e not in chosen]
+            row[pushed] = row.min() - 64.0  # out of the top-k, and a gate that rounds to nothing
+            self.rerouted += swapped
+        self.decoder_time += time.perf_counter() - start
+        return swapped > 0
 
     def _enqueue(self, layer: int, logits: np.ndarray, router_input: np.ndarray | None) -> None:
         """On the decoding thread, before the layer's expert matmuls: the chosen experts not wholly in the page
@@ -195,8 +264,9 @@ class ExpertManager:
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
             if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
                 guessed = self._guessed.pop(layer, None)
-                if guessed is not None:  # how often a predicted expert is then chosen (decayed)
-                    right = len(guessed.intersection(int(e) for e in chosen)) / len(guessed)
+                choice = self._router_choice.pop(layer, None) or {int(e) for e in chosen}
+                if guessed is not None:  # how often a predicted expert is then chosen (decayed) by the router
+                    right = len(guessed & choice) / len(guessed)
                     self.precision += PRECISION_DECAY * (right - self.precision)
                 for target in self.predictor.ahead(layer, self.depth):
                     predicted[target] = self.predictor.predict(layer, router_input, target)[0]
@@ -219,14 +289,19 @@ class ExpertManager:
                 self._waited += len(cold)
                 if logits.shape[0] == 1:
                     self.decode_misses += len(cold)
+                    self.decode_holes += int(self.cache.held(layer, np.array([e for _, e in cold])).sum())
             # the next layers' predicted experts, read while this layer and the ones before them compute. Here
             # rather than on the policy's thread, which may be a token behind: there the read would start too
             # late. The policy's thread decides later whether they stay (`hidden`).
             # Only while predictions are mostly right: a wrong one costs a whole expert's read, and the bandwidth
             # it takes delays the reads the decoder waits for (static-skew model: 64% right, 0.7 MB a token more).
             if self.precision >= READ_AHEAD_PRECISION:
-                for target, guess in predicted.items():  # the pool's worker skips those in RAM
-                    self._read_ahead += self.prefetcher.submit([(target, int(e)) for e in guess], AHEAD)
+                for target, guess in predicted.items():
+                    # not those the policy holds (most of them): waking the pool's workers for them would cost
+                    # the decoding thread GIL hand-offs; the pool's worker skips the others that are in RAM
+                    wanted = [(target, int(e)) for e in guess[~self.cache.held(target, guess)]]
+                    if wanted:
+                        self._read_ahead += self.prefetcher.submit(wanted, AHEAD)
             if cold:
                 waiting = time.perf_counter()
                 if not self.prefetcher.wait_for(cold, timeout=2.0):
@@ -271,6 +346,19 @@ class ExpertManager:
             if self._after_use:  # the experts read for one decode only: that decode is over
                 self._dropped.put((self._calls, self._after_use))
                 self._after_use = []
+            if expert_ids.shape[0] == 1 and self._prefilled and self._repair and self.prefetcher is not None:
+                # a prefill's reads filled the cap, and the kernel's reclaim left holes in experts the cache
+                # holds: the pool reads the holes back in the background (the pieces in RAM are skipped)
+                with self._lock:
+                    held = sorted(self.cache.resident())
+                self._repaired += self.prefetcher.submit(held, AHEAD)
+            self._prefilled = expert_ids.shape[0] > 1
+        elif expert_ids.shape[0] > 1 and self._after_use:
+            # a prefill reads nearly every expert of every layer: what the layers before read for this use only
+            # leaves now, not at the end, or the prefill would fill the cap and the kernel's reclaim would make
+            # holes in the experts the cache holds
+            self._dropped.put((self._calls, self._after_use))
+            self._after_use = []
         self._calls += 1
         chosen = np.unique(expert_ids).tolist()
         weight = PREFILL_WEIGHT if expert_ids.shape[0] > 1 else 1.0
@@ -457,7 +545,9 @@ class RouterAwarePolicy:
     buys): ``predict`` (read the next layer's predicted experts ahead), ``prefetch`` (read misses with the
     pool; off: page faults read them), ``evict`` (take evicted experts out of RAM; off: the kernel's reclaim
     chooses), ``prior`` (calibrated pseudo-counts; off: recency and counts only), ``follow`` (the budget
-    follows the cgroup's room), ``random`` (no kernel read-around on llama.cpp's mapping).
+    follows the cgroup's room), ``random`` (no kernel read-around on llama.cpp's mapping), ``repair`` (read
+    back what the kernel's reclaim took from held experts after a prefill). ``reroute=M``
+    turns on cache-aware routing with margin M (`ExpertManager.reroute`; it changes the model's output).
     """
 
     predicts = True
@@ -471,7 +561,9 @@ class RouterAwarePolicy:
         prior: bool = True,
         follow: bool = True,
         random: bool = True,
+        repair: bool = True,
         depth: int = 1,
+        reroute: float = 0.0,
         headroom: int = 32 * MIB,
     ) -> None:
         self.options = {
@@ -481,9 +573,11 @@ class RouterAwarePolicy:
             "prior": prior,
             "follow": follow,
             "random": random,
+            "repair": repair,
         }
         self.headroom = headroom
         self.depth = int(depth)  # MoE layers ahead whose experts are predicted and read
+        self.reroute = float(reroute)  # cache-aware routing's margin (0: off)
         self.manager: ExpertManager | None = None
 
     def start(self, context: object) -> None:
@@ -516,6 +610,8 @@ class RouterAwarePolicy:
             evict=self.options["evict"],
             prior_tokens=PRIOR_TOKENS if self.options["prior"] else 0.0,
             random_access=self.options["random"],
+            reroute=self.reroute,
+            repair=self.options["repair"],
         )
         self.manager.attach(ctx.observer)
         self.manager.start()
@@ -532,11 +628,20 @@ class RouterAwarePolicy:
         m = self.manager
         per = 1e3 * len(m.layout.moe_layers) / max(1, m.decode_layers)  # ms per decoded token
         skipped = m.prefetcher.skipped if m.prefetcher is not None else 0
+        pieces = m.prefetcher.pieces_in_ram if m.prefetcher is not None else 0
         return (
             f"policy hit rate {100 * s.hit_rate:.1f}%, {s.read_now} experts read on a miss, {s.hinted} queued to "
-            f"read ahead on a prediction ({skipped} of them in RAM already), {s.evicted} evicted, room "
+            f"read ahead on a prediction ({skipped} of them in RAM already; {pieces} pieces of experts read found "
+            f"in RAM), {s.evicted} evicted, room "
             f"{s.capacity / MIB:.0f} MiB; chosen experts not in RAM per decoded token "
-            f"{len(m.layout.moe_layers) * m.decode_misses / max(1, m.decode_layers):.2f}, predictions right "
+            f"{len(m.layout.moe_layers) * m.decode_misses / max(1, m.decode_layers):.2f} (held by the policy, with "
+            f"pages reclaimed by the kernel: {len(m.layout.moe_layers) * m.decode_holes / max(1, m.decode_layers):.2f})"
+            + (
+                f", rerouted to one in RAM {len(m.layout.moe_layers) * m.rerouted / max(1, m.decode_layers):.2f}"
+                if m.margin
+                else ""
+            )
+            + f", predictions right "
             f"{100 * m.precision:.0f}% at the end; decoding thread in the policy "
             f"per decoded token {per * m.decoder_time:.2f} ms (lock {per * m.lock_time:.2f}, waiting for reads "
             f"{per * m.read_wait:.2f}); evict {m.evict_time:.2f} s" + (f"; off: {', '.join(off)}" if off else "")

@@ -242,16 +242,19 @@ POLICIES: dict[str, str] = {
 def load_policy(name: str) -> ExpertPolicy:
     """A new instance of the policy registered as `name`; ``name:key=0,key=1`` passes boolean options
     (``router-aware:predict=0`` is the router-aware policy without predicted routing), ``key=N`` (N > 1) a
-    number (``router-aware:depth=2``)."""
+    number (``router-aware:depth=2``), ``key=X.Y`` a fraction (``router-aware:reroute=1.0``)."""
     name, _, options = name.partition(":")
     try:
         target = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown residency policy {name!r}; known: {', '.join(POLICIES)}") from None
-    kwargs: dict[str, bool | int] = {}
+    kwargs: dict[str, bool | int | float] = {}
     for option in filter(None, options.split(",")):
         key, _, value = option.partition("=")
-        kwargs[key] = int(value) if value.isdigit() and int(value) > 1 else value not in ("0", "false", "off", "no")
+        if value.replace(".", "", 1).isdigit() and "." in value:
+            kwargs[key] = float(value)
+        else:
+            kwargs[key] = int(value) if value.isdigit() and int(value) > 1 else value not in ("0", "false", "off", "no")
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)(**kwargs)
 

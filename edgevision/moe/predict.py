@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from edgevision.errors import ModelError
-from edgevision.moe.router import _NAME, _PREFIX, _U64, RouterObserver, read_moe_shape, strided_array
+from edgevision.moe.router import _NAME, _PREFIX, _U64, RouterObserver, read_moe_shape, strided_array, write_node
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,11 @@ class PredictingObserver(RouterObserver):
     (``deferred(layer, logits, router_input)``, copies the callee may keep) the decoding thread only reads the
     two nodes and hands them over (after the `listeners`, if any, and without `hidden_listeners`), so a policy
     can do its work on its own thread.
+
+    With `reroute` set (``reroute(layer, logits) -> bool``, on single-token decodes only) the callee may change
+    a layer's router logits (the ``(1, n_expert)`` array it is given) before llama.cpp's top-k reads them: when
+    it returns True they are written back into the graph, so the layer's experts and gates follow the changed
+    logits, and everything after (`listeners`, `deferred`) sees them as changed.
     """
 
     def __init__(
@@ -157,6 +162,7 @@ class PredictingObserver(RouterObserver):
         self.sample_every = sample_every
         self.hidden_listeners: list[HiddenListener] = []
         self.deferred: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None
+        self.reroute: Callable[[int, np.ndarray], bool] | None = None
         self.graphs = 0  # graphs seen (decodes, or ubatches of a prefill)
         self._active = True
 
@@ -200,6 +206,8 @@ class PredictingObserver(RouterObserver):
 
     def _on_logits(self, layer: int, tensor: int) -> None:
         logits = strided_array(tensor, self._buffers, (layer, 2))
+        if self.reroute is not None and logits.shape[0] == 1 and self.reroute(layer, logits):
+            write_node(tensor, logits)
         if self.deferred is not None:
             if self.listeners:  # first, so that they see the layer as the policy found it (a benchmark's probe)
                 ids, weights = topk_gates(logits, self.n_expert_used)

@@ -70,6 +70,9 @@ class ExpertPrefetcher:
         trace: record every read (`reads`), for tests and measurements.
         needed: of the experts given, those not in RAM (e.g. `ModelMapping.cold`); a worker asks it before
             reading an expert queued to be read ahead, and skips one in RAM already.
+        in_ram: ``in_ram(start, end)``, whether those bytes of the file are in RAM (`ModelMapping.in_ram`); a
+            worker asks it before each read and skips a piece in RAM already, so an expert the kernel's
+            reclaim left with holes costs its holes, not its whole bytes.
     """
 
     def __init__(
@@ -81,11 +84,14 @@ class ExpertPrefetcher:
         max_age: int = 256,
         trace: bool = False,
         needed: Callable[[list[Expert]], list[Expert]] | None = None,
+        in_ram: Callable[[int, int], bool] | None = None,
     ) -> None:
         if workers < 1 or chunk < 4096:
             raise ValueError("workers must be at least 1 and chunk at least 4096 bytes")
         self.layout, self.workers, self.chunk, self.max_age = layout, workers, chunk, max_age
         self._needed = needed
+        self._in_ram = in_ram
+        self.pieces_in_ram = 0  # reads skipped: the piece was in RAM already (`in_ram`)
         self._skipped = 0  # reads ahead skipped: the expert was in RAM when its turn came
         self._fd = os.open(layout.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         # no read-ahead on this descriptor: read what was asked, not the next (cold) experts as well. The
@@ -171,6 +177,11 @@ class ExpertPrefetcher:
                 self._cond.wait(left)
         return True
 
+    def pending(self) -> set[Expert]:
+        """Experts queued to be read or being read."""
+        with self._cond:
+            return self._queued | self._at_disk.keys() | {c[2] for c in self._chunks}
+
     def reading(self) -> set[Expert]:
         """Experts with a read at the disk now."""
         with self._cond:
@@ -248,11 +259,13 @@ class ExpertPrefetcher:
                 offset, length, expert, _ = item
                 self._at_disk[expert] += 1
             start = time.perf_counter()
-            try:
-                done = os.preadv(self._fd, [view[:length]], offset)
-            except OSError as exc:  # a failed read-ahead only costs the faults it would have saved
-                logger.warning("prefetch read of %d bytes at %d failed: %s", length, offset, exc.strerror)
-                done = 0
+            done = 0
+            there = self._in_ram is not None and self._in_ram(offset, offset + length)
+            if not there:
+                try:
+                    done = os.preadv(self._fd, [view[:length]], offset)
+                except OSError as exc:  # a failed read-ahead only costs the faults it would have saved
+                    logger.warning("prefetch read of %d bytes at %d failed: %s", length, offset, exc.strerror)
             end = time.perf_counter()
             with self._cond:
                 self._in_flight -= 1
@@ -260,10 +273,13 @@ class ExpertPrefetcher:
                 self._at_disk[expert] -= 1
                 if not self._at_disk[expert]:
                     del self._at_disk[expert]
-                self._reads += 1
-                self._bytes += done
-                if self.trace is not None:
-                    self.trace.append(ReadRecord(offset, length, ident, start, end))
+                if there:
+                    self.pieces_in_ram += 1
+                else:
+                    self._reads += 1
+                    self._bytes += done
+                    if self.trace is not None:
+                        self.trace.append(ReadRecord(offset, length, ident, start, end))
                 self._cond.notify_all()
 
     # -- lifetime ---------------------------------------------------------------------------------

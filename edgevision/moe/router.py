@@ -57,8 +57,10 @@ class _Ggml:
 
         lib = llama_cpp_library().llama_cpp._lib
         self.name_offset = name_offset()
-        self.nbytes = lib.ggml_nbytes
+        self.nbytes = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p)(("ggml_nbytes", lib))
         self.get = lib.ggml_backend_tensor_get
+        size_t, pointer = ctypes.c_size_t, ctypes.c_void_p
+        self.set = ctypes.CFUNCTYPE(None, pointer, pointer, size_t, size_t)(("ggml_backend_tensor_set", lib))
         self.buffer_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(("ggml_backend_buffer_name", lib))
 
 
@@ -123,6 +125,16 @@ def strided_array(tensor: int, buffers: dict | None = None, key: object = None) 
         flat, address = entry[0][:size], entry[1]
     lib.get(tensor, address, 0, nbytes)
     return flat.reshape(rows, row)[:, :ne0]
+
+
+def write_node(tensor: int, values: np.ndarray) -> None:
+    """Overwrite a computed contiguous graph node with `values` (its shape, its dtype), before the nodes after it
+    read it: on llama.cpp's eval call for that node, whatever backend holds it."""
+    lib = _ggml or _lib()
+    data = np.ascontiguousarray(values)
+    if lib.nbytes(tensor) != data.nbytes:
+        raise ValueError(f"graph node holds {lib.nbytes(tensor)} bytes, not {data.nbytes}")
+    lib.set(tensor, data.ctypes.data, 0, data.nbytes)
 
 
 def read_moe_shape(gguf_path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
