@@ -101,9 +101,6 @@ class ExpertManager:
             least ``exp(-reroute)`` of the replaced one's), as `reroute` describes. 0: never; the model's
             routing, and so its tokens, are then exactly as without the manager. It changes the model's output:
             ``edgevision bench moe`` reports top-1 agreement and KL beside the speed.
-        repair: after a prefill (which reads nearly every expert, fills the cap, and lets the kernel's reclaim
-            take pages of experts the cache holds), hand every held expert to the pool, which reads back
-            the pages that are missing in the background.
     """
 
     def __init__(
@@ -124,16 +121,12 @@ class ExpertManager:
         prior_tokens: float = PRIOR_TOKENS,
         poll: float = 0.25,
         reroute: float = 0.0,
-        repair: bool = True,
     ) -> None:
         if reroute < 0:
             raise ValueError(f"the rerouting margin must be 0 or more, not {reroute}")
         self.layout, self.mapping, self.predictor, self.depth = layout, mapping, predictor, depth
         self.margin = float(reroute)
         self.rerouted = 0  # chosen experts replaced by one in RAM (`reroute`)
-        self._repair = repair
-        self._prefilled = False  # the last step was a prefill
-        self._repaired = 0  # held experts handed to the pool after a prefill, to read back what reclaim took
         self._router_choice: dict[int, set[int]] = {}  # layer -> the router's own choice, before `reroute`
         self._budget = budget if callable(budget) else None
         capacity = budget if isinstance(budget, int) else budget(0)
@@ -346,13 +339,6 @@ class ExpertManager:
             if self._after_use:  # the experts read for one decode only: that decode is over
                 self._dropped.put((self._calls, self._after_use))
                 self._after_use = []
-            if expert_ids.shape[0] == 1 and self._prefilled and self._repair and self.prefetcher is not None:
-                # a prefill's reads filled the cap, and the kernel's reclaim left holes in experts the cache
-                # holds: the pool reads the holes back in the background (the pieces in RAM are skipped)
-                with self._lock:
-                    held = sorted(self.cache.resident())
-                self._repaired += self.prefetcher.submit(held, AHEAD)
-            self._prefilled = expert_ids.shape[0] > 1
         elif expert_ids.shape[0] > 1 and self._after_use:
             # a prefill reads nearly every expert of every layer: what the layers before read for this use only
             # leaves now, not at the end, or the prefill would fill the cap and the kernel's reclaim would make
@@ -545,8 +531,7 @@ class RouterAwarePolicy:
     buys): ``predict`` (read the next layer's predicted experts ahead), ``prefetch`` (read misses with the
     pool; off: page faults read them), ``evict`` (take evicted experts out of RAM; off: the kernel's reclaim
     chooses), ``prior`` (calibrated pseudo-counts; off: recency and counts only), ``follow`` (the budget
-    follows the cgroup's room), ``random`` (no kernel read-around on llama.cpp's mapping), ``repair`` (read
-    back what the kernel's reclaim took from held experts after a prefill). ``reroute=M``
+    follows the cgroup's room), ``random`` (no kernel read-around on llama.cpp's mapping). ``reroute=M``
     turns on cache-aware routing with margin M (`ExpertManager.reroute`; it changes the model's output).
     """
 
@@ -561,7 +546,6 @@ class RouterAwarePolicy:
         prior: bool = True,
         follow: bool = True,
         random: bool = True,
-        repair: bool = True,
         depth: int = 1,
         reroute: float = 0.0,
         headroom: int = 32 * MIB,
@@ -573,7 +557,6 @@ class RouterAwarePolicy:
             "prior": prior,
             "follow": follow,
             "random": random,
-            "repair": repair,
         }
         self.headroom = headroom
         self.depth = int(depth)  # MoE layers ahead whose experts are predicted and read
@@ -611,7 +594,6 @@ class RouterAwarePolicy:
             prior_tokens=PRIOR_TOKENS if self.options["prior"] else 0.0,
             random_access=self.options["random"],
             reroute=self.reroute,
-            repair=self.options["repair"],
         )
         self.manager.attach(ctx.observer)
         self.manager.start()
