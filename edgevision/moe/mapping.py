@@ -95,7 +95,8 @@ class ModelMapping:
         if not vmas:
             raise EdgevisionError(f"{layout.path.name} is not mapped at {base:#x} in this process")
         self._vmas = vmas
-        self._spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        # expert -> (its first whole page's address, its ranges' page spans: (address, pages))
+        self._spans: dict[tuple[int, int], tuple[int, list[tuple[int, int]]]] = {}
         self._local = threading.local()  # each thread's buffer for mincore's answer (`cold`)
         self._fd = os.open(layout.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
@@ -103,8 +104,9 @@ class ModelMapping:
         """The experts of `experts` with a page not in the page cache (``mincore``, about 17 us for a 3 MiB
         expert in RAM).
 
-        An expert out of RAM is nearly always out from its first page on (experts are read and evicted whole),
-        so that page is asked about first; every page only when it is in. Asking about the first and last
+        An expert out of RAM is nearly always out from its first whole page on (experts are read and evicted
+        whole; `evict` leaves the page an expert shares with its neighbour), so that page is asked about first;
+        every page only when it is in. Asking about the first and last
         pages alone was tried: the kernel's own reclaim leaves experts with holes, and the matmuls then took
         100 page faults per token (static-skew benchmark model). Any thread may call this: the decoding thread
         holding the GIL throughout (see `mincore_holding_gil`), a background thread with ``hold_gil=False``,
@@ -113,13 +115,17 @@ class ModelMapping:
         mincore = mincore_holding_gil() if hold_gil else _libc().mincore
         vec, address_of_vec = self._buffer()
         for expert in experts:
-            spans = self._spans.get(expert)
-            if spans is None:
-                spans = self._spans[expert] = [
-                    (self.base + start // PAGE * PAGE, (end - 1) // PAGE - start // PAGE + 1)
-                    for start, end in self.layout.expert_ranges(*expert)
-                ]
-            if mincore(spans[0][0], PAGE, address_of_vec) != 0 or not vec[0] & 1:
+            known = self._spans.get(expert)
+            if known is None:
+                ranges = self.layout.expert_ranges(*expert)
+                start, end = ranges[0]
+                probe = -(-start // PAGE) if -(-start // PAGE) < end // PAGE else start // PAGE  # first whole page
+                known = self._spans[expert] = (
+                    self.base + probe * PAGE,
+                    [(self.base + a // PAGE * PAGE, (b - 1) // PAGE - a // PAGE + 1) for a, b in ranges],
+                )
+            probe_address, spans = known
+            if mincore(probe_address, PAGE, address_of_vec) != 0 or not vec[0] & 1:
                 out.append(expert)
                 continue
             for address, pages in spans:
