@@ -219,6 +219,54 @@ def test_the_c_node_filter_spares_python_the_other_nodes_and_sees_the_same_routi
     assert asked > 10 * passed and calls["python"] > 10 * passed  # most nodes never reached Python
 
 
+@pytest.mark.parametrize("sample_every", [1, 3])
+def test_captured_observation_counts_what_live_observation_counts_without_python_in_the_decode(
+    skewed: Path, monkeypatch: pytest.MonkeyPatch, sample_every: int
+):
+    """With ``capture=True`` the C filter copies the router logits during the decode (sampling, if any, decided
+    there too) and the observer reads them afterwards: the same counts and the same listener calls as an
+    observer Python answers for every node, and no decoded token enters Python. A ring too small for a node
+    sends it to Python instead (nothing lost), and grows for the next decode."""
+    from edgevision.decoder import nodefilter
+    from edgevision.decoder.llama import LlamaDecoder
+    from edgevision.moe.predict import PredictingObserver
+
+    monkeypatch.setattr(nodefilter, "RING", 256)  # the prompt's logits do not fit at first
+    prompt = "<|turn>user\nRead me the label on this tin, please."
+    captured = PredictingObserver.for_model(skewed, capture=True, sample_every=sample_every)
+    live = PredictingObserver.for_model(skewed, sample_every=sample_every)
+    seen: dict[str, list[tuple[int, list[int]]]] = {"captured": [], "live": []}
+    captured.listeners.append(lambda layer, ids, w: seen["captured"].append((layer, ids.ravel().tolist())))
+    live.listeners.append(lambda layer, ids, w: seen["live"].append((layer, ids.ravel().tolist())))
+
+    def every_node(tensor: int, ask: bool) -> bool:  # no node_prefix: Python answers for every node
+        return live(tensor, ask)
+
+    follow_up = " And what does the small print under it say?"
+    texts = []
+    with LlamaDecoder(skewed, n_ctx=256, n_threads=1, cb_eval=captured) as decoder:
+        assert decoder._node_filter is not None, "the C node filter was not built (is there a C compiler?)"
+        decoder.prefill_tokens(decoder.tokenize(prompt))  # the first graphs are probed for placement
+        texts.append("".join(decoder.generate(4, stop_on_eog=False)))
+        assert captured.captures
+        decoder.prefill_tokens(decoder.tokenize(follow_up, add_special=False))  # its logits overflow the ring
+        texts[-1] += "".join(decoder.generate(2, stop_on_eog=False))
+        if sample_every == 1:  # (sampled: that graph may not have been observed)
+            assert decoder._node_filter._ring_size > 256  # it grew
+        before = decoder._node_filter.counts[1]
+        texts[-1] += "".join(decoder.generate(9, stop_on_eog=False))
+        assert decoder._node_filter.counts[1] == before  # nine decodes, not one call into Python
+    with LlamaDecoder(skewed, n_ctx=256, n_threads=1, cb_eval=every_node) as decoder:
+        decoder.prefill_tokens(decoder.tokenize(prompt))
+        texts.append("".join(decoder.generate(4, stop_on_eog=False)))
+        decoder.prefill_tokens(decoder.tokenize(follow_up, add_special=False))
+        texts[-1] += "".join(decoder.generate(2, stop_on_eog=False))
+        texts[-1] += "".join(decoder.generate(9, stop_on_eog=False))
+    assert texts[0] == texts[1]
+    assert np.array_equal(captured.counts, live.counts) and captured.counts.sum() > 0
+    assert sorted(seen["captured"]) == sorted(seen["live"]) and seen["live"]
+
+
 def test_without_a_c_compiler_the_node_filter_is_not_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from edgevision.decoder import nodefilter
 

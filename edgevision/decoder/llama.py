@@ -90,8 +90,10 @@ class LlamaDecoder:
             ignored: the decoder always lets the graph continue, since False would leave the rest of the
             graph silently uncomputed. A callback with a ``node_prefix`` attribute (bytes, read before each
             decode) is asked only about nodes whose names start with it; the others are answered "no" in C
-            (`edgevision.decoder.nodefilter`), which spares a crossing into Python per graph node. An exception raised by the callback is re-raised from the prefill or
-            generate call that triggered it.
+            (`edgevision.decoder.nodefilter`), which spares a crossing into Python per graph node. One whose
+            ``captures`` attribute is true then is not called during the decode at all: the filter copies
+            those nodes and its ``captured(nodes)`` is called after the decode. An exception raised by the
+            callback is re-raised from the prefill or generate call that triggered it.
         use_mmap, use_mlock: how the weights are loaded.
         swa_full: keep sliding-window layers' KV for every position (llama.cpp's default), so `truncate` can
             always roll back and the result is bit-identical to a fresh prefill. False saves memory, but a
@@ -279,7 +281,8 @@ class LlamaDecoder:
 
     def _set_node_prefix(self) -> None:
         callback: Any = self._cb_eval
-        self._node_filter.set_prefix(callback.node_prefix, bool(getattr(callback, "wants_every_prefixed_node", False)))  # type: ignore[union-attr]
+        every = bool(getattr(callback, "wants_every_prefixed_node", False))
+        self._node_filter.set_prefix(callback.node_prefix, every, getattr(callback, "filter_sampling", None))  # type: ignore[union-attr]
 
     def _eval_trampoline(self, tensor: int, ask: bool, _user_data: object) -> bool:
         try:
@@ -422,9 +425,13 @@ class LlamaDecoder:
         views["logits"][n - 1] = 1
         batch.n_tokens = n
         self._cb_error = None
+        capturing = False
         if self._node_filter is not None:  # the observer may want other nodes now (e.g. after its first graph)
             self._set_node_prefix()
+            capturing = bool(getattr(self._cb_eval, "captures", False))
+            self._node_filter.set_capture(capturing)
         rc = self._ll.llama_decode(self._ctx, batch)
+        captured = self._node_filter.take() if capturing else []  # type: ignore[union-attr]
         if self._cb_error is not None:
             error, self._cb_error = self._cb_error, None
             self._resync()
@@ -441,6 +448,8 @@ class LlamaDecoder:
             raise EdgevisionError(f"llama_decode failed with code {rc} ({n} inputs at position {self._n_past})")
         self._n_past += n
         self._has_logits = True
+        if captured:  # the nodes the C filter copied during the decode, for the observer (its ``captures``)
+            self._cb_eval.captured(captured)  # type: ignore[union-attr]
 
     def _resync(self) -> None:
         """After a failed decode, take the cache's own view of how many positions it holds."""

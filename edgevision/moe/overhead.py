@@ -5,8 +5,10 @@ no eval callback (llama.cpp computes each graph in one go); ``callback`` has a P
 about every node and wants none (the price of crossing into Python per node); ``observer`` is the
 `RouterObserver` (two small nodes per MoE layer read back and counted, which also splits the graph there);
 ``predicting`` is the `PredictingObserver` the router-aware policy uses (the router logits node per MoE
-layer: the choice, the gates and the router input for predicting the next layers); ``sampled 1/4`` observes
-one decode in 4 (the others run as one graph); ``policy`` is the router-aware policy as it runs: the
+layer: the choice, the gates and the router input for predicting the next layers); ``captured`` is the same
+observer with ``capture=True``: the C node filter copies the logits nodes during the decode and the observer
+reads them after it (for statistics: profiles, calibration), so the decode never enters Python; ``sampled 1/4`` observes
+one decode in 4 (the others run as one graph; the C filter decides which), ``captured 1/4`` both; ``policy`` is the router-aware policy as it runs: the
 decoding thread copies each layer's router logits and input and queues them, and the policy's own thread
 does the top-k, the cache's bookkeeping and the next layer's predicted routing (`ExpertManager.attach`),
 here with room for every expert so that nothing is read or evicted. CPU time counts every thread.
@@ -32,7 +34,7 @@ def _no_nodes(_tensor: int, _ask: bool) -> bool:
     return False
 
 
-VARIANTS = ("plain", "callback", "observer", "predicting", "sampled 1/4", "policy")
+VARIANTS = ("plain", "callback", "observer", "predicting", "captured", "sampled 1/4", "captured 1/4", "policy")
 SAMPLE_EVERY = 4
 
 
@@ -87,7 +89,11 @@ def _measure(decoder_path: Path, tokens: int, repeats: int, n_threads: int, want
         "callback": _no_nodes,
         "observer": observer,
         "predicting": PredictingObserver.for_model(decoder_path),
+        "captured": PredictingObserver.for_model(decoder_path, capture=True),
         f"sampled 1/{SAMPLE_EVERY}": PredictingObserver.for_model(decoder_path, sample_every=SAMPLE_EVERY),
+        f"captured 1/{SAMPLE_EVERY}": PredictingObserver.for_model(
+            decoder_path, sample_every=SAMPLE_EVERY, capture=True
+        ),
         "policy": PredictingObserver.for_model(decoder_path),
     }
     variants = {name: cb for name, cb in every.items() if name in wanted}

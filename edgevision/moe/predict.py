@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 
 from edgevision.errors import ModelError
-from edgevision.moe.router import _NAME, _PREFIX, _U64, RouterObserver, read_moe_shape, strided_array, write_node
+from edgevision.moe.router import (
+    _NAME,
+    _PREFIX,
+    _U64,
+    RouterObserver,
+    captured_array,
+    read_moe_shape,
+    strided_array,
+    write_node,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +145,12 @@ class PredictingObserver(RouterObserver):
     two nodes and hands them over (after the `listeners`, if any, and without `hidden_listeners`), so a policy
     can do its work on its own thread.
 
+    With ``capture=True`` and nothing that must act inside the graph (no `deferred`, `reroute` or
+    `hidden_listeners`; every layer, no sampling), the C node filter copies each layer's logits during the
+    decode and the observer reads them all after it (`captured`): the decode then never enters Python, and
+    `listeners` are called after it rather than layer by layer (right for statistics, wrong for a policy that
+    must read an expert before its matmul, or for a probe of what is in RAM when it is chosen).
+
     With `reroute` set (``reroute(layer, logits) -> bool``, on single-token decodes only) the callee may change
     a layer's router logits (the ``(1, n_expert)`` array it is given) before llama.cpp's top-k reads them: when
     it returns True they are written back into the graph, so the layer's experts and gates follow the changed
@@ -150,8 +165,10 @@ class PredictingObserver(RouterObserver):
         *,
         layers: Sequence[int] | None = None,
         sample_every: int = 1,
+        capture: bool = False,
     ) -> None:
         super().__init__(n_layer, n_expert, n_expert_used)
+        self.capture = capture
         if sample_every < 1:
             raise ValueError("sample_every must be 1 or more")
         chosen = range(n_layer) if layers is None else layers
@@ -178,9 +195,34 @@ class PredictingObserver(RouterObserver):
 
     @property
     def wants_every_prefixed_node(self) -> bool:
-        """Whether every node with `node_prefix` is wanted (no sampling, every layer): llama.cpp's question
-        about each is then answered without Python."""
-        return not self._probing and self.sample_every == 1 and len(self._wanted) == self.n_layer
+        """Whether every node with `node_prefix` is wanted (every layer; with sampling, every layer of the
+        sampled graphs, `filter_sampling`): llama.cpp's question about each is then answered without Python."""
+        return not self._probing and len(self._wanted) == self.n_layer
+
+    @property
+    def filter_sampling(self) -> tuple[int, bytes, int] | None:
+        """For the C node filter: one graph in ``sample_every``, each starting at the first layer's logits,
+        counted on from the graphs this observer has counted (while the first graph was probed in Python)."""
+        return (self.sample_every, self._first_name, self.graphs) if self.sample_every > 1 else None
+
+    @property
+    def captures(self) -> bool:
+        """Whether the decoder's C filter should copy the logits nodes for `captured` (see the class docstring)."""
+        return (
+            self.capture
+            and self.wants_every_prefixed_node
+            and self.deferred is None
+            and self.reroute is None
+            and not self.hidden_listeners
+        )
+
+    def captured(self, nodes: Sequence[Any]) -> None:
+        """After a decode: the nodes the C filter copied during it (`edgevision.decoder.nodefilter.Captured`)."""
+        for node in nodes:
+            layer = self._logit_names.get(node.name)
+            if layer is not None:
+                ids, weights = topk_gates(captured_array(node.head, node.data), self.n_expert_used)
+                self._accumulate(layer, ids, weights)
 
     def __call__(self, tensor: int, ask: bool, _u64: Any = _U64, _prefix: int = _PREFIX) -> bool:
         address = tensor + self._name_offset

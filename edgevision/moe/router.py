@@ -97,6 +97,35 @@ def strided_array(tensor: int, buffers: dict | None = None, key: object = None) 
     """
     lib = _ggml or _lib()
     head = _HEAD(tensor)[:]  # type (+ padding), buffer, ne[4], nb[4]
+    dtype, rows, row, ne0, nbytes = _node_layout(head)
+    size = row * rows
+    if buffers is None:
+        flat = np.empty(size, dtype=dtype)
+        address = flat.ctypes.data
+    else:
+        entry = buffers.get(key)
+        if entry is None or entry[0].size < size or entry[0].dtype != dtype:
+            array = np.empty(max(size, 2 * entry[0].size if entry else size), dtype=dtype)
+            entry = buffers[key] = (array, array.ctypes.data)
+        flat, address = entry[0][:size], entry[1]
+    lib.get(tensor, address, 0, nbytes)
+    return flat.reshape(rows, row)[:, :ne0]
+
+
+def captured_array(head: Sequence[int], data: memoryview) -> np.ndarray:
+    """A node the C filter copied during the decode (`edgevision.decoder.nodefilter.Captured`: its leading
+    fields and its ``nbytes`` of data), as `strided_array` reads a live one (a view of `data`)."""
+    dtype, rows, row, ne0, nbytes = _node_layout(head)
+    if len(data) != nbytes:
+        raise ValueError(f"captured node holds {len(data)} bytes, its layout says {nbytes}")
+    flat = np.frombuffer(data, dtype=dtype)
+    if flat.size < row * rows:  # a view's last row ends at its last element, not at its row stride
+        flat = np.concatenate([flat, np.zeros(row * rows - flat.size, dtype=dtype)])
+    return flat.reshape(rows, row)[:, :ne0]
+
+
+def _node_layout(head: Sequence[int]) -> tuple[np.dtype, int, int, int, int]:
+    """(dtype, rows, elements per row stride, ne0, ggml_nbytes) of a node from its leading fields."""
     dtype = _DTYPES.get(head[0] & 0xFFFFFFFF)
     if dtype is None:
         raise ValueError(f"graph node of ggml type {head[0] & 0xFFFFFFFF} is not f32/f16/i32")
@@ -113,18 +142,7 @@ def strided_array(tensor: int, buffers: dict | None = None, key: object = None) 
     ):
         raise ValueError("graph node's layout is not rows of contiguous elements")
     nbytes = item + (ne0 - 1) * nb0 + (ne1 - 1) * nb1 + (ne2 - 1) * nb2 + (ne3 - 1) * nb3  # ggml_nbytes
-    size = row * rows
-    if buffers is None:
-        flat = np.empty(size, dtype=dtype)
-        address = flat.ctypes.data
-    else:
-        entry = buffers.get(key)
-        if entry is None or entry[0].size < size or entry[0].dtype != dtype:
-            array = np.empty(max(size, 2 * entry[0].size if entry else size), dtype=dtype)
-            entry = buffers[key] = (array, array.ctypes.data)
-        flat, address = entry[0][:size], entry[1]
-    lib.get(tensor, address, 0, nbytes)
-    return flat.reshape(rows, row)[:, :ne0]
+    return dtype, rows, row, ne0, nbytes
 
 
 def write_node(tensor: int, values: np.ndarray) -> None:
