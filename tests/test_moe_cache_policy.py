@@ -472,7 +472,7 @@ def test_predicted_experts_are_read_ahead_only_while_the_predictions_come_true(m
         return manager.precision, asked
 
     right, asked = decode(list(range(k)), 40)
-    assert right == 1.0 and asked[-1] > asked[len(asked) // 2]  # still asking for reads ahead at the end
+    assert right > 0.95 and asked[-1] > asked[len(asked) // 2]  # still asking for reads ahead at the end
     wrong, asked = decode(list(range(k, 2 * k)), 40)
     assert wrong < READ_AHEAD_PRECISION and asked[-1] == asked[len(asked) // 2] > 0  # asked at first, then stopped
 

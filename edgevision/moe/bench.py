@@ -40,6 +40,7 @@ import logging
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,7 @@ class RunSpec:
 class RunResult:
     label: str
     tokens_per_s: float = 0.0  # decode steps per second of wall time minus time spent waiting for a CPU
+    median_tokens_per_s: float = 0.0  # over the repeats (the table's rows are each configuration's best run)
     wall_tokens_per_s: float = 0.0
     faults_per_token: float = 0.0
     decoded: int = 0
@@ -532,6 +534,8 @@ def bench_moe(
         for label, runs in results.items():
             ok = [r for r in runs if not r.error]
             best = max(ok, key=lambda r: r.tokens_per_s) if ok else runs[0]
+            if ok:
+                best.median_tokens_per_s = statistics.median(r.tokens_per_s for r in ok)
             hit = probed.get(label)
             if hit is not None and not hit.error and not best.error:
                 best.hits, best.accesses = hit.hits, hit.accesses
@@ -638,13 +642,21 @@ def _table(
         by_label.get(k) for k in ("plain mmap", "expert LRU", "router-aware", "Belady (ceiling)")
     )
     ok = [r for r in (plain, lru, aware) if r is not None and not r.error and r.tokens_per_s]
+
+    def medians(a: RunResult, b: RunResult) -> str:
+        if not (a.median_tokens_per_s and b.median_tokens_per_s):
+            return ""
+        return f"; of the medians of the repeats {a.median_tokens_per_s / b.median_tokens_per_s:.2f}x"
+
     if aware in ok and plain in ok:
         out.append(
             f"router-aware / plain mmap under the cap: {aware.tokens_per_s / plain.tokens_per_s:.2f}x (target >= 1.5x)"
+            + medians(aware, plain)
         )
     if aware in ok and lru in ok:
         out.append(
             f"router-aware / expert LRU under the cap: {aware.tokens_per_s / lru.tokens_per_s:.2f}x (target >= 1.2x)"
+            + medians(aware, lru)
         )
     if aware in ok and plain in ok and bandwidth:
         ratio = _modelled(aware, results[0][0], bandwidth) / _modelled(plain, results[0][0], bandwidth)
@@ -656,6 +668,7 @@ def _table(
         kl = _kl(reference_logprobs, rerouting.logprobs) if reference_logprobs and rerouting.logprobs else None
         out.append(
             f"{label} / plain mmap under the cap: {rerouting.tokens_per_s / plain.tokens_per_s:.2f}x"
+            + medians(rerouting, plain)
             + (f", / expert LRU {rerouting.tokens_per_s / lru.tokens_per_s:.2f}x" if lru in ok else "")
             + (f"; it changes the model's output: top-1 agreement {100 * agree:.1f}%" if agree is not None else "")
             + (f", KL {kl:.4f} nats" if kl is not None else "")
