@@ -133,8 +133,9 @@ class DecoderSettings:
     extra_buffer_types: bool = setting(
         False,
         "Let llama.cpp copy weights into its CPU extra buffer types (AMX, CPU_REPACK). Off: AMX crashes on some "
-        "x86 hosts, and repacked weights leave the file mapping that expert residency manages; on may decode "
-        "Q4_0 faster on a CPU without residency.",
+        "x86 hosts (asked for there, a child process tries them first, and the decoder loads without them if it "
+        "dies), and repacked weights leave the file mapping that expert residency manages; on may decode Q4_0 "
+        "faster on a CPU without residency.",
     )
     max_answer_tokens: int = setting(48, "Longest answer, in tokens.", min=1, max=1024)
     temperature: float = setting(0.0, "Sampling temperature; 0 always picks the likeliest token.", min=0.0, max=2.0)
