@@ -246,7 +246,9 @@ def _add_bench_moe(bench: argparse._SubParsersAction) -> None:
     moe.add_argument(
         "--policies",
         help="the policy rows, space-separated (default: 'expert-lru router-aware belady'); "
-        "'router-aware:predict=0,evict=0' switches pieces off (predict, prefetch, evict, prior, follow)",
+        "'router-aware:predict=0,evict=0' switches pieces off (predict, prefetch, evict, prior, follow, random); "
+        "'router-aware:depth=2' predicts two layers ahead; 'router-aware:reroute=4.0' adds cache-aware routing "
+        "(it changes the model: see the top-1 and KL columns)",
     )
     moe.set_defaults(func=_cmd_bench_moe)
 
