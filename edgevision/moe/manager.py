@@ -260,13 +260,13 @@ class ExpertManager:
                 chosen = np.unique(np.argpartition(-logits, self.n_used - 1, axis=1)[:, : self.n_used])
             if self.predictor is not None and router_input is not None and logits.shape[0] == 1:
                 guessed = self._guessed.pop(layer, None)
-                choice = self._router_choice.pop(layer, None) or {int(e) for e in chosen}
+                choice = self._router_choice.pop(layer, None) or set(chosen.tolist())
                 if guessed is not None:  # how often a predicted expert is then chosen (decayed) by the router
                     right = len(guessed & choice) / len(guessed)
                     self.precision += PRECISION_DECAY * (right - self.precision)
                 for target in self.predictor.ahead(layer, self.depth):
-                    predicted[target] = self.predictor.predict(layer, router_input, target)[0]
-                    self._guessed[target] = {int(e) for e in predicted[target]}
+                    predicted[target] = self.predictor.predict_ids(layer, router_input, target)
+                    self._guessed[target] = set(predicted[target].tolist())
             locking = time.perf_counter()
             with self._out:  # in use from now: an eviction decided earlier leaves them (see `_take_out`)
                 self._marks += 1
@@ -274,7 +274,7 @@ class ExpertManager:
                 for target, guess in predicted.items():
                     self._selected_at[target, guess] = self._marks
                 # one being taken out right now: wait until it is out, then read it back (rare)
-                while self._evicting.intersection((layer, int(e)) for e in chosen):
+                while self._evicting and self._evicting.intersection((layer, int(e)) for e in chosen):
                     self._out.wait(0.1)
             if logits.shape[0] == 1:
                 self.lock_time += time.perf_counter() - locking

@@ -84,6 +84,7 @@ class RoutePredictor:
         self.n_expert_used = n_expert_used
         self.moe_layers = tuple(i for i, r in enumerate(self.routers) if r is not None)
         self._fused: dict[tuple[int, int], np.ndarray] = {}
+        self._ahead: dict[tuple[int, int], list[int]] = {}
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> RoutePredictor:
@@ -108,9 +109,18 @@ class RoutePredictor:
         return cls(routers, n_used)
 
     def ahead(self, layer: int, depth: int) -> list[int]:
-        """The next `depth` MoE layers after `layer`."""
-        later = [other for other in self.moe_layers if other > layer]
-        return later[:depth]
+        """The next `depth` MoE layers after `layer` (asked on every layer of every token: kept)."""
+        key = (layer, depth)
+        found = self._ahead.get(key)
+        if found is None:
+            found = self._ahead[key] = [other for other in self.moe_layers if other > layer][:depth]
+        return found
+
+    def predict_ids(self, source: int, router_input: np.ndarray, target: int) -> np.ndarray:
+        """One row's predicted expert ids of layer `target`, in no particular order (`predict` without the
+        gates: what the decoding thread needs to read experts ahead)."""
+        row = self.logits(source, router_input, target)[0]
+        return np.argpartition(row, -self.n_expert_used)[-self.n_expert_used :]
 
     def _matrix(self, source: int, target: int) -> np.ndarray:
         """(n_embd, n_expert): target's router for source's scaled router input (source's scale undone)."""
