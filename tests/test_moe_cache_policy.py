@@ -445,8 +445,11 @@ def test_predicted_experts_are_read_ahead_only_while_the_predictions_come_true(m
     k = layout.n_expert_used
 
     class InRam:  # every expert in RAM: nothing is read, only asked for
-        def cold(self, experts):
+        def cold(self, experts, hold_gil=True):
             return []
+
+        def in_ram(self, start, end):
+            return True
 
     class Predictor:
         def __init__(self, guess):
@@ -495,7 +498,7 @@ def test_cache_aware_routing_swaps_experts_not_in_ram_for_ones_that_are_and_llam
     k = layout.n_expert_used
 
     class OddInRam(ModelMapping):  # the even-numbered experts are never in RAM
-        def cold(self, experts):
+        def cold(self, experts, hold_gil=True):
             return [x for x in experts if x[1] % 2 == 0]
 
     def run(margin: float) -> tuple[list[int], list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], int]:

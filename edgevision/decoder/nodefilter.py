@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgevision import native_build
+from edgevision.decoder.native import llama_cpp_library
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,9 @@ class NodeFilter:
         self._ring: Any = None  # captured nodes' data (`set_capture`)
         self._captures: Any = None
         self._ring_size, self._max_captures = RING, CAPTURES
+        ggml = llama_cpp_library().llama_cpp._lib  # ggml's symbols are reached through libllama
+        self._state.nbytes = ctypes.cast(ggml.ggml_nbytes, ctypes.c_void_p).value
+        self._state.get = ctypes.cast(ggml.ggml_backend_tensor_get, ctypes.c_void_p).value
 
     @classmethod
     def create(cls, name_offset: int, next_callback: Any) -> NodeFilter | None:
@@ -158,11 +162,6 @@ class NodeFilter:
             self._ring = (ctypes.c_ubyte * self._ring_size)()
             self._captures = (_Capture * self._max_captures)()
             self._state.overflowed = 0
-        from edgevision.decoder.native import llama_cpp_library
-
-        lib = llama_cpp_library().llama_cpp._lib  # ggml's symbols are reached through libllama
-        self._state.nbytes = ctypes.cast(lib.ggml_nbytes, ctypes.c_void_p).value
-        self._state.get = ctypes.cast(lib.ggml_backend_tensor_get, ctypes.c_void_p).value
         self._state.ring_size = self._ring_size
         self._state.captures = ctypes.addressof(self._captures)
         self._state.max_captures = self._max_captures

@@ -138,10 +138,10 @@ class ExpertManager:
         self._evicting: set[Expert] = set()  # being taken out of RAM now (`_take_out`)
         self._out = threading.Condition(self._lock)  # notified when they are out
         # the pool's workers ask what is in RAM without holding the GIL, which the decoding thread needs
-        real = isinstance(mapping, ModelMapping)
-        needed = functools.partial(mapping.cold, hold_gil=False) if real else mapping.cold
-        in_ram = mapping.in_ram if real else None
-        self.prefetcher = ExpertPrefetcher(layout, workers=workers, needed=needed, in_ram=in_ram) if prefetch else None
+        needed = functools.partial(mapping.cold, hold_gil=False)
+        self.prefetcher = (
+            ExpertPrefetcher(layout, workers=workers, needed=needed, in_ram=mapping.in_ram) if prefetch else None
+        )
         self._evict = evict
         self._random = random_access
         self._warm = warm
@@ -206,12 +206,12 @@ class ExpertManager:
         row = logits[0]
         k = self.n_used
         order = np.argsort(row)[::-1]
-        cold = self.mapping.cold([(layer, int(e)) for e in order[:k]])
-        self._router_choice[layer] = {int(e) for e in order[:k]}
+        chosen = order[:k].tolist()
+        self._router_choice[layer] = set(chosen)
+        cold = self.mapping.cold([(layer, e) for e in chosen])
         if not cold:
             self.decoder_time += time.perf_counter() - start
             return False
-        chosen = [int(e) for e in order[:k]]
         missing = {e for _, e in cold}
         if self.prefetcher is not None and missing:  # read ahead on a prediction: on its way, kept
             missing -= {e for x, e in self.prefetcher.pending() if x == layer}
