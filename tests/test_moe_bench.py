@@ -164,7 +164,8 @@ def test_residency_probe_sees_whether_the_chosen_experts_are_in_ram(tmp_path):
 
 
 def test_table_compares_the_policies_and_never_hides_a_failed_row():
-    from edgevision.moe.bench import RunResult, _table
+    from edgevision.moe.bench import RunResult
+    from edgevision.moe.bench_table import table
 
     ref = [[1, 2, 3]]
     free = RunResult("unconstrained (mmap)", tokens_per_s=160, top1=ref)
@@ -191,7 +192,7 @@ def test_table_compares_the_policies_and_never_hides_a_failed_row():
         top1=ref,
     )
     rows = [(free, "no cap"), (plain, "cap"), (lru, "cap"), (aware, "cap"), (belady, "cap")]
-    text = "\n".join(_table(rows, ref, bandwidth=2e9))
+    text = "\n".join(table(rows, ref, bandwidth=2e9))
     assert "router-aware / plain mmap under the cap: 1.50x" in text
     assert "router-aware / expert LRU" not in text  # the LRU row failed: no ratio made up for it
     assert "killed (out of memory under the cap?)" in text
@@ -206,7 +207,8 @@ def test_table_puts_top1_agreement_and_kl_beside_the_speed_of_rerouting():
     of its next-token distributions against the reference run's; unchanged rows show KL 0."""
     import math
 
-    from edgevision.moe.bench import RunResult, _table
+    from edgevision.moe.bench import RunResult
+    from edgevision.moe.bench_table import table
 
     ref = [[1, 2, 3, 4]]
     same = [[[math.log(0.5), math.log(0.25)]] * 4]  # the reference's two likeliest tokens, the rest holds 0.25
@@ -218,7 +220,7 @@ def test_table_puts_top1_agreement_and_kl_beside_the_speed_of_rerouting():
         "router-aware (reroute=1.0)", tokens_per_s=80, median_tokens_per_s=72, top1=[[1, 2, 3, 9]], logprobs=moved
     )
     rows = [(free, "no cap"), (plain, "cap"), (exact, "cap"), (rerouted, "cap")]
-    text = "\n".join(_table(rows, ref, reference_logprobs=same))
+    text = "\n".join(table(rows, ref, reference_logprobs=same))
     assert "router-aware / plain mmap under the cap: 1.25x" in text  # the exact policy's ratio, as before
     # one position of four moved: KL there 0.5 ln 2 + 0.25 ln 0.5 = 0.1733 nats, mean 0.0433
     assert (

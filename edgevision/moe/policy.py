@@ -20,7 +20,8 @@ baselines the benchmark measures a router-aware policy against:
 - `OnlineResidencyPolicy` (``pinned-prior``): the earlier router-aware residency (`edgevision.moe.online`:
   the prior's plan pinned, moved by live statistics) behind this interface.
 
-The router-aware policy itself is `edgevision.moe.manager.RouterAwarePolicy`.
+The router-aware policy itself is `edgevision.moe.router_aware.RouterAwarePolicy` (the mechanism:
+`edgevision.moe.manager.ExpertManager`).
 
 The same replacement logic runs offline over a recorded trace (`simulate`), for the routing statistics of
 ``edgevision bench routing`` and the tests. An access is one (layer, expert) that a router chose in one
@@ -234,7 +235,7 @@ class ExpertPolicy(Protocol):
 POLICIES: dict[str, str] = {
     "expert-lru": "edgevision.moe.policy:ExpertLru",
     "belady": "edgevision.moe.policy:Belady",
-    "router-aware": "edgevision.moe.manager:RouterAwarePolicy",
+    "router-aware": "edgevision.moe.router_aware:RouterAwarePolicy",
     "pinned-prior": "edgevision.moe.policy:OnlineResidencyPolicy",
 }
 
